@@ -1,0 +1,56 @@
+"""Pure ``flax.linen`` building blocks of the Transformer family (no training code)."""
+
+from tfm.layers.attention import MultiHeadAttention, dot_product_attention
+from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, REMAT_POLICIES, Stack
+from tfm.layers.embed import Embed
+from tfm.layers.feedforward import MLP
+from tfm.layers.masks import (
+    and_masks,
+    block_sparse_mask,
+    causal_mask,
+    local_mask,
+    or_masks,
+    padding_mask,
+    padding_mask_from_tokens,
+    segment_mask,
+)
+from tfm.layers.norms import LayerNorm, RMSNorm, make_norm
+from tfm.layers.position import (
+    LearnedPositionEmbedding,
+    RelativePositionBias,
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    relative_position_bucket,
+    sinusoidal_positions,
+)
+
+__all__ = [
+    "BlockConfig",
+    "DecoderBlock",
+    "Embed",
+    "EncoderBlock",
+    "LayerNorm",
+    "LearnedPositionEmbedding",
+    "MLP",
+    "MultiHeadAttention",
+    "REMAT_POLICIES",
+    "RMSNorm",
+    "RelativePositionBias",
+    "Stack",
+    "alibi_bias",
+    "alibi_slopes",
+    "and_masks",
+    "apply_rope",
+    "block_sparse_mask",
+    "causal_mask",
+    "dot_product_attention",
+    "local_mask",
+    "make_norm",
+    "or_masks",
+    "padding_mask",
+    "padding_mask_from_tokens",
+    "relative_position_bucket",
+    "segment_mask",
+    "sinusoidal_positions",
+]

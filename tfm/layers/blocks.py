@@ -1,0 +1,263 @@
+"""Encoder and decoder blocks, and stacks of them (``nn.scan`` over layers, ``nn.remat``).
+
+A block wraps each sub-layer in a residual connection with dropout (paper
+§5.4) and a norm, either after the sum (``norm_position="post"``, the paper's
+``LayerNorm(x + Dropout(Sublayer(x)))``) or before the sub-layer
+(``"pre"``: ``x + Dropout(Sublayer(Norm(x)))``, GPT-2/T5/ViT; the stack then
+ends with a final norm).
+
+``EncoderBlock`` is self-attention + FFN. It is also the block of
+decoder-only models (GPT): give it a causal mask and ``decode=True`` for the
+KV cache. ``DecoderBlock`` adds cross-attention over the encoder output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from tfm import sharding as sh
+from tfm.layers.attention import IMPLEMENTATIONS, MultiHeadAttention
+from tfm.layers.feedforward import ACTIVATIONS, GATED, MLP
+from tfm.layers.norms import NORMS, make_norm
+
+# Named rematerialisation policies: what the backward pass may keep from the
+# forward pass instead of recomputing it. "none" = no remat at all.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Everything one block needs, and nothing more."""
+
+    d_model: int
+    num_heads: int
+    d_ff: int
+    head_dim: int | None = None  # None: d_model // num_heads
+    num_kv_heads: int | None = None  # None: num_heads (MHA); 1: MQA; else GQA
+    activation: str = "relu"
+    norm: str = "layernorm"
+    norm_epsilon: float = 1e-5
+    norm_position: str = "post"
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    dropout_rate: float = 0.1  # residual dropout, paper §5.4
+    attention_dropout_rate: float = 0.0
+    activation_dropout_rate: float = 0.0
+    use_rope: bool = False
+    rope_base: float = 10_000.0
+    attention_scale: float | None = None  # None: 1/sqrt(head_dim)
+    attention_impl: str | None = None
+    kernel_init_std: float | None = None  # None: Glorot uniform; else N(0, std^2)
+    decode: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self):
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post', got {self.norm_position!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS and self.activation not in GATED:
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl must be one of {IMPLEMENTATIONS}, got {self.attention_impl!r}")
+        for name in ("dropout_rate", "attention_dropout_rate", "activation_dropout_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def kernel_init(self):
+        return None if self.kernel_init_std is None else nn.initializers.normal(stddev=self.kernel_init_std)
+
+
+def _attention(cfg: BlockConfig, name: str, decode: bool) -> MultiHeadAttention:
+    return MultiHeadAttention(
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_width,
+        num_kv_heads=cfg.num_kv_heads,
+        use_bias=cfg.attention_bias,
+        dropout_rate=cfg.attention_dropout_rate,
+        use_rope=cfg.use_rope,
+        rope_base=cfg.rope_base,
+        scale=cfg.attention_scale,
+        decode=decode,
+        implementation=cfg.attention_impl,
+        kernel_init=cfg.kernel_init(),
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name=name,
+    )
+
+
+def _mlp(cfg: BlockConfig) -> MLP:
+    return MLP(
+        d_ff=cfg.d_ff,
+        activation=cfg.activation,
+        use_bias=cfg.mlp_bias,
+        dropout_rate=cfg.activation_dropout_rate,
+        kernel_init=cfg.kernel_init(),
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name="mlp",
+    )
+
+
+class _Residual(nn.Module):
+    """Helper shared by both blocks: one sub-layer with dropout, residual and norm."""
+
+    config: BlockConfig
+
+    def wrap(self, x: Array, sublayer: Callable[[Array], Array], norm: nn.Module, deterministic: bool) -> Array:
+        cfg = self.config
+        drop = nn.Dropout(cfg.dropout_rate)
+        if cfg.norm_position == "pre":
+            return x + drop(sublayer(norm(x)), deterministic=deterministic)
+        return norm(x + drop(sublayer(x), deterministic=deterministic))
+
+
+class EncoderBlock(_Residual):
+    """Self-attention + FFN. ``[B, T, D] -> [B, T, D]``."""
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        positions: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        cfg = self.config
+        x = nn.with_logical_constraint(x, (sh.BATCH, sh.LENGTH, sh.EMBED))
+        norm = lambda name: make_norm(cfg.norm, cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)  # noqa: E731
+        attn = _attention(cfg, "self_attention", cfg.decode)
+        x = self.wrap(
+            x,
+            lambda y: attn(y, mask=mask, bias=bias, positions=positions, deterministic=deterministic),
+            norm("attention_norm"),
+            deterministic,
+        )
+        mlp = _mlp(cfg)
+        x = self.wrap(x, lambda y: mlp(y, deterministic=deterministic), norm("mlp_norm"), deterministic)
+        return nn.with_logical_constraint(x, (sh.BATCH, sh.LENGTH, sh.EMBED))
+
+
+class DecoderBlock(_Residual):
+    """Masked self-attention + cross-attention over ``encoded`` + FFN. ``[B, T, D] -> [B, T, D]``."""
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        encoded: Array,
+        self_mask: Array | None = None,
+        cross_mask: Array | None = None,
+        self_bias: Array | None = None,
+        positions: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        cfg = self.config
+        x = nn.with_logical_constraint(x, (sh.BATCH, sh.LENGTH, sh.EMBED))
+        norm = lambda name: make_norm(cfg.norm, cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)  # noqa: E731
+        self_attn = _attention(cfg, "self_attention", cfg.decode)
+        x = self.wrap(
+            x,
+            lambda y: self_attn(y, mask=self_mask, bias=self_bias, positions=positions, deterministic=deterministic),
+            norm("self_attention_norm"),
+            deterministic,
+        )
+        # Cross-attention has no positional signal of its own (RoPE is for self-attention).
+        cross_cfg = dataclasses.replace(cfg, use_rope=False)
+        cross_attn = _attention(cross_cfg, "cross_attention", decode=False)
+        x = self.wrap(
+            x,
+            lambda y: cross_attn(y, encoded, mask=cross_mask, deterministic=deterministic),
+            norm("cross_attention_norm"),
+            deterministic,
+        )
+        mlp = _mlp(cfg)
+        x = self.wrap(x, lambda y: mlp(y, deterministic=deterministic), norm("mlp_norm"), deterministic)
+        return nn.with_logical_constraint(x, (sh.BATCH, sh.LENGTH, sh.EMBED))
+
+
+def _scan_body(block: nn.Module, carry: Array, *args):
+    return block(carry, *args), None
+
+
+class Stack(nn.Module):
+    """``num_layers`` blocks of one kind applied in sequence.
+
+    ``scan=True`` runs them with ``nn.scan``: the parameters of all layers are
+    stacked on a leading ``layers`` axis (``<name>/layers/...`` with shape
+    ``[L, ...]``) and the block is traced and compiled once, so compile time
+    does not grow with depth. ``scan=False`` is a plain loop with layers named
+    ``layers_0 .. layers_{L-1}`` (easier to read, slower to compile).
+    ``remat_policy`` names an entry of ``REMAT_POLICIES``. With pre-LN the stack
+    ends with a norm (``final_norm``).
+
+    ``__call__(x, *args, deterministic)`` forwards ``*args`` to every block
+    unchanged (masks, biases, positions, encoder output).
+    """
+
+    block: type[nn.Module]
+    config: BlockConfig
+    num_layers: int
+    scan: bool = True
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, x: Array, *args, deterministic: bool = True) -> Array:
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        block_cls = self.block
+        if self.remat_policy != "none":
+            # deterministic, a Python bool, is the block's last positional argument;
+            # flax counts ``self`` as argument 0.
+            last = len(inspect.signature(block_cls.__call__).parameters) - 1
+            block_cls = nn.remat(
+                block_cls, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(last,), prevent_cse=not self.scan
+            )
+        if self.scan:
+            scanned = nn.scan(
+                _scan_body,
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: sh.LAYERS},
+            )
+            x, _ = scanned(block_cls(self.config, name="layers"), x, *args, deterministic)
+        else:
+            for i in range(self.num_layers):
+                x = block_cls(self.config, name=f"layers_{i}")(x, *args, deterministic)
+        if self.config.norm_position == "pre":
+            cfg = self.config
+            x = make_norm(cfg.norm, cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
+        return x

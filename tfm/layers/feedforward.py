@@ -1,0 +1,63 @@
+"""Position-wise feed-forward networks (paper §3.3) and their gated variants.
+
+``relu`` is the paper's FFN(x) = max(0, x W1 + b1) W2 + b2. ``gelu`` (exact,
+BERT/ViT), ``gelu_tanh`` (GPT-2's approximation) and ``silu`` swap the
+nonlinearity. ``swiglu`` / ``geglu`` are Shazeer's (2020) gated units:
+(act(x W_gate) * x W_up) W_down.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from tfm import sharding as sh
+from tfm.layers.linear import Einsum, Initializer
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
+}
+GATED = {"swiglu": jax.nn.silu, "geglu": functools.partial(jax.nn.gelu, approximate=False)}
+
+
+class MLP(nn.Module):
+    """``[B, T, D] -> [B, T, D]`` with hidden width ``d_ff`` (F).
+
+    Parameters: ``wi/kernel [D, F]`` (gated: ``wi_0`` gate and ``wi_1`` up),
+    ``wo/kernel [F, D]``, biases if ``use_bias``. ``dropout_rate`` drops the
+    hidden activations (as ``torch.nn.TransformerEncoderLayer`` does).
+    """
+
+    d_ff: int
+    activation: str = "relu"
+    use_bias: bool = True
+    dropout_rate: float = 0.0
+    kernel_init: Initializer | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        if self.activation not in ACTIVATIONS and self.activation not in GATED:
+            raise ValueError(f"unknown activation {self.activation!r}; choose from {sorted({**ACTIVATIONS, **GATED})}")
+        d = x.shape[-1]
+        dense = functools.partial(
+            Einsum, use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        up = functools.partial(dense, (d, self.d_ff), (sh.EMBED, sh.MLP), in_axis=0, out_axis=1)
+        if self.activation in GATED:
+            gate = up(name="wi_0")("BTD,DF->BTF", x)
+            hidden = GATED[self.activation](gate) * up(name="wi_1")("BTD,DF->BTF", x)
+        else:
+            hidden = ACTIVATIONS[self.activation](up(name="wi")("BTD,DF->BTF", x))
+        hidden = nn.with_logical_constraint(hidden, (sh.BATCH, sh.LENGTH, sh.MLP))
+        hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+        out = dense((self.d_ff, d), (sh.MLP, sh.EMBED), in_axis=0, out_axis=1, name="wo")("BTF,FD->BTD", hidden)
+        return nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.EMBED))

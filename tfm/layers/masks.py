@@ -1,0 +1,115 @@
+"""Attention masks.
+
+Convention (used everywhere in tfm): a mask is boolean, ``True`` means *may
+attend*, and it is broadcastable to ``[B, N, T, S]`` (batch, heads, query
+positions, key positions). Every helper here returns ``[B|1, 1, T, S]`` so the
+results combine with ``&`` / ``|`` and broadcast over heads.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import Array
+
+
+def causal_mask(length: int, kv_length: int | None = None) -> Array:
+    """The decoder's "subsequent" mask: position t may attend to positions <= t.
+
+    Returns ``[1, 1, T, S]`` (lower triangle including the diagonal). With
+    ``kv_length > length`` the queries are taken as the *last* ``length``
+    positions (e.g. a chunk appended to a cache), so query t sits at
+    absolute position ``kv_length - length + t``.
+    """
+    kv_length = length if kv_length is None else kv_length
+    if length < 0 or kv_length < length:
+        raise ValueError(f"causal_mask needs 0 <= length <= kv_length, got {length=}, {kv_length=}")
+    q = jnp.arange(length)[:, None] + (kv_length - length)
+    k = jnp.arange(kv_length)[None, :]
+    return (k <= q)[None, None]
+
+
+def padding_mask(q_valid: Array, kv_valid: Array | None = None) -> Array:
+    """Mask from per-position validity: ``[B, T]`` (and ``[B, S]``) bools -> ``[B, 1, T, S]``.
+
+    A pair (t, s) may attend iff both positions are real tokens. Rows of
+    padded queries are fully masked (their outputs are ignored by the loss).
+    """
+    kv_valid = q_valid if kv_valid is None else kv_valid
+    if q_valid.ndim != 2 or kv_valid.ndim != 2:
+        raise ValueError(f"padding_mask wants [B, T] and [B, S], got {q_valid.shape} and {kv_valid.shape}")
+    return (q_valid[:, None, :, None] & kv_valid[:, None, None, :]).astype(bool)
+
+
+def padding_mask_from_tokens(q_tokens: Array, kv_tokens: Array | None = None, pad_id: int = 0) -> Array:
+    """``padding_mask`` where padding is the token id ``pad_id``: ``[B, T]`` ints -> ``[B, 1, T, S]``."""
+    kv_tokens = q_tokens if kv_tokens is None else kv_tokens
+    return padding_mask(q_tokens != pad_id, kv_tokens != pad_id)
+
+
+def segment_mask(q_segments: Array, kv_segments: Array | None = None) -> Array:
+    """Packed sequences: query and key may attend iff they carry the same segment id.
+
+    ``[B, T]`` (and ``[B, S]``) ints -> ``[B, 1, T, S]``. Segment id 0 is
+    padding by convention and attends to nothing.
+    """
+    kv_segments = q_segments if kv_segments is None else kv_segments
+    same = q_segments[:, None, :, None] == kv_segments[:, None, None, :]
+    real = (q_segments != 0)[:, None, :, None] & (kv_segments != 0)[:, None, None, :]
+    return same & real
+
+
+def local_mask(length: int, window: int, *, causal: bool = True, kv_length: int | None = None) -> Array:
+    """Sliding window: query t may attend to keys s with ``t - window < s <= t``.
+
+    With ``causal=False`` the window is symmetric: ``|t - s| < window``.
+    Returns ``[1, 1, T, S]``. Queries sit at the last ``length`` of
+    ``kv_length`` positions, as in ``causal_mask``.
+    """
+    if window < 1:
+        raise ValueError(f"local_mask window must be >= 1, got {window}")
+    kv_length = length if kv_length is None else kv_length
+    q = jnp.arange(length)[:, None] + (kv_length - length)
+    k = jnp.arange(kv_length)[None, :]
+    dist = q - k
+    m = (dist < window) & (dist >= 0) if causal else (jnp.abs(dist) < window)
+    return m[None, None]
+
+
+def block_sparse_mask(
+    length: int, block_size: int, *, num_local_blocks: int = 1, global_tokens: int = 0, causal: bool = False
+) -> Array:
+    """Block-local plus global pattern (Longformer / BigBird style), as a dense mask.
+
+    Positions are grouped into blocks of ``block_size``; a query may attend to
+    keys within ``num_local_blocks`` blocks of its own (on both sides, or only
+    backwards when ``causal``). The first ``global_tokens`` positions attend
+    to everything and are attended to by everything. Returns ``[1, 1, T, T]``.
+    """
+    if block_size < 1 or num_local_blocks < 0 or global_tokens < 0:
+        raise ValueError(f"bad block_sparse_mask arguments: {block_size=}, {num_local_blocks=}, {global_tokens=}")
+    pos = jnp.arange(length)
+    qb, kb = pos[:, None] // block_size, pos[None, :] // block_size
+    m = jnp.abs(qb - kb) <= num_local_blocks
+    g = pos < global_tokens
+    m = m | g[:, None] | g[None, :]
+    if causal:
+        m = m & (pos[None, :] <= pos[:, None])
+    return m[None, None]
+
+
+def and_masks(*masks: Array | None) -> Array | None:
+    """Logical AND of the masks that are not None (None if all are None)."""
+    out = None
+    for m in masks:
+        if m is not None:
+            out = m if out is None else jnp.logical_and(out, m)
+    return out
+
+
+def or_masks(*masks: Array | None) -> Array | None:
+    """Logical OR of the masks that are not None (None if all are None)."""
+    out = None
+    for m in masks:
+        if m is not None:
+            out = m if out is None else jnp.logical_or(out, m)
+    return out

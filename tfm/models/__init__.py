@@ -1,0 +1,87 @@
+"""Model families, each a thin composition of ``tfm.layers``, with named presets.
+
+``PRESETS`` maps a preset name to a ``Preset``: the config, the module that
+the parameter count refers to, and example inputs for ``init`` (shapes only,
+so ``jax.eval_shape`` builds even the full-size presets without memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tfm.models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, bert_base, bert_tiny
+from tfm.models.common import count_params
+from tfm.models.gpt import GPT, GPTConfig, gpt2_small, gpt_tiny, llama_tiny
+from tfm.models.t5 import T5, T5Config, t5_small, t5_tiny
+from tfm.models.transformer import Transformer, TransformerConfig, transformer_base, transformer_big, transformer_tiny
+from tfm.models.vit import ViT, ViTConfig, vit_b16, vit_tiny
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    config: Any
+    model_cls: type[nn.Module]
+    example_inputs: Callable[[Any], tuple]  # config -> positional args of init/apply
+
+    def model(self, **overrides) -> nn.Module:
+        return self.model_cls(dataclasses.replace(self.config, **overrides))
+
+    def init_shapes(self, **overrides):
+        """Variables of ``init`` as ``ShapeDtypeStruct``s (nothing allocated)."""
+        model = self.model(**overrides)
+        cfg = model.config
+        return jax.eval_shape(lambda: model.init(jax.random.key(0), *self.example_inputs(cfg)))
+
+    def num_params(self) -> int:
+        return count_params(self.init_shapes()["params"])
+
+
+def _tokens(length):
+    return lambda cfg: (jnp.ones((1, length), jnp.int32),)
+
+
+def _pair(length):
+    return lambda cfg: (jnp.ones((1, length), jnp.int32), jnp.ones((1, length), jnp.int32))
+
+
+def _images(cfg):
+    return (jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("transformer_base", transformer_base, Transformer, _pair(8)),
+        Preset("transformer_big", transformer_big, Transformer, _pair(8)),
+        Preset("transformer_tiny", transformer_tiny, Transformer, _pair(8)),
+        Preset("bert_base", bert_base, BertModel, _tokens(8)),
+        Preset("bert_tiny", bert_tiny, BertModel, _tokens(8)),
+        Preset("gpt2_small", gpt2_small, GPT, _tokens(8)),
+        Preset("gpt_tiny", gpt_tiny, GPT, _tokens(8)),
+        Preset("llama_tiny", llama_tiny, GPT, _tokens(8)),
+        Preset("t5_small", t5_small, T5, _pair(8)),
+        Preset("t5_tiny", t5_tiny, T5, _pair(8)),
+        Preset("vit_b16", vit_b16, ViT, _images),
+        Preset("vit_tiny", vit_tiny, ViT, _images),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+__all__ = [
+    "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "GPT", "GPTConfig",
+    "PRESETS", "Preset", "T5", "T5Config", "Transformer", "TransformerConfig", "ViT", "ViTConfig",
+    "bert_base", "bert_tiny", "count_params", "get_preset", "gpt2_small", "gpt_tiny", "llama_tiny",
+    "t5_small", "t5_tiny", "transformer_base", "transformer_big", "transformer_tiny", "vit_b16", "vit_tiny",
+]  # fmt: skip

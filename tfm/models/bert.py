@@ -1,0 +1,140 @@
+"""Encoder-only model (BERT, Devlin et al. 2019): backbone, masked-LM head, classifier.
+
+    tokens + positions + segments -> LayerNorm -> dropout -> L x post-LN EncoderBlock -> sequence
+    sequence[:, 0] -> Dense -> tanh -> pooled
+
+``BertModel`` is the backbone (embeddings, encoder, pooler) — for the
+``bert_base`` preset exactly BERT-base-uncased's 109,482,240 parameters.
+``BertForMaskedLM`` adds the MLM transform and the output layer tied to the
+token embedding; ``BertForSequenceClassification`` adds dropout + a linear
+classifier on the pooled vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import Array
+
+from tfm import sharding as sh
+from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
+from tfm.layers.embed import Embed
+from tfm.layers.feedforward import ACTIVATIONS
+from tfm.layers.linear import Einsum
+from tfm.layers.norms import LayerNorm
+from tfm.layers.position import LearnedPositionEmbedding
+from tfm.models.common import key_padding_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    max_len: int = 512
+    type_vocab_size: int = 2
+    d_model: int = 768
+    num_heads: int = 12
+    num_layers: int = 12
+    d_ff: int = 3072
+    activation: str = "gelu"
+    norm_epsilon: float = 1e-12
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    init_std: float = 0.02
+    num_labels: int = 2
+    pad_id: int = 0
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self):
+        self.block_config()
+
+    def block_config(self) -> BlockConfig:
+        return BlockConfig(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            d_ff=self.d_ff,
+            activation=self.activation,
+            norm_epsilon=self.norm_epsilon,
+            norm_position="post",
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            attention_impl=self.attention_impl,
+            kernel_init_std=self.init_std,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+
+bert_base = BertConfig()
+bert_tiny = BertConfig(vocab_size=64, max_len=32, d_model=32, num_heads=4, num_layers=2, d_ff=64, dropout_rate=0.0, attention_dropout_rate=0.0)
+
+
+class BertModel(nn.Module):
+    """``tokens [B, T]`` (+ ``segment_ids``) -> ``(sequence [B, T, D], pooled [B, D])``.
+
+    Token ``pad_id`` is padding (keys masked). ``segment_ids`` here are BERT's
+    sentence A/B *token types*, not packing segments.
+    """
+
+    config: BertConfig
+
+    def setup(self):
+        cfg = self.config
+        init = nn.initializers.normal(stddev=cfg.init_std)
+        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, embedding_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.pos_embed = LearnedPositionEmbedding(cfg.max_len, cfg.d_model, init, param_dtype=cfg.param_dtype)
+        self.type_embed = Embed(cfg.type_vocab_size, cfg.d_model, embedding_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.embed_norm = LayerNorm(cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.encoder = Stack(EncoderBlock, cfg.block_config(), cfg.num_layers, cfg.scan_layers, cfg.remat_policy)
+        self.pooler = Einsum((cfg.d_model, cfg.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+    def __call__(self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True):
+        cfg = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [B, T] ids, got shape {tokens.shape}")
+        t = tokens.shape[1]
+        if t > cfg.max_len:
+            raise ValueError(f"sequence length {t} exceeds max_len={cfg.max_len}")
+        segment_ids = jnp.zeros_like(tokens) if segment_ids is None else segment_ids
+        x = self.token_embed(tokens) + self.pos_embed(jnp.arange(t)).astype(cfg.dtype) + self.type_embed(segment_ids)
+        x = self.dropout(self.embed_norm(x), deterministic=deterministic)
+        x = self.encoder(x, key_padding_mask(tokens != cfg.pad_id), None, None, deterministic=deterministic)
+        pooled = jnp.tanh(self.pooler("BD,DE->BE", x[:, 0]))
+        return x, pooled
+
+
+class BertForMaskedLM(nn.Module):
+    """Backbone + MLM head: ``tokens -> logits [B, T, V]`` (float32), output layer tied to the token embedding."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True) -> Array:
+        cfg = self.config
+        bert = BertModel(cfg, name="bert")
+        x, _ = bert(tokens, segment_ids, deterministic=deterministic)
+        init = nn.initializers.normal(stddev=cfg.init_std)
+        h = Einsum((cfg.d_model, cfg.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlm_transform")("BTD,DE->BTE", x)
+        h = LayerNorm(cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlm_norm")(ACTIVATIONS[cfg.activation](h))
+        out_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.VOCAB,)), (cfg.vocab_size,), cfg.param_dtype)
+        return bert.token_embed.attend(h) + out_bias.astype(jnp.float32)
+
+
+class BertForSequenceClassification(nn.Module):
+    """Backbone + dropout + linear on the pooled ``[CLS]`` vector: ``tokens -> logits [B, num_labels]``."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True) -> Array:
+        cfg = self.config
+        _, pooled = BertModel(cfg, name="bert")(tokens, segment_ids, deterministic=deterministic)
+        pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=deterministic)
+        head = Einsum((cfg.d_model, cfg.num_labels), (sh.EMBED, sh.CLASSES), use_bias=True, kernel_init=nn.initializers.normal(stddev=cfg.init_std), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="classifier")
+        return head("BD,DC->BC", pooled).astype(jnp.float32)

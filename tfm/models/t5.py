@@ -1,0 +1,130 @@
+"""T5-style encoder–decoder (Raffel et al. 2020).
+
+Differences from the original Transformer: pre-LN with RMSNorm (T5's
+scale-only LayerNorm), no biases anywhere, no absolute positions — instead a
+learned scalar bias per (relative-position bucket, head), computed once per
+stack and shared by all its layers (bidirectional buckets in the encoder,
+causal ones in the decoder) — unscaled attention logits (the 1/sqrt(H) is
+folded into the initialisation) and one embedding shared by encoder, decoder
+and the output layer, whose input is scaled by D^-0.5 when tied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import Array
+
+from tfm import sharding as sh
+from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
+from tfm.layers.embed import Embed
+from tfm.layers.linear import Einsum
+from tfm.layers.masks import and_masks, causal_mask
+from tfm.layers.position import RelativePositionBias
+from tfm.models.common import DecodePositions, key_padding_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    num_heads: int = 8
+    head_dim: int = 64
+    d_ff: int = 2048
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    num_buckets: int = 32
+    max_distance: int = 128
+    activation: str = "relu"  # T5 v1.1 uses "geglu"
+    norm_epsilon: float = 1e-6
+    dropout_rate: float = 0.1
+    tie_embeddings: bool = True
+    pad_id: int = 0
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str | None = None
+    decode: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self):
+        self.block_config()
+
+    def block_config(self) -> BlockConfig:
+        return BlockConfig(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            d_ff=self.d_ff,
+            activation=self.activation,
+            norm="rmsnorm",
+            norm_epsilon=self.norm_epsilon,
+            norm_position="pre",
+            attention_bias=False,
+            mlp_bias=False,
+            dropout_rate=self.dropout_rate,
+            attention_scale=1.0,
+            attention_impl=self.attention_impl,
+            decode=self.decode,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+
+t5_small = T5Config()
+t5_tiny = T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=2, num_decoder_layers=2, num_buckets=8, max_distance=16, dropout_rate=0.0)
+
+
+class T5(nn.Module):
+    """``__call__(src [B, S], tgt_in [B, T]) -> logits [B, T, V]`` (float32); ``encode`` / ``decode`` as in ``Transformer``."""
+
+    config: T5Config
+
+    def setup(self):
+        cfg = self.config
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(stddev=1.0), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        bcfg = cfg.block_config()
+        rel = lambda bidirectional: RelativePositionBias(cfg.num_heads, cfg.num_buckets, cfg.max_distance, bidirectional, param_dtype=cfg.param_dtype)  # noqa: E731
+        self.encoder_relative_bias = rel(True)
+        self.decoder_relative_bias = rel(False)
+        self.encoder = Stack(EncoderBlock, dataclasses.replace(bcfg, decode=False), cfg.num_encoder_layers, cfg.scan_layers, cfg.remat_policy)
+        self.decoder = Stack(DecoderBlock, bcfg, cfg.num_decoder_layers, cfg.scan_layers, cfg.remat_policy)
+        self.decode_positions = DecodePositions(cfg.decode)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        if not cfg.tie_embeddings:
+            self.lm_head = Einsum((cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+    def encode(self, src: Array, *, deterministic: bool = True) -> Array:
+        """``src [B, S]`` -> ``encoded [B, S, D]``."""
+        if src.ndim != 2:
+            raise ValueError(f"src must be [B, S] token ids, got shape {src.shape}")
+        s = src.shape[1]
+        x = self.dropout(self.embed(src), deterministic=deterministic)
+        pos = jnp.arange(s)
+        bias = self.encoder_relative_bias(pos, pos).astype(x.dtype)
+        x = self.encoder(x, key_padding_mask(src != self.config.pad_id), bias, None, deterministic=deterministic)
+        return self.dropout(x, deterministic=deterministic)
+
+    def decode(self, tgt_in: Array, encoded: Array, src: Array, *, deterministic: bool = True) -> Array:
+        """``tgt_in [B, T]``, ``encoded [B, S, D]``, ``src [B, S]`` -> logits ``[B, T, V]``."""
+        cfg = self.config
+        if tgt_in.ndim != 2:
+            raise ValueError(f"tgt_in must be [B, T] token ids, got shape {tgt_in.shape}")
+        t = tgt_in.shape[1]
+        q_pos, kv_pos = self.decode_positions(t)
+        y = self.dropout(self.embed(tgt_in), deterministic=deterministic)
+        bias = self.decoder_relative_bias(q_pos, kv_pos).astype(y.dtype)
+        self_mask = None if cfg.decode else and_masks(causal_mask(t), key_padding_mask(tgt_in != cfg.pad_id))
+        cross_mask = key_padding_mask(src != cfg.pad_id)
+        y = self.decoder(y, encoded, self_mask, cross_mask, bias, None, deterministic=deterministic)
+        y = self.dropout(y, deterministic=deterministic)
+        if cfg.tie_embeddings:
+            # Mesh TF T5 rescales before the tied projection.
+            return self.embed.attend(y * cfg.d_model**-0.5)
+        return self.lm_head("BTD,DV->BTV", y).astype(jnp.float32)
+
+    def __call__(self, src: Array, tgt_in: Array, *, deterministic: bool = True) -> Array:
+        encoded = self.encode(src, deterministic=deterministic)
+        return self.decode(tgt_in, encoded, src, deterministic=deterministic)

@@ -1,0 +1,202 @@
+"""The original encoder–decoder Transformer (Vaswani et al. 2017, "Attention Is All You Need").
+
+    src tokens -> Embed * sqrt(D) + PE -> dropout -> N x EncoderBlock           -> encoded
+    tgt tokens -> Embed * sqrt(D) + PE -> dropout -> N x DecoderBlock(encoded) -> logits
+
+Post-LN blocks, ReLU FFN, sinusoidal positions, residual dropout and one
+embedding matrix shared by source, target and the pre-softmax projection
+(§3.4) in the paper presets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import Array
+
+from tfm import sharding as sh
+from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
+from tfm.layers.embed import Embed
+from tfm.layers.linear import Einsum
+from tfm.layers.masks import and_masks, causal_mask, segment_mask
+from tfm.layers.position import LearnedPositionEmbedding, sinusoidal_positions
+from tfm.models.common import DecodePositions, key_padding_mask
+
+POSITIONS = ("sinusoidal", "learned")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int
+    target_vocab_size: int | None = None  # None: same as vocab_size
+    d_model: int = 512
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    d_ff: int = 2048
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    activation_dropout_rate: float = 0.0
+    activation: str = "relu"
+    norm: str = "layernorm"
+    norm_epsilon: float = 1e-6
+    norm_position: str = "post"
+    position: str = "sinusoidal"
+    max_len: int = 512  # learned positions only; sinusoidal positions have no limit
+    share_embeddings: bool = True  # one table for source and target
+    tie_output: bool = True  # pre-softmax projection = target embedding^T
+    pad_id: int = 0
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    attention_impl: str | None = None
+    decode: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self):
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+        if self.share_embeddings and self.target_vocab_size not in (None, self.vocab_size):
+            raise ValueError(
+                f"share_embeddings needs one vocabulary, got vocab_size={self.vocab_size}, "
+                f"target_vocab_size={self.target_vocab_size}"
+            )
+        self.block_config()  # validates heads, norms, activation, dropout
+
+    @property
+    def tgt_vocab(self) -> int:
+        return self.target_vocab_size or self.vocab_size
+
+    def block_config(self) -> BlockConfig:
+        return BlockConfig(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            d_ff=self.d_ff,
+            activation=self.activation,
+            norm=self.norm,
+            norm_epsilon=self.norm_epsilon,
+            norm_position=self.norm_position,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            activation_dropout_rate=self.activation_dropout_rate,
+            attention_impl=self.attention_impl,
+            decode=self.decode,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+
+# Paper Table 3. Shared source/target BPE vocabulary of ~37000 tokens (§5.1).
+transformer_base = TransformerConfig(vocab_size=37000)
+transformer_big = TransformerConfig(vocab_size=37000, d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3)
+transformer_tiny = TransformerConfig(
+    vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0
+)
+
+
+class Transformer(nn.Module):
+    """Encoder–decoder. ``__call__(src [B,S], tgt_in [B,T]) -> logits [B,T,V]`` (float32).
+
+    ``tgt_in`` is the shifted-right target (BOS first). Token ``pad_id`` is
+    padding. Optional ``*_segment_ids`` / ``*_positions`` support packed rows.
+    For decoding build it with ``decode=True``: ``init`` at the maximal target
+    length creates the cache; then ``decode`` one step (or chunk) at a time.
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        embed = lambda n, name: Embed(n, cfg.d_model, scale_by_sqrt_dim=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)  # noqa: E731
+        if cfg.share_embeddings:
+            self.src_embed = self.tgt_embed = embed(cfg.vocab_size, "embed")
+        else:
+            self.src_embed = embed(cfg.vocab_size, "src_embed")
+            self.tgt_embed = embed(cfg.tgt_vocab, "tgt_embed")
+        if cfg.position == "learned":
+            self.src_pos = LearnedPositionEmbedding(cfg.max_len, cfg.d_model, param_dtype=cfg.param_dtype, name="src_pos")
+            self.tgt_pos = LearnedPositionEmbedding(cfg.max_len, cfg.d_model, param_dtype=cfg.param_dtype, name="tgt_pos")
+        bcfg = cfg.block_config()
+        self.encoder = Stack(EncoderBlock, dataclasses.replace(bcfg, decode=False), cfg.num_encoder_layers, cfg.scan_layers, cfg.remat_policy)
+        self.decoder = Stack(DecoderBlock, bcfg, cfg.num_decoder_layers, cfg.scan_layers, cfg.remat_policy)
+        self.decode_positions = DecodePositions(cfg.decode)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        if not cfg.tie_output:
+            self.logits_proj = Einsum((cfg.d_model, cfg.tgt_vocab), (sh.EMBED, sh.VOCAB), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+    def _embed(self, tokens, positions, embed, pos_table, deterministic):
+        x = embed(tokens)
+        if self.config.position == "sinusoidal":
+            x = x + sinusoidal_positions(positions, self.config.d_model).astype(x.dtype)
+        else:
+            x = x + pos_table(positions).astype(x.dtype)
+        return self.dropout(x, deterministic=deterministic)
+
+    def encode(self, src: Array, *, src_segment_ids=None, src_positions=None, deterministic: bool = True) -> Array:
+        """``src [B, S]`` -> ``encoded [B, S, D]``."""
+        if src.ndim != 2:
+            raise ValueError(f"src must be [B, S] token ids, got shape {src.shape}")
+        positions = jnp.arange(src.shape[1]) if src_positions is None else src_positions
+        x = self._embed(src, positions, self.src_embed, getattr(self, "src_pos", None), deterministic)
+        mask = key_padding_mask(src != self.config.pad_id)
+        if src_segment_ids is not None:
+            mask = and_masks(mask, segment_mask(src_segment_ids))
+        return self.encoder(x, mask, None, None, deterministic=deterministic)
+
+    def decode(
+        self,
+        tgt_in: Array,
+        encoded: Array,
+        src: Array,
+        *,
+        tgt_segment_ids=None,
+        src_segment_ids=None,
+        tgt_positions=None,
+        deterministic: bool = True,
+    ) -> Array:
+        """``tgt_in [B, T]``, ``encoded [B, S, D]``, ``src [B, S]`` (for its padding) -> logits ``[B, T, V]``."""
+        cfg = self.config
+        if tgt_in.ndim != 2:
+            raise ValueError(f"tgt_in must be [B, T] token ids, got shape {tgt_in.shape}")
+        t = tgt_in.shape[1]
+        positions, _ = self.decode_positions(t)
+        positions = positions if tgt_positions is None else tgt_positions
+        y = self._embed(tgt_in, positions, self.tgt_embed, getattr(self, "tgt_pos", None), deterministic)
+        cross_mask = key_padding_mask(src != cfg.pad_id)
+        if cfg.decode:
+            self_mask = None  # the KV cache masks positions beyond the current one
+        else:
+            self_mask = and_masks(causal_mask(t), key_padding_mask(tgt_in != cfg.pad_id))
+        if tgt_segment_ids is not None:
+            self_mask = and_masks(self_mask, segment_mask(tgt_segment_ids))
+            cross_mask = and_masks(cross_mask, segment_mask(tgt_segment_ids, src_segment_ids))
+        y = self.decoder(y, encoded, self_mask, cross_mask, None, None, deterministic=deterministic)
+        if cfg.tie_output:
+            return self.tgt_embed.attend(y)
+        return self.logits_proj("BTD,DV->BTV", y).astype(jnp.float32)
+
+    def __call__(
+        self,
+        src: Array,
+        tgt_in: Array,
+        *,
+        src_segment_ids=None,
+        tgt_segment_ids=None,
+        src_positions=None,
+        tgt_positions=None,
+        deterministic: bool = True,
+    ) -> Array:
+        encoded = self.encode(src, src_segment_ids=src_segment_ids, src_positions=src_positions, deterministic=deterministic)
+        return self.decode(
+            tgt_in,
+            encoded,
+            src,
+            tgt_segment_ids=tgt_segment_ids,
+            src_segment_ids=src_segment_ids,
+            tgt_positions=tgt_positions,
+            deterministic=deterministic,
+        )

@@ -1,0 +1,82 @@
+"""Logical axis names and the rules that map them onto a device mesh.
+
+Every parameter in tfm is created with logical axis names
+(``nn.with_logical_partitioning(init, ("embed", "mlp"))``) and activations are
+constrained at block boundaries with ``nn.with_logical_constraint``. The names
+are defined here, once. Which *mesh* axis a logical axis lands on is a property
+of the run, not of the model: it lives in the run config as a tuple of
+``(logical_name, mesh_axis_or_None)`` rules, with ``DEFAULT_RULES`` as the
+starting point.
+
+Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with the
+parameters sharded, ZeRO-3 style), ``tensor`` (Megatron-style model parallel)
+and ``expert`` (Mixture-of-Experts).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+# Logical axis names --------------------------------------------------------
+# Activations.
+BATCH = "batch"
+LENGTH = "length"  # query / sequence positions (T)
+KV_LENGTH = "kv_length"  # key/value positions (S)
+EMBED = "embed"  # model width (D)
+HEADS = "heads"  # query heads (N)
+KV_HEADS = "kv_heads"  # key/value heads (K)
+HEAD_DIM = "head_dim"  # width of one head (H)
+MLP = "mlp"  # feed-forward hidden width (F)
+VOCAB = "vocab"  # vocabulary (V)
+# Parameters only.
+LAYERS = "layers"  # the stacked axis that nn.scan adds to every block parameter
+POSITIONS = "positions"  # learned absolute position table
+RELPOS_BUCKETS = "relpos_buckets"  # T5 relative-position buckets
+PATCH = "patch"  # flattened ViT patch (P*P*C)
+CLASSES = "classes"  # classification labels
+NORM = "norm"  # LayerNorm / RMSNorm scale and bias
+EXPERT = "expert"  # Mixture-of-Experts experts (E)
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# A sensible default: batch over (data, fsdp); parameters' widest axes over
+# fsdp; heads and the FFN hidden width over tensor (Megatron); experts over
+# expert. Axes mapped to None are replicated.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    (BATCH, ("data", "fsdp")),
+    (LENGTH, None),
+    (KV_LENGTH, None),
+    (EMBED, "fsdp"),
+    (HEADS, "tensor"),
+    (KV_HEADS, "tensor"),
+    (HEAD_DIM, None),
+    (MLP, "tensor"),
+    (VOCAB, "tensor"),
+    (LAYERS, None),
+    (POSITIONS, None),
+    (RELPOS_BUCKETS, None),
+    (PATCH, None),
+    (CLASSES, None),
+    (NORM, None),
+    (EXPERT, "expert"),
+)
+
+
+def logical_axis_names() -> tuple[str, ...]:
+    """All logical axis names the layers may use."""
+    return tuple(name for name, _ in DEFAULT_RULES)
+
+
+def validate_rules(rules: Sequence[tuple[str, object]], mesh_axes: Sequence[str] = MESH_AXES) -> None:
+    """Raise ``ValueError`` naming the offending rule if ``rules`` are malformed."""
+    known = set(logical_axis_names())
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"a logical-axis rule must be (logical_name, mesh_axes), got {rule!r}")
+        name, target = rule
+        if name not in known:
+            raise ValueError(f"unknown logical axis {name!r} in rules; known: {sorted(known)}")
+        targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        for t in targets:
+            if t not in mesh_axes:
+                raise ValueError(f"rule {rule!r} maps to mesh axis {t!r}, not one of {tuple(mesh_axes)}")

@@ -1,0 +1,316 @@
+"""Model families: parameter counts of the paper presets, causality, padding invariance,
+KV-cache decoding, bf16, sharding annotations."""
+
+import dataclasses
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tfm import sharding as sh
+from tfm.models import (
+    GPT,
+    PRESETS,
+    T5,
+    BertForMaskedLM,
+    BertModel,
+    Transformer,
+    ViT,
+    bert_tiny,
+    get_preset,
+    gpt_tiny,
+    llama_tiny,
+    t5_tiny,
+    transformer_tiny,
+    vit_tiny,
+)
+
+# --- parameter counts ------------------------------------------------------------------
+
+EXACT = {
+    "bert_base": 109_482_240,  # BERT-base-uncased backbone: embeddings + encoder + pooler
+    "gpt2_small": 124_439_808,  # GPT-2 small, tied head
+    "t5_small": 60_506_624,  # t5-small
+    "vit_b16": 86_567_656,  # ViT-B/16, 224 px, 1000 classes
+}
+PAPER = {"transformer_base": 65e6, "transformer_big": 213e6}  # Vaswani et al. Table 3
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_exact_parameter_counts(name):
+    assert get_preset(name).num_params() == EXACT[name]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_parameter_counts_within_5_percent(name):
+    n = get_preset(name).num_params()
+    assert abs(n - PAPER[name]) / PAPER[name] <= 0.05, n
+
+
+def test_transformer_counts_by_hand():
+    # Shared 37000 x 512 embedding; encoder layer = 4 (D^2 + D) + (2 D F + F + D) + 2 x 2D;
+    # decoder layer adds cross-attention and a third norm. No final norm in post-LN.
+    d, f, v = 512, 2048, 37000
+    attn, ffn, ln = 4 * (d * d + d), 2 * d * f + f + d, 2 * d
+    expected = v * d + 6 * (attn + ffn + 2 * ln) + 6 * (2 * attn + ffn + 3 * ln)
+    assert get_preset("transformer_base").num_params() == expected == 63_082_496
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_with_eval_shape_and_is_annotated(name):
+    variables = get_preset(name).init_shapes()
+    known = set(sh.logical_axis_names())
+    leaves = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), f"unannotated parameter of shape {leaf.shape}"
+        assert len(leaf.names) == leaf.value.ndim
+        assert set(n for n in leaf.names if n is not None) <= known, leaf.names
+
+
+def test_summary_cli_prints_table_and_total():
+    out = subprocess.run(
+        [sys.executable, "-m", "tfm.summary", "gpt2_small"], capture_output=True, text=True, check=True
+    ).stdout
+    lines = out.strip().splitlines()
+    assert lines[-1] == "total_params: 124439808"
+    assert any(line.startswith("decoder/layers") for line in lines)
+    bad = subprocess.run([sys.executable, "-m", "tfm.summary", "no_such_model"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown preset" in bad.stderr
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+KEY = jax.random.key(0)
+
+
+def tokens(shape, vocab=64, seed=0, low=1):
+    return jax.random.randint(jax.random.key(seed), shape, low, vocab)
+
+
+def init(model, *args):
+    return model.init(KEY, *args)
+
+
+# --- causality -------------------------------------------------------------------------
+
+
+def _assert_prefix_unchanged(logits_a, logits_b, t):
+    np.testing.assert_allclose(logits_a[:, : t + 1], logits_b[:, : t + 1], atol=1e-5, rtol=0)
+    assert not np.allclose(logits_a[:, t + 1 :], logits_b[:, t + 1 :], atol=1e-3)
+
+
+@pytest.mark.parametrize("cfg", [gpt_tiny, llama_tiny, dataclasses.replace(gpt_tiny, position="alibi")], ids=["gpt", "llama", "alibi"])
+def test_gpt_is_causal(cfg):
+    model = GPT(cfg)
+    x = tokens((2, 10))
+    v = init(model, x)
+    t = 4
+    y = x.at[:, t + 1 :].set(tokens((2, 10 - t - 1), seed=1))
+    _assert_prefix_unchanged(model.apply(v, x), model.apply(v, y), t)
+
+
+@pytest.mark.parametrize("family", ["transformer", "t5"])
+def test_encoder_decoder_decoder_is_causal(family):
+    model = Transformer(transformer_tiny) if family == "transformer" else T5(t5_tiny)
+    src, tgt = tokens((2, 7)), tokens((2, 9), seed=2)
+    v = init(model, src, tgt)
+    t = 3
+    tgt2 = tgt.at[:, t + 1 :].set(tokens((2, 9 - t - 1), seed=3))
+    _assert_prefix_unchanged(model.apply(v, src, tgt), model.apply(v, src, tgt2), t)
+
+
+# --- padding invariance ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["transformer", "t5", "bert"])
+def test_encoder_padding_invariance(family):
+    """Appending padding (token 0) changes no output at the real positions."""
+    src = tokens((2, 6))
+    padded = jnp.concatenate([src, jnp.zeros((2, 5), src.dtype)], axis=1)
+    if family == "bert":
+        model = BertModel(bert_tiny)
+        v = init(model, src)
+        a, b = model.apply(v, src)[0], model.apply(v, padded)[0]
+    else:
+        model = Transformer(transformer_tiny) if family == "transformer" else T5(t5_tiny)
+        v = init(model, src, src)
+        enc = lambda s: model.apply(v, s, method="encode")  # noqa: E731
+        a, b = enc(src), enc(padded)
+        # The decoder's logits do not depend on the source padding either.
+        tgt = tokens((2, 4), seed=5)
+        np.testing.assert_allclose(model.apply(v, src, tgt), model.apply(v, padded, tgt), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(a, b[:, :6], atol=1e-5, rtol=0)
+
+
+# --- KV-cache decoding -----------------------------------------------------------------
+
+
+def _decode_stepwise(model_dec, params, cache, step_fn, length, chunk=1):
+    outs = []
+    for start in range(0, length, chunk):
+        logits, mut = step_fn(params, cache, start, start + chunk)
+        cache = mut["cache"]
+        outs.append(logits)
+    return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [gpt_tiny, llama_tiny, dataclasses.replace(gpt_tiny, position="alibi"), dataclasses.replace(gpt_tiny, position="sinusoidal", scan_layers=False)],
+    ids=["gpt", "llama-rope-gqa", "alibi", "sinusoidal-loop"],
+)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_gpt_kv_cache_equals_full_forward(cfg, chunk):
+    t = 9
+    x = tokens((2, t))
+    full_model, dec_model = GPT(cfg), GPT(dataclasses.replace(cfg, decode=True))
+    params = init(full_model, x)["params"]
+    full = full_model.apply({"params": params}, x)
+    cache = dec_model.init(KEY, jnp.ones((2, 12), jnp.int32))["cache"]  # cache longer than needed
+
+    def step(p, c, a, b):
+        return dec_model.apply({"params": p, "cache": c}, x[:, a:b], mutable=["cache"])
+
+    got = _decode_stepwise(dec_model, params, cache, step, t, chunk)
+    np.testing.assert_allclose(got, full, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["transformer", "t5"])
+def test_encoder_decoder_kv_cache_equals_full_forward(family):
+    cls, cfg = (Transformer, transformer_tiny) if family == "transformer" else (T5, t5_tiny)
+    src, tgt = tokens((2, 7)), tokens((2, 8), seed=4)
+    full_model, dec_model = cls(cfg), cls(dataclasses.replace(cfg, decode=True))
+    params = init(full_model, src, tgt)["params"]
+    full = full_model.apply({"params": params}, src, tgt)
+    cache = dec_model.init(KEY, src, jnp.ones((2, 8), jnp.int32))["cache"]
+    encoded = full_model.apply({"params": params}, src, method="encode")
+
+    def step(p, c, a, b):
+        return dec_model.apply({"params": p, "cache": c}, tgt[:, a:b], encoded, src, method="decode", mutable=["cache"])
+
+    got = _decode_stepwise(dec_model, params, cache, step, 8)
+    np.testing.assert_allclose(got, full, atol=2e-5, rtol=0)
+
+
+# --- dtypes, heads, shapes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["transformer_tiny", "bert_tiny", "gpt_tiny", "llama_tiny", "t5_tiny", "vit_tiny"])
+def test_bf16_forward_and_grad_finite(name):
+    preset = get_preset(name)
+    model = preset.model(dtype=jnp.bfloat16)
+    args = preset.example_inputs(model.config)
+    params = model.init(KEY, *args)["params"]
+
+    def loss(p):
+        out = model.apply({"params": p}, *args)
+        out = out[0] if isinstance(out, tuple) else out
+        return jnp.mean(jnp.square(out.astype(jnp.float32)))
+
+    value, grads = jax.value_and_grad(loss)(params)
+    assert np.isfinite(float(value))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(nn.unbox(grads)))
+    # Parameters stay float32 (mixed precision: bf16 compute, f32 weights).
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nn.unbox(params)))
+
+
+def test_vit_patch_embedding_equals_strided_conv():
+    """Our reshape + einsum patchifier is the paper's stride-P convolution."""
+    model = ViT(vit_tiny)
+    images = jax.random.normal(KEY, (2, 28, 28, 1))
+    params = nn.unbox(model.init(KEY, images)["params"])
+    kernel, bias = params["patch_embed"]["kernel"], params["patch_embed"]["bias"]
+    conv = jax.lax.conv_general_dilated(images, kernel, (7, 7), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = conv.reshape(2, 16, 32) + bias
+    _, state = model.apply({"params": params}, images, capture_intermediates=True, mutable=["intermediates"])
+    ours = state["intermediates"]["patch_embed"]["__call__"][0]
+    np.testing.assert_allclose(ours, conv, atol=1e-5, rtol=0)
+    assert model.apply({"params": params}, images).shape == (2, 10)
+
+
+def test_bert_mlm_head_is_tied_to_token_embedding():
+    model = BertForMaskedLM(bert_tiny)
+    x = tokens((2, 6))
+    params = nn.unbox(model.init(KEY, x)["params"])
+    logits, state = model.apply({"params": params}, x, capture_intermediates=True, mutable=["intermediates"])
+    h = state["intermediates"]["mlm_norm"]["__call__"][0]
+    expected = h @ params["bert"]["token_embed"]["embedding"].T + params["mlm_bias"]
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_transformer_embedding_scaled_and_shared():
+    model = Transformer(transformer_tiny)
+    src, tgt = tokens((1, 5)), tokens((1, 5), seed=1)
+    params = nn.unbox(model.init(KEY, src, tgt)["params"])
+    assert "embed" in params and "src_embed" not in params  # one table for src, tgt and output
+    table = params["embed"]["embedding"]
+    _, state = model.apply({"params": params}, src, tgt, capture_intermediates=True, mutable=["intermediates"])
+    emb = state["intermediates"]["embed"]["__call__"][0]  # the source embedding call
+    np.testing.assert_allclose(emb, table[src] * np.sqrt(32), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: dataclasses.replace(gpt_tiny, num_heads=5),
+        lambda: dataclasses.replace(gpt_tiny, position="spiral"),
+        lambda: dataclasses.replace(transformer_tiny, target_vocab_size=99),
+        lambda: dataclasses.replace(vit_tiny, patch_size=5),
+        lambda: dataclasses.replace(llama_tiny, num_kv_heads=3),
+        lambda: dataclasses.replace(bert_tiny, dropout_rate=1.5),
+    ],
+)
+def test_bad_configs_raise(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_bad_inputs_raise():
+    model = GPT(gpt_tiny)
+    v = init(model, tokens((1, 4)))
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        model.apply(v, tokens((1, 40)))
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        model.apply(v, tokens((4,)))
+    with pytest.raises(ValueError, match="images must be"):
+        ViT(vit_tiny).init(KEY, jnp.zeros((1, 32, 32, 1)))
+
+
+def test_dropout_is_active_only_in_training():
+    cfg = dataclasses.replace(gpt_tiny, dropout_rate=0.3)
+    model, x = GPT(cfg), tokens((2, 8))
+    v = init(model, x)
+    eval_a, eval_b = model.apply(v, x), model.apply(v, x)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train = model.apply(v, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(train, eval_a, atol=1e-3)
+
+
+# --- sharding --------------------------------------------------------------------------
+
+
+def test_sharded_init_and_forward_match_single_device():
+    """Parameters born sharded on a (fsdp=2, tensor=4) mesh give the single-device logits."""
+    devices = jax.devices()
+    if len(devices) < 8:
+        pytest.fail("conftest should provide 8 fake CPU devices")
+    mesh = jax.make_mesh((1, 2, 4, 1), sh.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    model, x = GPT(gpt_tiny), tokens((4, 8))
+    ref = model.apply(init(model, x), x)
+
+    rules = sh.DEFAULT_RULES
+    abstract = jax.eval_shape(lambda: model.init(KEY, x))
+    specs = nn.get_partition_spec(abstract)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        variables = jax.jit(lambda: model.init(KEY, x), out_shardings=shardings)()
+        wi = variables["params"]["decoder"]["layers"]["mlp"]["wi"]["kernel"].value
+        # [L, D, F] = [2, 32, 64] with D over fsdp (2) and F over tensor (4).
+        assert wi.sharding.shard_shape(wi.shape) == (2, 16, 16)
+        out = jax.jit(model.apply)(variables, x)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)

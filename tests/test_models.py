@@ -2,6 +2,7 @@
 KV-cache decoding, bf16, sharding annotations."""
 
 import dataclasses
+import functools
 import subprocess
 import sys
 
@@ -93,7 +94,12 @@ def tokens(shape, vocab=64, seed=0, low=1):
 
 
 def init(model, *args):
-    return model.init(KEY, *args)
+    return jax.jit(model.init)(KEY, *args)
+
+
+def japply(model, method=None, mutable=False):
+    """``model.apply`` compiled once: eager op-by-op dispatch is slow for tiny models."""
+    return jax.jit(functools.partial(model.apply, method=method, mutable=mutable))
 
 
 # --- causality -------------------------------------------------------------------------
@@ -111,7 +117,8 @@ def test_gpt_is_causal(cfg):
     v = init(model, x)
     t = 4
     y = x.at[:, t + 1 :].set(tokens((2, 10 - t - 1), seed=1))
-    _assert_prefix_unchanged(model.apply(v, x), model.apply(v, y), t)
+    apply = japply(model)
+    _assert_prefix_unchanged(apply(v, x), apply(v, y), t)
 
 
 @pytest.mark.parametrize("family", ["transformer", "t5"])
@@ -121,7 +128,8 @@ def test_encoder_decoder_decoder_is_causal(family):
     v = init(model, src, tgt)
     t = 3
     tgt2 = tgt.at[:, t + 1 :].set(tokens((2, 9 - t - 1), seed=3))
-    _assert_prefix_unchanged(model.apply(v, src, tgt), model.apply(v, src, tgt2), t)
+    apply = japply(model)
+    _assert_prefix_unchanged(apply(v, src, tgt), apply(v, src, tgt2), t)
 
 
 # --- padding invariance ----------------------------------------------------------------
@@ -135,22 +143,24 @@ def test_encoder_padding_invariance(family):
     if family == "bert":
         model = BertModel(bert_tiny)
         v = init(model, src)
-        a, b = model.apply(v, src)[0], model.apply(v, padded)[0]
+        apply = japply(model)
+        a, b = apply(v, src)[0], apply(v, padded)[0]
     else:
         model = Transformer(transformer_tiny) if family == "transformer" else T5(t5_tiny)
         v = init(model, src, src)
-        enc = lambda s: model.apply(v, s, method="encode")  # noqa: E731
-        a, b = enc(src), enc(padded)
+        enc, apply = japply(model, "encode"), japply(model)
+        a, b = enc(v, src), enc(v, padded)
         # The decoder's logits do not depend on the source padding either.
         tgt = tokens((2, 4), seed=5)
-        np.testing.assert_allclose(model.apply(v, src, tgt), model.apply(v, padded, tgt), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(apply(v, src, tgt), apply(v, padded, tgt), atol=1e-5, rtol=0)
     np.testing.assert_allclose(a, b[:, :6], atol=1e-5, rtol=0)
 
 
 # --- KV-cache decoding -----------------------------------------------------------------
 
 
-def _decode_stepwise(model_dec, params, cache, step_fn, length, chunk=1):
+def _decode_stepwise(params, cache, step_fn, length, chunk=1):
+    step_fn = jax.jit(step_fn, static_argnums=(2, 3))
     outs = []
     for start in range(0, length, chunk):
         logits, mut = step_fn(params, cache, start, start + chunk)
@@ -170,13 +180,13 @@ def test_gpt_kv_cache_equals_full_forward(cfg, chunk):
     x = tokens((2, t))
     full_model, dec_model = GPT(cfg), GPT(dataclasses.replace(cfg, decode=True))
     params = init(full_model, x)["params"]
-    full = full_model.apply({"params": params}, x)
-    cache = dec_model.init(KEY, jnp.ones((2, 12), jnp.int32))["cache"]  # cache longer than needed
+    full = japply(full_model)({"params": params}, x)
+    cache = init(dec_model, jnp.ones((2, 12), jnp.int32))["cache"]  # cache longer than needed
 
     def step(p, c, a, b):
         return dec_model.apply({"params": p, "cache": c}, x[:, a:b], mutable=["cache"])
 
-    got = _decode_stepwise(dec_model, params, cache, step, t, chunk)
+    got = _decode_stepwise(params, cache, step, t, chunk)
     np.testing.assert_allclose(got, full, atol=2e-5, rtol=0)
 
 
@@ -186,14 +196,14 @@ def test_encoder_decoder_kv_cache_equals_full_forward(family):
     src, tgt = tokens((2, 7)), tokens((2, 8), seed=4)
     full_model, dec_model = cls(cfg), cls(dataclasses.replace(cfg, decode=True))
     params = init(full_model, src, tgt)["params"]
-    full = full_model.apply({"params": params}, src, tgt)
-    cache = dec_model.init(KEY, src, jnp.ones((2, 8), jnp.int32))["cache"]
-    encoded = full_model.apply({"params": params}, src, method="encode")
+    full = japply(full_model)({"params": params}, src, tgt)
+    cache = init(dec_model, src, jnp.ones((2, 8), jnp.int32))["cache"]
+    encoded = japply(full_model, "encode")({"params": params}, src)
 
     def step(p, c, a, b):
         return dec_model.apply({"params": p, "cache": c}, tgt[:, a:b], encoded, src, method="decode", mutable=["cache"])
 
-    got = _decode_stepwise(dec_model, params, cache, step, 8)
+    got = _decode_stepwise(params, cache, step, 8)
     np.testing.assert_allclose(got, full, atol=2e-5, rtol=0)
 
 
@@ -205,8 +215,9 @@ def test_bf16_forward_and_grad_finite(name):
     preset = get_preset(name)
     model = preset.model(dtype=jnp.bfloat16)
     args = preset.example_inputs(model.config)
-    params = model.init(KEY, *args)["params"]
+    params = init(model, *args)["params"]
 
+    @jax.jit
     def loss(p):
         out = model.apply({"params": p}, *args)
         out = out[0] if isinstance(out, tuple) else out
@@ -223,11 +234,11 @@ def test_vit_patch_embedding_equals_strided_conv():
     """Our reshape + einsum patchifier is the paper's stride-P convolution."""
     model = ViT(vit_tiny)
     images = jax.random.normal(KEY, (2, 28, 28, 1))
-    params = nn.unbox(model.init(KEY, images)["params"])
+    params = nn.unbox(init(model, images)["params"])
     kernel, bias = params["patch_embed"]["kernel"], params["patch_embed"]["bias"]
     conv = jax.lax.conv_general_dilated(images, kernel, (7, 7), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     conv = conv.reshape(2, 16, 32) + bias
-    _, state = model.apply({"params": params}, images, capture_intermediates=True, mutable=["intermediates"])
+    _, state = jax.jit(functools.partial(model.apply, capture_intermediates=True, mutable=["intermediates"]))({"params": params}, images)
     ours = state["intermediates"]["patch_embed"]["__call__"][0]
     np.testing.assert_allclose(ours, conv, atol=1e-5, rtol=0)
     assert model.apply({"params": params}, images).shape == (2, 10)
@@ -236,8 +247,8 @@ def test_vit_patch_embedding_equals_strided_conv():
 def test_bert_mlm_head_is_tied_to_token_embedding():
     model = BertForMaskedLM(bert_tiny)
     x = tokens((2, 6))
-    params = nn.unbox(model.init(KEY, x)["params"])
-    logits, state = model.apply({"params": params}, x, capture_intermediates=True, mutable=["intermediates"])
+    params = nn.unbox(init(model, x)["params"])
+    logits, state = jax.jit(functools.partial(model.apply, capture_intermediates=True, mutable=["intermediates"]))({"params": params}, x)
     h = state["intermediates"]["mlm_norm"]["__call__"][0]
     expected = h @ params["bert"]["token_embed"]["embedding"].T + params["mlm_bias"]
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
@@ -246,10 +257,10 @@ def test_bert_mlm_head_is_tied_to_token_embedding():
 def test_transformer_embedding_scaled_and_shared():
     model = Transformer(transformer_tiny)
     src, tgt = tokens((1, 5)), tokens((1, 5), seed=1)
-    params = nn.unbox(model.init(KEY, src, tgt)["params"])
+    params = nn.unbox(init(model, src, tgt)["params"])
     assert "embed" in params and "src_embed" not in params  # one table for src, tgt and output
     table = params["embed"]["embedding"]
-    _, state = model.apply({"params": params}, src, tgt, capture_intermediates=True, mutable=["intermediates"])
+    _, state = jax.jit(functools.partial(model.apply, capture_intermediates=True, mutable=["intermediates"]))({"params": params}, src, tgt)
     emb = state["intermediates"]["embed"]["__call__"][0]  # the source embedding call
     np.testing.assert_allclose(emb, table[src] * np.sqrt(32), atol=1e-5, rtol=0)
 
@@ -285,9 +296,10 @@ def test_dropout_is_active_only_in_training():
     cfg = dataclasses.replace(gpt_tiny, dropout_rate=0.3)
     model, x = GPT(cfg), tokens((2, 8))
     v = init(model, x)
-    eval_a, eval_b = model.apply(v, x), model.apply(v, x)
+    apply = japply(model)
+    eval_a, eval_b = apply(v, x), apply(v, x)
     np.testing.assert_array_equal(eval_a, eval_b)
-    train = model.apply(v, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    train = jax.jit(functools.partial(model.apply, deterministic=False))(v, x, rngs={"dropout": jax.random.key(1)})
     assert not np.allclose(train, eval_a, atol=1e-3)
 
 
@@ -301,7 +313,7 @@ def test_sharded_init_and_forward_match_single_device():
         pytest.fail("conftest should provide 8 fake CPU devices")
     mesh = jax.make_mesh((1, 2, 4, 1), sh.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
     model, x = GPT(gpt_tiny), tokens((4, 8))
-    ref = model.apply(init(model, x), x)
+    ref = japply(model)(init(model, x), x)
 
     rules = sh.DEFAULT_RULES
     abstract = jax.eval_shape(lambda: model.init(KEY, x))

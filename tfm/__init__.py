@@ -1,3 +1,3 @@
-"""tfm: the Transformer family in JAX/Flax — layers, models and a trainer."""
+"""tfm: the Transformer family in JAX/Flax — pure-functional layers and paper-exact model families."""
 
 __version__ = "0.1.0"

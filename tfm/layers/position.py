@@ -11,6 +11,7 @@ import math
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 from tfm import sharding as sh
@@ -21,12 +22,13 @@ def sinusoidal_positions(positions: int | Array, d_model: int, max_timescale: fl
 
     PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
 
-    ``positions`` is a length (-> positions 0..length-1) or an integer array of
-    any shape ``[...]``; returns float32 ``[..., d_model]``.
+    ``positions`` is a length (a Python or NumPy integer -> positions
+    0..length-1) or an integer array of any shape ``[...]``; returns float32
+    ``[..., d_model]``.
     """
     if d_model % 2:
         raise ValueError(f"sinusoidal positions need an even d_model, got {d_model}")
-    pos = jnp.arange(positions) if isinstance(positions, int) else jnp.asarray(positions)
+    pos = jnp.arange(positions) if isinstance(positions, (int, np.integer)) else jnp.asarray(positions)
     two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)  # 2i
     angle = pos[..., None].astype(jnp.float32) / jnp.power(max_timescale, two_i / d_model)
     # Stack (sin, cos) on a new last axis and flatten: sin at even, cos at odd indices.

@@ -378,8 +378,9 @@ def test_mha_self_attention_matches_torch():
     # Grad stays enabled so torch takes its reference (non-fast) path.
     ref_pad = tm(tx, tx, tx, key_padding_mask=torch.from_numpy(key_pad), need_weights=False)[0].detach().numpy()
     ref_both = tm(
-        tx, tx, tx, key_padding_mask=torch.from_numpy(key_pad), attn_mask=torch.from_numpy(attn_mask), need_weights=False
-    )[0].detach().numpy()
+        tx, tx, tx,
+        key_padding_mask=torch.from_numpy(key_pad), attn_mask=torch.from_numpy(attn_mask), need_weights=False,
+    )[0].detach().numpy()  # fmt: skip
     ref_none = tm(tx, tx, tx, need_weights=False)[0].detach().numpy()
 
     apply = jax.jit(lambda p, x, m: module.apply({"params": p}, x, mask=m))
@@ -517,7 +518,8 @@ def _decode_compare(module_kwargs, prefill=0, seed=0, t=6, d=16, real_init=False
         _assert_same_tree(nn.unbox(variables["params"]), p)
     else:
         # What init does, minus drawing parameters: run once with the cache mutable.
-        _, variables = jax.jit(lambda p, x: dec_mod.apply({"params": p}, x, mask=causal_mask(t), mutable=["cache"]))(p, x)
+        make_cache = jax.jit(lambda p, x: dec_mod.apply({"params": p}, x, mask=causal_mask(t), mutable=["cache"]))
+        _, variables = make_cache(p, x)
         cache = variables["cache"]
     assert int(cache["cache_index"]) == 0
     assert not np.asarray(cache["cached_key"]).any()

@@ -104,11 +104,14 @@ def _mha_params(mha, n):
     d = mha.embed_dim
     h = d // n
     w, b = _t(mha.in_proj_weight), _t(mha.in_proj_bias)
-    p = {
-        name: {"kernel": jnp.asarray(w[i * d : (i + 1) * d].T.reshape(d, n, h)), "bias": jnp.asarray(b[i * d : (i + 1) * d].reshape(n, h))}
-        for i, name in enumerate(("query", "key", "value"))
+    p = {}
+    for i, name in enumerate(("query", "key", "value")):
+        rows = slice(i * d, (i + 1) * d)  # torch packs W_q, W_k, W_v as rows of in_proj_weight [3D, D]
+        p[name] = {"kernel": jnp.asarray(w[rows].T.reshape(d, n, h)), "bias": jnp.asarray(b[rows].reshape(n, h))}
+    p["out"] = {
+        "kernel": jnp.asarray(_t(mha.out_proj.weight).T.reshape(n, h, d)),
+        "bias": jnp.asarray(_t(mha.out_proj.bias)),
     }
-    p["out"] = {"kernel": jnp.asarray(_t(mha.out_proj.weight).T.reshape(n, h, d)), "bias": jnp.asarray(_t(mha.out_proj.bias))}
     return p
 
 
@@ -354,7 +357,9 @@ def test_dropout_active_only_when_not_deterministic_in_scanned_stack():
     # Remat recomputes the forward pass with the same dropout masks: same output, and
     # `deterministic` still reaches the blocks as a static flag.
     remat = Stack(EncoderBlock, cfg, 2, scan=True, remat_policy="full")
-    run_remat = jax.jit(lambda p, x, key: remat.apply({"params": p}, x, *args, deterministic=False, rngs={"dropout": key}))
+    run_remat = jax.jit(
+        lambda p, x, key: remat.apply({"params": p}, x, *args, deterministic=False, rngs={"dropout": key})
+    )
     assert _maxerr(run_remat(params, x, k0), drop_a) <= 1e-6
 
 

@@ -14,7 +14,9 @@ from tfm.layers.position import LearnedPositionEmbedding, RelativePositionBias, 
 # Jitted once per shape: one XLA compile instead of one per primitive (keeps the tests fast).
 sinusoidal_positions = jax.jit(P.sinusoidal_positions, static_argnums=(1,))
 apply_rope = jax.jit(P.apply_rope)
-relative_position_bucket = jax.jit(P.relative_position_bucket, static_argnames=("bidirectional", "num_buckets", "max_distance"))
+relative_position_bucket = jax.jit(
+    P.relative_position_bucket, static_argnames=("bidirectional", "num_buckets", "max_distance")
+)
 rope_frequencies = P.rope_frequencies
 alibi_bias = jax.jit(P.alibi_bias, static_argnums=(0,))
 
@@ -248,7 +250,8 @@ def test_relative_position_bias_causal_uses_causal_buckets():
 
 def test_alibi_slopes_power_of_two():
     np.testing.assert_array_equal(np.asarray(alibi_slopes(8)), np.array([2.0**-k for k in range(1, 9)], np.float32))
-    np.testing.assert_array_equal(np.asarray(alibi_slopes(4)), np.array([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8], np.float32))
+    expected4 = np.array([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8], np.float32)
+    np.testing.assert_array_equal(np.asarray(alibi_slopes(4)), expected4)
     np.testing.assert_array_equal(np.asarray(alibi_slopes(1)), np.array([2.0**-8], np.float32))
 
 

@@ -155,7 +155,9 @@ class MultiHeadAttention(nn.Module):
     ``cached_value`` ``[B, S_max, K, H]`` and ``cache_index``). Each later call
     with T new positions writes their keys/values at ``cache_index``, attends
     over the cache with positions ``<= cache_index + t`` and advances the index
-    by T, so single tokens and prefill chunks both work.
+    by T, so single tokens and prefill chunks both work. Writing past ``S_max``
+    is the caller's responsibility to avoid (the index is traced, so it cannot
+    be checked here; ``dynamic_update_slice`` would clamp onto the last slots).
 
     Parameters: ``query/kernel [D, N, H]``, ``key/kernel`` and ``value/kernel
     [D, K, H]``, ``out/kernel [N, H, D]`` (+ biases if ``use_bias``).

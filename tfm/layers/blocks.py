@@ -221,7 +221,8 @@ class Stack(nn.Module):
     ends with a norm (``final_norm``).
 
     ``__call__(x, *args, deterministic)`` forwards ``*args`` to every block
-    unchanged (masks, biases, positions, encoder output).
+    unchanged (masks, biases, positions, encoder output); trailing ones may be
+    omitted (None).
     """
 
     block: type[nn.Module]
@@ -236,6 +237,12 @@ class Stack(nn.Module):
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        # Fill the block's optional positional arguments (mask, bias, ...) with
+        # None so that ``deterministic`` always lands in the last slot.
+        slots = len(inspect.signature(self.block.__call__).parameters) - 3  # self, x, deterministic
+        if len(args) > slots:
+            raise ValueError(f"{self.block.__name__} takes {slots} arguments after x, got {len(args)}")
+        args = tuple(args) + (None,) * (slots - len(args))
         block_cls = self.block
         if self.remat_policy != "none":
             # deterministic, a Python bool, is the block's last positional argument;

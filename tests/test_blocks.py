@@ -6,9 +6,7 @@ the weight-copy tests stricter). torch is only needed by the ``*_torch`` tests.
 """
 
 import dataclasses
-import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,48 +15,25 @@ import pytest
 from tfm.layers.blocks import REMAT_POLICIES, BlockConfig, DecoderBlock, EncoderBlock, Stack
 from tfm.layers.masks import causal_mask
 
+from _helpers import assert_same_tree, maxerr, param_shapes, randn, random_params, torch_or_skip
+
 TOL = 1e-5
 B, T, S, D, N, F = 2, 5, 6, 16, 4, 32
 
 
-@pytest.fixture(autouse=True)
-def _cheap_xla_compiles():
-    """Compile with few XLA optimizations while these tests run (tiny shapes: compile time dominates).
-
-    Set and restored per test, so other test files are unaffected.
-    """
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("cheap_xla_compiles")
 
 
-def _torch():
-    return pytest.importorskip("torch")
 
 
-def _randn(rng, *shape, scale=1.0):
-    return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
 
 
-def _maxerr(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def _shapes(module, *args, **kwargs):
-    return nn.unbox(jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args))
 
 
-def _random_params(module, *args, seed=0, scale=0.3, **kwargs):
-    rng = np.random.default_rng(seed)
-    shapes = _shapes(module, *args, **kwargs)["params"]
-    return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * scale, s.dtype), shapes)
 
 
-def _assert_same_tree(params, shapes):
-    assert jax.tree.structure(params) == jax.tree.structure(shapes)
-    for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(shapes)):
-        assert a.shape == s.shape, (a.shape, s.shape)
 
 
 def _cfg(**kw):
@@ -69,8 +44,8 @@ def _cfg(**kw):
 
 def _inputs(seed=0):
     rng = np.random.default_rng(seed)
-    x = _randn(rng, B, T, D)
-    mem = _randn(rng, B, S, D)
+    x = randn(rng, B, T, D)
+    mem = randn(rng, B, S, D)
     key_pad = np.zeros((B, T), bool)
     key_pad[1, 3:] = True  # torch: True = ignore
     mem_pad = np.zeros((B, S), bool)
@@ -133,7 +108,7 @@ def _mlp_params(layer):
     "norm_position,activation", [("post", "relu"), ("pre", "relu"), ("post", "gelu")], ids=["post", "pre", "gelu"]
 )
 def test_encoder_block_matches_torch(norm_position, activation):
-    torch = _torch()
+    torch = torch_or_skip()
     x, _, key_pad, _ = _inputs(1)
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(
@@ -156,15 +131,15 @@ def test_encoder_block_matches_torch(norm_position, activation):
         "mlp": _mlp_params(layer),
         "mlp_norm": _norm_params(layer.norm2),
     }
-    _assert_same_tree(params, _shapes(block, x)["params"])
+    assert_same_tree(params, param_shapes(block, x)["params"])
     run = jax.jit(lambda p, x, m: block.apply({"params": p}, x, m, None, None, True))
-    assert _maxerr(run(params, x, _kv_mask(key_pad)), _t(ref)) <= TOL
-    assert _maxerr(run(params, x, _kv_mask(key_pad) & causal_mask(T)), _t(ref_causal)) <= TOL
+    assert maxerr(run(params, x, _kv_mask(key_pad)), _t(ref)) <= TOL
+    assert maxerr(run(params, x, _kv_mask(key_pad) & causal_mask(T)), _t(ref_causal)) <= TOL
 
 
 @pytest.mark.parametrize("norm_position", ["post", "pre"])
 def test_decoder_block_matches_torch(norm_position):
-    torch = _torch()
+    torch = torch_or_skip()
     x, mem, _, mem_pad = _inputs(3)
     torch.manual_seed(1)
     layer = torch.nn.TransformerDecoderLayer(
@@ -188,12 +163,12 @@ def test_decoder_block_matches_torch(norm_position):
         "mlp": _mlp_params(layer),
         "mlp_norm": _norm_params(layer.norm3),
     }
-    _assert_same_tree(params, _shapes(block, x, mem)["params"])
+    assert_same_tree(params, param_shapes(block, x, mem)["params"])
     out = jax.jit(lambda p, x, m, sm, cm: block.apply({"params": p}, x, m, sm, cm, None, None, True))(
         params, x, mem, causal_mask(T), _kv_mask(mem_pad)
     )
     assert out.shape == (B, T, D)
-    assert _maxerr(out, _t(ref)) <= TOL
+    assert maxerr(out, _t(ref)) <= TOL
 
 
 # --- Stack: scan equals loop -------------------------------------------------------------------------
@@ -214,13 +189,13 @@ def test_encoder_stack_scan_equals_loop(norm_position):
     args = (x, _kv_mask(key_pad) & causal_mask(T), None, None)
     loop = Stack(EncoderBlock, cfg, 3, scan=False)
     scan = Stack(EncoderBlock, cfg, 3, scan=True)
-    p_loop = _random_params(loop, *args, seed=6)
+    p_loop = random_params(loop, *args, seed=6)
     assert set(p_loop) == {"layers_0", "layers_1", "layers_2"} | ({"final_norm"} if norm_position == "pre" else set())
     p_scan = _stack_loop_to_scan(p_loop, 3)
-    _assert_same_tree(p_scan, _shapes(scan, *args)["params"])
+    assert_same_tree(p_scan, param_shapes(scan, *args)["params"])
     out_loop = jax.jit(lambda p, *a: loop.apply({"params": p}, *a))(p_loop, *args)
     out_scan = jax.jit(lambda p, *a: scan.apply({"params": p}, *a))(p_scan, *args)
-    assert _maxerr(out_loop, out_scan) <= TOL
+    assert maxerr(out_loop, out_scan) <= TOL
 
 
 @pytest.mark.parametrize("norm_position", ["post", "pre"])
@@ -230,13 +205,13 @@ def test_decoder_stack_scan_equals_loop(norm_position):
     args = (x, mem, causal_mask(T), _kv_mask(mem_pad), None, None)
     loop = Stack(DecoderBlock, cfg, 2, scan=False)
     scan = Stack(DecoderBlock, cfg, 2, scan=True)
-    p_loop = _random_params(loop, *args, seed=8)
+    p_loop = random_params(loop, *args, seed=8)
     p_scan = _stack_loop_to_scan(p_loop, 2)
-    _assert_same_tree(p_scan, _shapes(scan, *args)["params"])
+    assert_same_tree(p_scan, param_shapes(scan, *args)["params"])
     out_loop = jax.jit(lambda p, *a: loop.apply({"params": p}, *a))(p_loop, *args)
     out_scan = jax.jit(lambda p, *a: scan.apply({"params": p}, *a))(p_scan, *args)
     assert out_scan.shape == (B, T, D)
-    assert _maxerr(out_loop, out_scan) <= TOL
+    assert maxerr(out_loop, out_scan) <= TOL
 
 
 # --- remat ------------------------------------------------------------------------------------------------
@@ -245,22 +220,22 @@ def test_decoder_stack_scan_equals_loop(norm_position):
 def test_remat_leaves_gradients_unchanged():
     """Grads of a sum-of-squares loss: remat "full" / "dots_saveable" equal no remat, looped and scanned."""
     rng = np.random.default_rng(9)
-    x = _randn(rng, B, 4, 8)
+    x = randn(rng, B, 4, 8)
     cfg = BlockConfig(d_model=8, num_heads=2, d_ff=16, dropout_rate=0.0, norm_position="pre")
     args = (causal_mask(4), None, None)
-    params = {False: _random_params(Stack(EncoderBlock, cfg, 2, scan=False), x, *args, seed=10)}
+    params = {False: random_params(Stack(EncoderBlock, cfg, 2, scan=False), x, *args, seed=10)}
     params[True] = _stack_loop_to_scan(params[False], 2)
 
     def grads(scan, policy):
         stack = Stack(EncoderBlock, cfg, 2, scan=scan, remat_policy=policy)
-        _assert_same_tree(params[scan], _shapes(stack, x, *args)["params"])
+        assert_same_tree(params[scan], param_shapes(stack, x, *args)["params"])
         loss = lambda p, x: jnp.sum(jnp.square(stack.apply({"params": p}, x, *args)))  # noqa: E731
         return jax.jit(jax.grad(loss))(params[scan], x)
 
     def check(got, ref, what):
         assert jax.tree.structure(got) == jax.tree.structure(ref)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-            assert _maxerr(a, b) <= 1e-6, what
+            assert maxerr(a, b) <= 1e-6, what
 
     # Reference: the looped stack without remat. Scanning does not change the gradients
     # either, so the scanned stacks are compared with the same gradients stacked.
@@ -277,9 +252,9 @@ def test_unknown_remat_policy_and_bad_layers_raise():
     cfg = BlockConfig(d_model=8, num_heads=2, d_ff=16)
     assert "full" in REMAT_POLICIES and "none" in REMAT_POLICIES
     with pytest.raises(ValueError):
-        _shapes(Stack(EncoderBlock, cfg, 2, remat_policy="sometimes"), x, None, None, None)
+        param_shapes(Stack(EncoderBlock, cfg, 2, remat_policy="sometimes"), x, None, None, None)
     with pytest.raises(ValueError):
-        _shapes(Stack(EncoderBlock, cfg, 0), x, None, None, None)
+        param_shapes(Stack(EncoderBlock, cfg, 0), x, None, None, None)
 
 
 # --- config validation, dtype, dropout -------------------------------------------------------------------
@@ -307,11 +282,11 @@ def test_bad_block_config_raises():
 
 def test_bf16_block_forward_and_grad_finite():
     rng = np.random.default_rng(11)
-    x = _randn(rng, B, 4, 8).astype(jnp.bfloat16)
+    x = randn(rng, B, 4, 8).astype(jnp.bfloat16)
     cfg = BlockConfig(d_model=8, num_heads=2, d_ff=16, dropout_rate=0.0, dtype=jnp.bfloat16)
     block = EncoderBlock(cfg)
     args = (causal_mask(4), None, None)
-    params = _random_params(block, x, *args, seed=12)
+    params = random_params(block, x, *args, seed=12)
 
     @jax.jit
     def fwd_grad(p, x):
@@ -332,13 +307,13 @@ def test_bf16_block_forward_and_grad_finite():
 
 def test_dropout_active_only_when_not_deterministic_in_scanned_stack():
     rng = np.random.default_rng(13)
-    x = _randn(rng, B, 4, 8)
+    x = randn(rng, B, 4, 8)
     cfg = BlockConfig(
         d_model=8, num_heads=2, d_ff=16, dropout_rate=0.3, attention_dropout_rate=0.2, activation_dropout_rate=0.2
     )
     stack = Stack(EncoderBlock, cfg, 2, scan=True)
     args = (causal_mask(4), None, None)
-    params = _random_params(stack, x, *args, seed=14)
+    params = random_params(stack, x, *args, seed=14)
     run = jax.jit(
         lambda p, x, key, det: stack.apply({"params": p}, x, *args, deterministic=det, rngs={"dropout": key}),
         static_argnums=(3,),
@@ -349,25 +324,25 @@ def test_dropout_active_only_when_not_deterministic_in_scanned_stack():
     np.testing.assert_array_equal(np.asarray(det_a), np.asarray(det_b))
     # The default is deterministic (jit vs eager: rounding only).
     default = jax.jit(lambda p, x: stack.apply({"params": p}, x, *args, rngs={"dropout": k0}))(params, x)
-    assert _maxerr(det_a, default) <= 1e-6
+    assert maxerr(det_a, default) <= 1e-6
     drop_a = run(params, x, k0, False)
-    assert _maxerr(drop_a, det_a) > 1e-3
+    assert maxerr(drop_a, det_a) > 1e-3
     np.testing.assert_array_equal(np.asarray(drop_a), np.asarray(run(params, x, k0, False)))
-    assert _maxerr(run(params, x, k1, False), drop_a) > 1e-3
+    assert maxerr(run(params, x, k1, False), drop_a) > 1e-3
     # Remat recomputes the forward pass with the same dropout masks: same output, and
     # `deterministic` still reaches the blocks as a static flag.
     remat = Stack(EncoderBlock, cfg, 2, scan=True, remat_policy="full")
     run_remat = jax.jit(
         lambda p, x, key: remat.apply({"params": p}, x, *args, deterministic=False, rngs={"dropout": key})
     )
-    assert _maxerr(run_remat(params, x, k0), drop_a) <= 1e-6
+    assert maxerr(run_remat(params, x, k0), drop_a) <= 1e-6
 
 
 def test_encoder_block_dropout_single_block():
     rng = np.random.default_rng(15)
-    x = _randn(rng, B, 4, 8)
+    x = randn(rng, B, 4, 8)
     block = EncoderBlock(BlockConfig(d_model=8, num_heads=2, d_ff=16, dropout_rate=0.5))
-    params = _random_params(block, x, seed=16)
+    params = random_params(block, x, seed=16)
     run = jax.jit(
         lambda p, x, key, det: block.apply({"params": p}, x, None, None, None, det, rngs={"dropout": key}),
         static_argnums=(3,),
@@ -376,7 +351,7 @@ def test_encoder_block_dropout_single_block():
     det = run(params, x, key, True)
     np.testing.assert_array_equal(np.asarray(det), np.asarray(run(params, x, jax.random.key(1, impl="rbg"), True)))
     drop = run(params, x, key, False)
-    assert _maxerr(drop, det) > 1e-3
+    assert maxerr(drop, det) > 1e-3
 
 
 # --- KV cache through a Stack --------------------------------------------------------------------------------
@@ -386,15 +361,15 @@ def test_encoder_block_dropout_single_block():
 def test_stack_kv_cache_token_by_token_equals_full_forward(scan, use_rope):
     rng = np.random.default_rng(17)
     t, d = 5, 8
-    x = _randn(rng, B, t, d)
+    x = randn(rng, B, t, d)
     cfg = BlockConfig(d_model=d, num_heads=2, d_ff=16, dropout_rate=0.0, norm_position="pre", use_rope=use_rope)
     full_stack = Stack(EncoderBlock, cfg, 2, scan=scan)
     dec_stack = Stack(EncoderBlock, dataclasses.replace(cfg, decode=True), 2, scan=scan)
     args = (causal_mask(t), None, None)
-    params = _random_params(full_stack, x, *args, seed=18)
+    params = random_params(full_stack, x, *args, seed=18)
     full = jax.jit(lambda p, x: full_stack.apply({"params": p}, x, *args))(params, x)
 
-    cache_shapes = _shapes(dec_stack, x, *args)["cache"]
+    cache_shapes = param_shapes(dec_stack, x, *args)["cache"]
     if scan:
         assert cache_shapes["layers"]["self_attention"]["cached_key"].shape == (2, B, t, 2, 4)
     else:
@@ -408,4 +383,4 @@ def test_stack_kv_cache_token_by_token_equals_full_forward(scan, use_rope):
         o, v = step(params, cache, x[:, i : i + 1])
         outs.append(o)
         cache = v["cache"]
-    assert _maxerr(jnp.concatenate(outs, axis=1), full) <= TOL
+    assert maxerr(jnp.concatenate(outs, axis=1), full) <= TOL

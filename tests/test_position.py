@@ -11,6 +11,8 @@ import pytest
 from tfm.layers import position as P
 from tfm.layers.position import LearnedPositionEmbedding, RelativePositionBias, alibi_slopes
 
+from _helpers import randn
+
 # Jitted once per shape: one XLA compile instead of one per primitive (keeps the tests fast).
 sinusoidal_positions = jax.jit(P.sinusoidal_positions, static_argnums=(1,))
 apply_rope = jax.jit(P.apply_rope)
@@ -21,21 +23,9 @@ rope_frequencies = P.rope_frequencies
 alibi_bias = jax.jit(P.alibi_bias, static_argnums=(0,))
 
 
-@pytest.fixture(autouse=True)
-def _cheap_xla_compiles():
-    """Compile with few XLA optimizations while these tests run (tiny shapes: compile time dominates).
-
-    Set and restored per test, so other test files are unaffected.
-    """
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("cheap_xla_compiles")
 
 
-def _randn(seed, *shape):
-    # NumPy data: jax.random's threefry compiles slowly on this small CPU box.
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 # --- sinusoidal ----------------------------------------------------------------------
 
@@ -104,7 +94,7 @@ def test_rope_frequencies():
 
 
 def test_apply_rope_matches_numpy_reference():
-    x = _randn(0, 2, 5, 3, 8)
+    x = randn(np.random.default_rng(0), 2, 5, 3, 8)
     pos = jnp.array([0, 1, 2, 7, 3])
     out = np.asarray(apply_rope(x, pos))
     assert out.dtype == np.float32
@@ -115,7 +105,7 @@ def test_apply_rope_matches_numpy_reference():
 
 
 def test_apply_rope_batched_positions_equal_shared_positions():
-    x = _randn(1, 2, 4, 2, 6)
+    x = randn(np.random.default_rng(1), 2, 4, 2, 6)
     pos = jnp.array([3, 4, 5, 6])
     shared = apply_rope(x, pos)
     batched = apply_rope(x, jnp.stack([pos, pos]))
@@ -129,8 +119,8 @@ def test_apply_rope_batched_positions_equal_shared_positions():
 
 def test_apply_rope_scores_depend_only_on_relative_offset():
     h = 16
-    q = _randn(2, 1, 1, 1, h)
-    k = _randn(3, 1, 1, 1, h)
+    q = randn(np.random.default_rng(2), 1, 1, 1, h)
+    k = randn(np.random.default_rng(3), 1, 1, 1, h)
 
     def score(m, n):
         rq = apply_rope(q, jnp.array([m]))
@@ -146,7 +136,7 @@ def test_apply_rope_scores_depend_only_on_relative_offset():
 
 
 def test_apply_rope_bf16_keeps_dtype():
-    x = _randn(4, 1, 3, 2, 4).astype(jnp.bfloat16)
+    x = randn(np.random.default_rng(4), 1, 3, 2, 4).astype(jnp.bfloat16)
     out = apply_rope(x, jnp.arange(3))
     assert out.dtype == jnp.bfloat16
     assert np.isfinite(np.asarray(out, np.float32)).all()

@@ -7,6 +7,7 @@ the weight-copy tests stricter). torch is only needed by the ``*_torch`` tests.
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -384,3 +385,24 @@ def test_stack_kv_cache_token_by_token_equals_full_forward(scan, use_rope):
         outs.append(o)
         cache = v["cache"]
     assert maxerr(jnp.concatenate(outs, axis=1), full) <= TOL
+
+
+def test_scanned_layers_draw_independent_dropout_masks():
+    """Each scanned layer gets its own dropout key (split_rngs), so the masks differ across layers."""
+    cfg = BlockConfig(d_model=D, num_heads=N, d_ff=F, dropout_rate=0.5)
+    stack = Stack(EncoderBlock, cfg, 2, scan=True)
+    x = randn(np.random.default_rng(0), B, T, D)
+    params = random_params(stack, x)
+    apply = jax.jit(
+        lambda p, x, key: stack.apply(
+            {"params": p}, x, deterministic=False, rngs={"dropout": key},
+            capture_intermediates=lambda mdl, _: isinstance(mdl, nn.Dropout), mutable=["intermediates"],
+        )
+    )  # fmt: skip
+    _, state = apply(params, x, jax.random.key(1, impl="rbg"))
+    dropped = [np.asarray(v[0]) == 0 for v in jax.tree.leaves(state["intermediates"], is_leaf=lambda v: isinstance(v, tuple))]
+    assert dropped, "no dropout outputs captured"
+    for d in dropped:  # stacked [L, B, T, D] per dropout site
+        assert d.shape[0] == 2
+        assert 0.3 < d[0].mean() < 0.7  # about half dropped
+        assert (d[0] != d[1]).any()

@@ -170,21 +170,15 @@ BIDIRECTIONAL_LITERALS = {0: 0, -1: 1, -7: 7, -8: 8, -15: 9, -128: 15, -1000: 15
 CAUSAL_LITERALS = {0: 0, -1: 1, -15: 15, -16: 16, 1: 0, 5: 0, 300: 0, -128: 31, -5000: 31}
 
 
-def test_relative_position_bucket_bidirectional_literals():
-    rp = jnp.array(list(BIDIRECTIONAL_LITERALS))
-    got = np.asarray(relative_position_bucket(rp, bidirectional=True, num_buckets=32, max_distance=128))
-    np.testing.assert_array_equal(got, np.array(list(BIDIRECTIONAL_LITERALS.values())))
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_position_bucket_literals(bidirectional):
+    literals = BIDIRECTIONAL_LITERALS if bidirectional else CAUSAL_LITERALS
+    rp = jnp.array(list(literals))
+    got = np.asarray(relative_position_bucket(rp, bidirectional=bidirectional, num_buckets=32, max_distance=128))
+    np.testing.assert_array_equal(got, np.array(list(literals.values())))
     # The hand-computed literals agree with the reference formula too.
-    for r, b in BIDIRECTIONAL_LITERALS.items():
-        assert _t5_bucket_reference(r, True) == b, r
-
-
-def test_relative_position_bucket_causal_literals():
-    rp = jnp.array(list(CAUSAL_LITERALS))
-    got = np.asarray(relative_position_bucket(rp, bidirectional=False, num_buckets=32, max_distance=128))
-    np.testing.assert_array_equal(got, np.array(list(CAUSAL_LITERALS.values())))
-    for r, b in CAUSAL_LITERALS.items():
-        assert _t5_bucket_reference(r, False) == b, r
+    for r, b in literals.items():
+        assert _t5_bucket_reference(r, bidirectional) == b, r
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])

@@ -91,6 +91,9 @@ class BlockConfig:
     def head_width(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
+    def make_norm(self, name: str) -> nn.Module:
+        return make_norm(self.norm, self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
     def kernel_init(self):
         return None if self.kernel_init_std is None else nn.initializers.normal(stddev=self.kernel_init_std)
 
@@ -154,7 +157,7 @@ class EncoderBlock(_Residual):
     ) -> Array:
         cfg = self.config
         x = nn.with_logical_constraint(x, (sh.BATCH, sh.LENGTH, sh.EMBED))
-        norm = lambda name: make_norm(cfg.norm, cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)  # noqa: E731
+        norm = cfg.make_norm
         attn = _attention(cfg, "self_attention", cfg.decode)
         x = self.wrap(
             x,
@@ -183,7 +186,7 @@ class DecoderBlock(_Residual):
     ) -> Array:
         cfg = self.config
         x = nn.with_logical_constraint(x, (sh.BATCH, sh.LENGTH, sh.EMBED))
-        norm = lambda name: make_norm(cfg.norm, cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)  # noqa: E731
+        norm = cfg.make_norm
         self_attn = _attention(cfg, "self_attention", cfg.decode)
         x = self.wrap(
             x,
@@ -246,10 +249,9 @@ class Stack(nn.Module):
         block_cls = self.block
         if self.remat_policy != "none":
             # deterministic, a Python bool, is the block's last positional argument;
-            # flax counts ``self`` as argument 0.
-            last = len(inspect.signature(block_cls.__call__).parameters) - 1
+            # flax counts ``self`` as argument 0: (self, x, *slots, deterministic).
             block_cls = nn.remat(
-                block_cls, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(last,), prevent_cse=not self.scan
+                block_cls, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(slots + 2,), prevent_cse=not self.scan
             )
         if self.scan:
             scanned = nn.scan(
@@ -265,6 +267,5 @@ class Stack(nn.Module):
             for i in range(self.num_layers):
                 x = block_cls(self.config, name=f"layers_{i}")(x, *args, deterministic)
         if self.config.norm_position == "pre":
-            cfg = self.config
-            x = make_norm(cfg.norm, cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
+            x = self.config.make_norm("final_norm")(x)
         return x

@@ -74,8 +74,10 @@ def decay_mask(params) -> object:
     """
 
     def is_decayed(path, _):
-        name = str(getattr(path[-1], "key", path[-1]))
-        return name in ("kernel", "embedding")
+        # The last dictionary key is the parameter's name; boxed (``nn.Partitioned``)
+        # parameters add an attribute step after it.
+        keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+        return bool(keys) and keys[-1] in ("kernel", "embedding")
 
     return jax.tree_util.tree_map_with_path(is_decayed, params)
 

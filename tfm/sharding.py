@@ -80,3 +80,79 @@ def validate_rules(rules: Sequence[tuple[str, object]], mesh_axes: Sequence[str]
         for t in targets:
             if t not in mesh_axes:
                 raise ValueError(f"rule {rule!r} maps to mesh axis {t!r}, not one of {tuple(mesh_axes)}")
+
+
+# Meshes ---------------------------------------------------------------------
+
+
+def mesh_shape(axes: dict[str, int], num_devices: int) -> dict[str, int]:
+    """Resolve a ``{mesh_axis: size}`` request (one size may be -1 = the rest) for ``num_devices``.
+
+    Raises ``ValueError`` naming the axis and the numbers when the product does
+    not match the device count.
+    """
+    unknown = set(axes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; mesh axes are {MESH_AXES}")
+    sizes = {a: int(axes.get(a, 1)) for a in MESH_AXES}
+    rest = [a for a, s in sizes.items() if s == -1]
+    bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+    if bad:
+        raise ValueError(f"mesh axis {bad[0]}={sizes[bad[0]]}: sizes must be positive or -1")
+    if len(rest) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {rest}")
+    fixed = 1
+    for a, s in sizes.items():
+        if s != -1:
+            fixed *= s
+    if rest:
+        if num_devices % fixed:
+            raise ValueError(
+                f"mesh {sizes}: the fixed axes multiply to {fixed}, which does not divide the {num_devices} devices"
+            )
+        sizes[rest[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(f"mesh {sizes} has {fixed} devices but {num_devices} are available")
+    return sizes
+
+
+def make_mesh(axes: dict[str, int], devices=None):
+    """A ``jax.sharding.Mesh`` over ``devices`` (default: all) with axes ``MESH_AXES``, automatic partitioning."""
+    import jax
+
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = mesh_shape(axes, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def make_rules(overrides: dict | None = None) -> tuple[tuple[str, object], ...]:
+    """``DEFAULT_RULES`` with some logical axes re-mapped.
+
+    ``overrides`` maps a logical name to a mesh axis, a tuple of mesh axes, a
+    comma-separated string of them (``"data,fsdp"``), or ``None`` / ``""``
+    (replicated) — the forms a run config and a command line can carry.
+    """
+    overrides = dict(overrides or {})
+    known = set(logical_axis_names())
+    for name in overrides:
+        if name not in known:
+            raise ValueError(f"unknown logical axis {name!r} in mesh rules; known: {sorted(known)}")
+
+    def norm(target):
+        if target is None or target == "" or target == "None":
+            return None
+        if isinstance(target, str):
+            parts = tuple(p.strip() for p in target.split(",") if p.strip())
+            return parts[0] if len(parts) == 1 else parts
+        return tuple(target)
+
+    rules = tuple((name, norm(overrides[name]) if name in overrides else target) for name, target in DEFAULT_RULES)
+    validate_rules(rules)
+    return rules
+
+
+def batch_axes(rules) -> tuple[str, ...]:
+    """The mesh axes the ``batch`` logical axis is split over."""
+    target = dict(rules)[BATCH]
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)

@@ -256,7 +256,7 @@ class Stack(nn.Module):
         if self.scan:
             scanned = nn.scan(
                 _scan_body,
-                variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0, "aux_loss": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=self.num_layers,

@@ -1,0 +1,58 @@
+"""The synthetic copy task of the Annotated Transformer: learn to output the input sequence.
+
+Ids: 0 pad, 1 BOS, 2 EOS, symbols ``3 .. vocab_size-1``. A source of random
+symbols (length uniform in ``[min_len, max_len]``) is copied — or reversed with
+``reverse=True`` — into the target; the decoder reads ``BOS y`` and predicts
+``y EOS``. Needs no files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAD, BOS, EOS = 0, 1, 2
+SPLITS = {"train": 0, "validation": 1, "test": 2}
+
+
+class CopyTask:
+    task = "seq2seq"
+    OPTIONS = dict(vocab_size=16, min_len=4, max_len=12, reverse=False, seed=0)
+
+    def __init__(self, *, batch_size: int, vocab_size: int, min_len: int, max_len: int, reverse: bool, seed: int):
+        from tfm.data import DataError
+
+        if vocab_size < 4:
+            raise DataError(f"data.vocab_size={vocab_size}: the copy task needs >= 4 (pad, bos, eos, a symbol)")
+        if not 1 <= min_len <= max_len:
+            raise DataError(f"data.min_len={min_len}, data.max_len={max_len}: need 1 <= min_len <= max_len")
+        self.batch_size, self.vocab_size = batch_size, vocab_size
+        self.min_len, self.max_len, self.reverse, self.seed = min_len, max_len, reverse, seed
+        self.pad_id, self.bos_id, self.eos_id = PAD, BOS, EOS
+
+    def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        b = batch_size or self.batch_size
+        rng = np.random.default_rng([self.seed, SPLITS[split], index])
+        lengths = rng.integers(self.min_len, self.max_len + 1, size=b)
+        symbols = rng.integers(3, self.vocab_size, size=(b, self.max_len))
+        valid = np.arange(self.max_len)[None, :] < lengths[:, None]
+        src = np.where(valid, symbols, PAD).astype(np.int32)
+        tgt = src.copy()
+        if self.reverse:
+            for i, n in enumerate(lengths):
+                tgt[i, :n] = src[i, :n][::-1]
+        # decoder input: BOS y ; target: y EOS ; both padded to max_len + 1
+        dec_in = np.full((b, self.max_len + 1), PAD, np.int32)
+        dec_in[:, 0] = BOS
+        dec_in[:, 1:] = tgt
+        targets = np.full((b, self.max_len + 1), PAD, np.int32)
+        targets[:, :-1] = tgt
+        targets[np.arange(b), lengths] = EOS
+        weights = (np.arange(self.max_len + 1)[None, :] <= lengths[:, None]).astype(np.float32)
+        return {"inputs": src, "decoder_inputs": dec_in, "targets": targets, "weights": weights}
+
+    def iterator(self, split: str = "train"):
+        from tfm.data import DataError, IndexedIterator
+
+        if split not in SPLITS:
+            raise DataError(f"split {split!r}: the copy task has {sorted(SPLITS)}")
+        return IndexedIterator(lambda i: self.batch(split, i))

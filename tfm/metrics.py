@@ -1,0 +1,199 @@
+"""What a person sees of a run: metric files, the progress display, model FLOPs and MFU.
+
+* ``MetricWriter``: one JSON object per line in ``metrics.jsonl`` and TensorBoard
+  event files under ``tensorboard/`` (written with tensorboardX, which needs no
+  TensorFlow). Only process 0 writes.
+* ``Progress``: a tqdm bar on a terminal; a compact line per log interval otherwise.
+* ``model_flops_per_step`` / ``peak_flops``: the MFU estimate — model FLOPs per
+  step (6 N per token for the matmuls plus the attention scores, PaLM appendix B)
+  times steps/s, divided by the peak FLOP/s of the devices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+# Peak dense bf16 FLOP/s per device (vendor data sheets; SXM parts for GPUs).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "TPU v6 lite": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+    "TPU v3": 123e12,
+    "TPU v2": 45e12,
+}
+
+
+def peak_flops(device=None) -> float | None:
+    """Peak FLOP/s of ``device`` (default: the first device) from ``PEAK_FLOPS``, or None if unknown (CPUs)."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # longest first: "TPU v5 lite" before "TPU v5"
+        if name.lower() in kind.lower():
+            return PEAK_FLOPS[name]
+    return None
+
+
+def _stack_params(params, name: str) -> int:
+    sub = params.get(name, {})
+    return sum(int(x.size) for x in jax.tree.leaves(sub))
+
+
+def model_flops_per_step(family: str, mcfg, params, batch_shapes: dict) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one step on a batch of these shapes.
+
+    Per token: 2 FLOPs per multiply-accumulate of every weight matrix the token
+    meets, plus ``4 T D`` per attention layer for the score and value products
+    (counted over the full ``T`` as PaLM does); the output projection counts as a
+    matmul even when it is tied to the embedding.
+    """
+    if family == "gpt":
+        b, t = batch_shapes["inputs"]
+        n = _stack_params(params, "decoder") + mcfg.vocab_size * mcfg.d_model
+        fwd = 2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t
+    elif family in ("transformer", "t5"):
+        b, s = batch_shapes["inputs"]
+        _, t = batch_shapes["decoder_inputs"]
+        vocab = getattr(mcfg, "tgt_vocab", mcfg.vocab_size)
+        n_enc, n_dec = _stack_params(params, "encoder"), _stack_params(params, "decoder")
+        le = getattr(mcfg, "num_encoder_layers", None) or mcfg.num_layers
+        ld = getattr(mcfg, "num_decoder_layers", None) or mcfg.num_layers
+        d = mcfg.d_model
+        fwd = 2 * n_enc * b * s + 4 * le * s * d * b * s
+        fwd += 2 * (n_dec + vocab * d) * b * t + 4 * ld * (t + s) * d * b * t
+    elif family == "vit":
+        b = batch_shapes["inputs"][0]
+        t = (mcfg.image_size // mcfg.patch_size) ** 2 + 1
+        n = _stack_params(params, "encoder") + mcfg.patch_size**2 * mcfg.num_channels * mcfg.d_model
+        n += mcfg.d_model * mcfg.num_classes
+        fwd = 2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t
+    else:
+        return float("nan")
+    return 3.0 * fwd
+
+
+def host_peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_peak_bytes() -> int | None:
+    """Peak bytes in use on the first local device, where the backend reports it (GPU, TPU)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        return None
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+class MetricWriter:
+    """Scalars to ``metrics.jsonl`` and TensorBoard; a no-op on processes other than 0."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items() if v is not None}
+        self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    """A tqdm bar (mode ``bar``), a line per log interval (``lines``), or nothing (``none``).
+
+    ``auto`` picks the bar when stderr is a terminal. Only process 0 shows anything.
+    """
+
+    def __init__(self, total: int, initial: int, mode: str = "auto", unit: str = "tok", stream=None):
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "bar" if self.stream.isatty() else "lines"
+        if jax.process_index() != 0:
+            mode = "none"
+        self.mode, self.total, self.unit = mode, total, unit
+        self._bar = None
+        self._t0, self._s0 = time.perf_counter(), initial
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, scalars: dict, log_line: bool) -> None:
+        """Called every step with the latest host-side metrics; ``log_line`` marks a log interval."""
+        if self.mode == "bar":
+            self._bar.update(step - self._bar.n)
+            if log_line:
+                rate = scalars.get(f"train/{self.unit}_per_sec")
+                post = {"loss": f"{scalars.get('train/loss', float('nan')):.4f}", "lr": f"{scalars.get('train/lr', 0):.2e}"}
+                if rate is not None:
+                    post[f"{self.unit}/s"] = f"{rate:,.0f}"
+                self._bar.set_postfix(post, refresh=False)
+        elif self.mode == "lines" and log_line:
+            elapsed = time.perf_counter() - self._t0
+            done = step - self._s0
+            eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+            parts = [f"step {step}/{self.total}", f"loss {scalars.get('train/loss', float('nan')):.4f}"]
+            parts.append(f"lr {scalars.get('train/lr', 0):.2e}")
+            rate = scalars.get(f"train/{self.unit}_per_sec")
+            if rate is not None:
+                parts.append(f"{rate:,.0f} {self.unit}/s")
+            if scalars.get("train/step_time_ms") is not None:
+                parts.append(f"{scalars['train/step_time_ms']:.1f} ms/step")
+            parts.append(f"eta {_fmt_time(eta)}")
+            print(" | ".join(parts), file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.mode == "bar":
+            self._bar.write(text, file=self.stream)
+        elif self.mode == "lines":
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

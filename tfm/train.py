@@ -1,0 +1,83 @@
+"""``python -m tfm.train --config configs/<recipe>.py[:arg] --workdir DIR [--config.KEY=VALUE ...]``.
+
+A thin shell over ``tfm.trainer.Trainer``: parse, start multi-process JAX if
+asked, validate (nothing is written before the config is known to be good),
+train, print one summary line. Exit status: 0 when done or preempted (SIGTERM,
+after saving), 2 for a bad config, 1 when training fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m tfm.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="configs/<recipe>.py[:arg]")
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics and the resolved config go here")
+    parser.add_argument(
+        "--allow_model_change", action="store_true", help="train a different model config in an existing workdir"
+    )
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r} (overrides look like --config.train.steps=100)")
+        overrides.append(item[len("--config.") :])
+    return args, overrides
+
+
+def maybe_initialize_distributed(config) -> None:
+    """``jax.distributed.initialize`` when the config or the environment asks for it."""
+    import jax
+
+    d = config.distributed
+    if not (d.enabled or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    kwargs = {}
+    if d.coordinator_address:
+        kwargs["coordinator_address"] = d.coordinator_address
+    if d.num_processes > 0:
+        kwargs["num_processes"] = d.num_processes
+    if d.process_id >= 0:
+        kwargs["process_id"] = d.process_id
+    jax.distributed.initialize(**kwargs)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+
+    from tfm import config as config_lib
+
+    try:
+        config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+        config_lib.validate(config)  # schema, model and optimizer checks; needs no devices
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    maybe_initialize_distributed(config)
+    from tfm.trainer import Trainer, TrainingError, format_summary
+
+    try:
+        trainer = Trainer(config, args.workdir, allow_model_change=args.allow_model_change)
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = trainer.train()
+    except TrainingError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -174,7 +174,10 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
         section = ".".join(parents)
         # model.* keys and mesh.rules.* are checked against the preset / the logical names in validate().
         open_section = section in ("model", "data", "mesh.rules")
-        if leaf in node:
+        if leaf in node and isinstance(node[leaf], str):
+            with node.ignore_type():
+                node[leaf] = text  # a string field takes the text as written ("none" stays "none")
+        elif leaf in node:
             with node.ignore_type():
                 node[leaf] = _coerce(key, node[leaf], new)
         elif open_section:

@@ -292,7 +292,7 @@ class Trainer:
             (grads, sums, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
             aux = aux / n_micro
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss = sums["loss_sum"] / sums["weight_sum"]

@@ -1,0 +1,102 @@
+"""Run configs: overrides, and every bad-config case gives one clear error and writes nothing."""
+
+import os
+
+import pytest
+
+from tfm import config as config_lib
+from tfm import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COPY = os.path.join(ROOT, "configs", "copy.py")
+
+
+def test_overrides_are_typed_and_nested():
+    c = config_lib.load_config(COPY + ":tiny")
+    c2 = config_lib.apply_overrides(c, ["train.steps=7", "optim.learning_rate=1", "model.norm_position=post",
+                                        "train.async_checkpoint=false", "mesh.rules.mlp=None"])  # fmt: skip
+    assert c2.train.steps == 7 and isinstance(c2.train.steps, int)
+    assert c2.optim.learning_rate == 1.0 and isinstance(c2.optim.learning_rate, float)
+    assert c2.model.norm_position == "post" and c2.train.async_checkpoint is False
+    assert c2.mesh.rules.mlp is None
+    assert c.train.steps == 40, "the recipe's dict must stay untouched"
+    preset, mcfg, sizes, rules = config_lib.validate(c2, num_devices=8)
+    assert mcfg.norm_position == "post" and mcfg.d_model == 32
+    assert sizes == {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}
+    assert dict(rules)["mlp"] is None
+
+
+def test_dtype_strings_become_dtypes():
+    import jax.numpy as jnp
+
+    c = config_lib.apply_overrides(config_lib.load_config(COPY), ["model.dtype=bfloat16"])
+    _, mcfg = config_lib.model_config(c)
+    assert mcfg.dtype == jnp.bfloat16 and mcfg.param_dtype == jnp.float32
+
+
+BAD = [
+    (["--config.train.stepz=3"], "train.stepz"),
+    (["--config.train.steps=abc"], "train.steps='abc'"),
+    (["--config.train.steps=0"], "train.steps=0"),
+    (["--config.model.num_heads=5"], "not divisible by model.num_heads=5"),
+    (["--config.model.foo=1"], "model.foo"),
+    (["--config.model.preset=gpt_huge"], "model.preset='gpt_huge'"),
+    (["--config.model.dtype=float8"], "model.dtype='float8'"),
+    (["--config.mesh.data=3"], "3 devices but 8 are available"),
+    (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "at most one mesh axis may be -1"),
+    (["--config.mesh.rules.embedd=fsdp"], "unknown logical axis 'embedd'"),
+    (["--config.mesh.rules.mlp=model"], "mesh axis 'model'"),
+    (["--config.data.batch_size=12"], "data.batch_size=12"),  # 8 data shards
+    (["--config.train.grad_accum_steps=3"], "train.grad_accum_steps=3"),
+    (["--config.data.path=x"], "data.path='x'"),
+    (["--config.data.name=imagenet"], "data.name='imagenet'"),
+    (["--config.model.vocab_size=8"], "model.vocab_size=8 is smaller than the 16 ids"),
+    (["--config.optim.schedule=exp"], "optim.schedule='exp'"),
+    (["--config.optim.name=adam", "--config.optim.weight_decay=0.1"], "optim.weight_decay=0.1"),
+    (["--config.train.label_smoothing=1.5"], "train.label_smoothing=1.5"),
+    (["--config.train.steps"], "expected --config.KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[1] for b in BAD])
+def test_bad_config_is_refused_before_anything_is_written(tmp_path, capsys, overrides, message):
+    workdir = tmp_path / "run"
+    rc = train.main(["--config", COPY + ":tiny", "--workdir", str(workdir), *overrides])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("config error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not workdir.exists()
+
+
+def test_missing_config_file_and_bad_variant(tmp_path, capsys):
+    assert train.main(["--config", "configs/nope.py", "--workdir", str(tmp_path / "a")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert train.main(["--config", COPY + ":huge", "--workdir", str(tmp_path / "a")]) == 2
+    assert "unknown variant 'huge'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_missing_data_file_names_the_path(tmp_path, capsys):
+    rc = train.main(["--config", os.path.join(ROOT, "configs", "shakespeare_char.py:tiny"), "--workdir",
+                     str(tmp_path / "run"), f"--config.data.data_dir={tmp_path}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and str(tmp_path) in err and "tinyshakespeare/input.txt" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_task_must_match_the_model(tmp_path, capsys):
+    recipe = tmp_path / "mismatch.py"
+    recipe.write_text(
+        "from tfm.config import default_config\n"
+        "def get_config(arg=None):\n"
+        "    c = default_config()\n"
+        "    c.model.preset = 'gpt_tiny'\n"
+        "    c.data.name = 'copy'\n"
+        "    c.data.batch_size = 8\n"
+        "    return c\n"
+    )
+    assert train.main(["--config", str(recipe), "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data.name='copy' yields seq2seq batches" in err and "gpt (lm) model" in err
+    assert not (tmp_path / "run").exists()

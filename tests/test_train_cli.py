@@ -1,0 +1,156 @@
+"""``python -m tfm.train`` as a user runs it, in subprocesses: recipes, SIGKILL + exact resume,
+SIGTERM, and two processes training together with ``jax.distributed``."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tfm import config as config_lib
+from tfm.checkpoint import Checkpointer
+from tfm.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+QUIET = ["--config.train.progress=lines", "--config.train.tensorboard=false"]
+
+
+def env(devices=1):
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["JAX_PLATFORMS"] = "cpu"
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def cli(recipe, workdir, *overrides):
+    return [sys.executable, "-m", "tfm.train", "--config", os.path.join(ROOT, "configs", recipe),
+            "--workdir", str(workdir), *QUIET, *overrides]  # fmt: skip
+
+
+def run(cmd, devices=1, timeout=300):
+    p = subprocess.run(cmd, env=env(devices), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def metrics(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def final_params(workdir, recipe="copy.py:tiny"):
+    c = config_lib.load_config(os.path.join(ROOT, "configs", recipe))
+    c = config_lib.apply_overrides(c, ["mesh.data=1"])
+    t = Trainer(c, devices=jax.devices()[:1])
+    ck = Checkpointer(os.path.join(workdir, "checkpoints"))
+    step, state, data_state = ck.restore(t.abstract_state)
+    ck.close()
+    return step, [np.asarray(x) for x in jax.tree.leaves(state)], data_state
+
+
+RECIPES = [("copy.py:tiny", []), ("shakespeare_char.py:tiny", [f"--config.data.data_dir={DATA}"])]
+
+
+@pytest.mark.parametrize("recipe,extra", RECIPES, ids=[r[0] for r in RECIPES])
+def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
+    if "shakespeare" in recipe and not os.path.isdir(DATA):
+        pytest.skip(f"no shared data folder at {DATA}")
+    p = run(cli(recipe, tmp_path, *extra))
+    rows = [r for r in metrics(tmp_path) if "train/loss" in r]
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.3, rows
+    assert "done: step" in p.stdout and "checkpoint" in p.stdout
+    steps = Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps()
+    assert steps and steps[-1] == rows[-1]["step"]
+    assert "step " in p.stderr and "tok/s" in p.stderr and "eta" in p.stderr  # the per-interval line
+
+
+def _kill_when_logged(cmd, workdir, step, sig):
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        rows = metrics(workdir)
+        if rows and rows[-1]["step"] >= step:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("kill_at", [5, 11])
+def test_sigkill_and_restart_ends_bitwise_identical(tmp_path, kill_at):
+    """Checkpoints every step (async), so the kill lands during or between saves."""
+    args = ["--config.train.steps=16", "--config.train.checkpoint_every=1", "--config.train.log_every=1",
+            "--config.train.eval_every=0", "--config.train.eval_steps=0"]  # fmt: skip
+    straight = tmp_path / "straight"
+    run(cli("copy.py:tiny", straight, *args))
+    killed = tmp_path / "killed"
+    rc, _, _ = _kill_when_logged(cli("copy.py:tiny", killed, *args), killed, kill_at, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    last_logged = metrics(killed)[-1]["step"]
+    assert last_logged < 16, "the run finished before it was killed; the test proves nothing"
+    p = run(cli("copy.py:tiny", killed, *args))
+    assert "resumed from" in p.stderr
+    s1, a, d1 = final_params(straight)
+    s2, b, d2 = final_params(killed)
+    assert s1 == s2 == 16 and d1 == d2 == {"index": 16}
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path):
+    args = ["--config.train.steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1",
+            "--config.train.eval_steps=0"]  # fmt: skip
+    rc, out, err = _kill_when_logged(cli("copy.py:tiny", tmp_path, *args), tmp_path, 3, signal.SIGTERM)
+    assert rc == 0, err[-2000:]
+    assert "SIGTERM: saved a checkpoint at step" in err and "preempted: step" in out
+    step = int(out.split("preempted: step ")[1].split()[0])
+    assert Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps() == [step]
+    # ... and the next run resumes from it.
+    p = run(cli("copy.py:tiny", tmp_path, *args[1:], f"--config.train.steps={step + 2}"))
+    assert f"resumed from {tmp_path}/checkpoints/{step}" in p.stderr
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together_and_resume(tmp_path):
+    """Two CPU processes with 2 devices each form one 4-device mesh (gloo collectives)."""
+
+    def launch(steps):
+        port = _free_port()
+        procs = []
+        for pid in range(2):
+            cmd = cli("copy.py:tiny", tmp_path, f"--config.train.steps={steps}", "--config.train.checkpoint_every=3",
+                      "--config.distributed.enabled=true", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                      "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
+                      "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.train.eval_steps=1")  # fmt: skip
+            procs.append(subprocess.Popen(cmd, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          cwd=ROOT))  # fmt: skip
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-3000:]
+        return outs
+
+    outs = launch(6)
+    assert "done: step 6" in outs[0][0]
+    assert Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps() == [3, 6]
+    outs = launch(9)
+    assert "resumed from" in outs[0][1] and "done: step 9" in outs[0][0]
+    step, leaves, data_state = final_params(tmp_path)
+    assert step == 9 and data_state == {"index": 9}
+    assert all(np.isfinite(x).all() for x in leaves)

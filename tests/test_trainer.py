@@ -211,3 +211,17 @@ def test_a_different_model_in_the_same_workdir_needs_the_flag(tmp_path):
     s = Trainer(copy_config(*base, "model.d_model=48"), workdir, devices=jax.devices()[:1], allow_model_change=True).train()
     assert s["start_step"] == 0
     assert glob.glob(os.path.join(workdir, "checkpoints.replaced-*", "3"))
+
+
+def test_checkpointer_keeps_the_latest_k_and_the_best(tmp_path):
+    ck = Checkpointer(str(tmp_path / "ck"), keep=2, best_metric="eval/loss", best_mode="min", async_save=False)
+    losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 2.7}
+    for step, loss in losses.items():
+        ck.save(step, {"w": np.full((3,), step, np.float32)}, {"index": step}, metrics={"eval/loss": loss})
+    ck.wait()
+    assert ck.all_steps() == [2, 4, 5]  # the best (step 2) and the latest two
+    abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    step, state, data = ck.restore(abstract)
+    assert step == 5 and data == {"index": 5} and np.all(np.asarray(state["w"]) == 5)
+    assert ck.save(5, {"w": np.zeros(3, np.float32)}, {"index": 0}) is False  # never over an existing step
+    ck.close()

@@ -25,10 +25,10 @@ from typing import Callable
 
 import numpy as np
 
-from tfm.data.synthetic import CopyTask
+from tfm.data.synthetic import CopyTask, SyntheticLM
 from tfm.data.text import CharLM
 
-DATASETS: dict[str, type] = {"copy": CopyTask, "shakespeare_char": CharLM}
+DATASETS: dict[str, type] = {"copy": CopyTask, "shakespeare_char": CharLM, "synthetic_lm": SyntheticLM}
 
 
 class DataError(ValueError):
@@ -82,4 +82,4 @@ class IndexedIterator:
         self.index = state["index"]
 
 
-__all__ = ["DATASETS", "CharLM", "CopyTask", "DataError", "IndexedIterator", "data_dir", "make_dataset"]
+__all__ = ["DATASETS", "CharLM", "CopyTask", "SyntheticLM", "DataError", "IndexedIterator", "data_dir", "make_dataset"]

@@ -56,3 +56,30 @@ class CopyTask:
         if split not in SPLITS:
             raise DataError(f"split {split!r}: the copy task has {sorted(SPLITS)}")
         return IndexedIterator(lambda i: self.batch(split, i))
+
+
+class SyntheticLM:
+    """Uniformly random tokens for language-model benchmarks and smoke runs (nothing to learn)."""
+
+    task = "lm"
+    OPTIONS = dict(vocab_size=256, seq_len=128, seed=0)
+
+    def __init__(self, *, batch_size: int, vocab_size: int, seq_len: int, seed: int):
+        from tfm.data import DataError
+
+        if vocab_size < 2 or seq_len < 1:
+            raise DataError(f"data.vocab_size={vocab_size}, data.seq_len={seq_len}: need >= 2 and >= 1")
+        self.batch_size, self.vocab_size, self.seq_len, self.seed = batch_size, vocab_size, seq_len, seed
+
+    def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        b = batch_size or self.batch_size
+        rng = np.random.default_rng([self.seed, SPLITS[split], index])
+        tokens = rng.integers(0, self.vocab_size, size=(b, self.seq_len + 1), dtype=np.int32)
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def iterator(self, split: str = "train"):
+        from tfm.data import DataError, IndexedIterator
+
+        if split not in SPLITS:
+            raise DataError(f"split {split!r}: synthetic_lm has {sorted(SPLITS)}")
+        return IndexedIterator(lambda i: self.batch(split, i))

@@ -101,7 +101,9 @@ def main():
     p.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU")
     args = p.parse_args()
     dev = jax.devices()[0]
-    print(f"device: {len(jax.devices())} x {dev.device_kind} ({dev.platform}); host {platform.processor() or platform.machine()}")
+    print(
+        f"device: {len(jax.devices())} x {dev.device_kind} ({dev.platform}); host {platform.processor() or platform.machine()}"
+    )
     if args.what == "speed":
         print("| model | params | batch x seq | compute | compile s | step ms | tokens/s | model TFLOP/s | MFU |")
         print("|---|---|---|---|---|---|---|---|---|")

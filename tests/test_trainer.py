@@ -69,7 +69,9 @@ def test_fsdp_parameter_bytes_per_device_fall_as_one_over_n():
     """Per-device bytes, measured from the arrays' shards, are sharded/N + replicated exactly."""
     sizes, replicated = {}, {}
     for n in (1, 2, 4, 8):
-        trainer = Trainer(copy_config("mesh.data=1", f"mesh.fsdp={n}", "model.vocab_size=64"), devices=jax.devices()[:n])
+        trainer = Trainer(
+            copy_config("mesh.data=1", f"mesh.fsdp={n}", "model.vocab_size=64"), devices=jax.devices()[:n]
+        )
         state = trainer.init_state()
         sizes[n] = per_device_param_bytes(state.params, jax.devices()[0])
         # Norm scales and biases carry no "embed" axis, so FSDP leaves them whole.
@@ -101,7 +103,9 @@ def test_gradient_accumulation_equals_the_full_batch():
 def test_bf16_compute_keeps_float32_parameters_and_trains():
     trainer = Trainer(copy_config("mesh.data=1", "model.dtype=bfloat16"), devices=jax.devices()[:1])
     state, losses = run_steps(trainer, 4)
-    dtypes = {x.dtype for x in jax.tree.leaves(state.params)} | {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim}
+    dtypes = {x.dtype for x in jax.tree.leaves(state.params)} | {
+        x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim
+    }
     assert dtypes == {np.dtype("float32")}
     assert losses[-1] < losses[0]
 
@@ -205,10 +209,14 @@ def test_a_different_model_in_the_same_workdir_needs_the_flag(tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"model.d_model: 32 there, 48 now"):
         Trainer(copy_config(*base, "model.d_model=48"), workdir, devices=jax.devices()[:1])
     # Changing the training length (not the model) resumes.
-    s = Trainer(copy_config(*base[:1], "train.steps=3", "train.eval_steps=0"), workdir, devices=jax.devices()[:1]).train()
+    s = Trainer(
+        copy_config(*base[:1], "train.steps=3", "train.eval_steps=0"), workdir, devices=jax.devices()[:1]
+    ).train()
     assert s["start_step"] == 2 and s["step"] == 3
     # With the flag, the other model's checkpoints are moved aside, not mixed in or deleted.
-    s = Trainer(copy_config(*base, "model.d_model=48"), workdir, devices=jax.devices()[:1], allow_model_change=True).train()
+    s = Trainer(
+        copy_config(*base, "model.d_model=48"), workdir, devices=jax.devices()[:1], allow_model_change=True
+    ).train()
     assert s["start_step"] == 0
     assert glob.glob(os.path.join(workdir, "checkpoints.replaced-*", "3"))
 
@@ -220,7 +228,9 @@ def test_checkpointer_keeps_the_latest_k_and_the_best(tmp_path):
         ck.save(step, {"w": np.full((3,), step, np.float32)}, {"index": step}, metrics={"eval/loss": loss})
     ck.wait()
     assert ck.all_steps() == [2, 4, 5]  # the best (step 2) and the latest two
-    abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    abstract = {
+        "w": jax.ShapeDtypeStruct((3,), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    }
     step, state, data = ck.restore(abstract)
     assert step == 5 and data == {"index": 5} and np.all(np.asarray(state["w"]) == 5)
     assert ck.save(5, {"w": np.zeros(3, np.float32)}, {"index": 0}) is False  # never over an existing step

@@ -195,7 +195,9 @@ def _check_keys(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> Non
     for key in config.keys():
         name = f"{prefix}{key}"
         if key not in schema:
-            raise ConfigError(f"unknown config key {name!r}; {prefix.rstrip('.') or 'the config'} has {sorted(schema.keys())}")
+            raise ConfigError(
+                f"unknown config key {name!r}; {prefix.rstrip('.') or 'the config'} has {sorted(schema.keys())}"
+            )
         value, default = config[key], schema[key]
         if isinstance(default, ConfigDict) and name not in ("model", "data", "mesh.rules"):
             if not isinstance(value, ConfigDict):

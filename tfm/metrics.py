@@ -170,7 +170,10 @@ class Progress:
             self._bar.update(step - self._bar.n)
             if log_line:
                 rate = scalars.get(f"train/{self.unit}_per_sec")
-                post = {"loss": f"{scalars.get('train/loss', float('nan')):.4f}", "lr": f"{scalars.get('train/lr', 0):.2e}"}
+                post = {
+                    "loss": f"{scalars.get('train/loss', float('nan')):.4f}",
+                    "lr": f"{scalars.get('train/lr', 0):.2e}",
+                }
                 if rate is not None:
                     post[f"{self.unit}/s"] = f"{rate:,.0f}"
                 self._bar.set_postfix(post, refresh=False)

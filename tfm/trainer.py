@@ -288,7 +288,9 @@ class Trainer:
                 (_, (s, a)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, (g, s, a)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, (state.params, {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}, 0.0))
+            zeros = jax.tree.map(
+                jnp.zeros_like, (state.params, {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}, 0.0)
+            )
             (grads, sums, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
             aux = aux / n_micro
 

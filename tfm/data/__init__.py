@@ -20,24 +20,11 @@ keeps only its rows.
 
 from __future__ import annotations
 
-import os
-from typing import Callable
-
-import numpy as np
-
+from tfm.data.base import DataError, Dataset, IndexedIterator, data_dir
 from tfm.data.synthetic import CopyTask, SyntheticLM
 from tfm.data.text import CharLM
 
 DATASETS: dict[str, type] = {"copy": CopyTask, "shakespeare_char": CharLM, "synthetic_lm": SyntheticLM}
-
-
-class DataError(ValueError):
-    """A dataset that cannot be built: a missing file, a bad option; names the path or key."""
-
-
-def data_dir(option: str = "") -> str:
-    """Where local data lives: the option, else ``$TFM_DATA_DIR``, else ``./data``."""
-    return option or os.environ.get("TFM_DATA_DIR", "data")
 
 
 def make_dataset(data_config):
@@ -58,28 +45,6 @@ def make_dataset(data_config):
     return cls(batch_size=batch_size, **merged)
 
 
-class IndexedIterator:
-    """Batch ``i`` is ``batch_fn(i)``; the state is the next index."""
-
-    def __init__(self, batch_fn: Callable[[int], dict], start: int = 0):
-        self._fn = batch_fn
-        self.index = start
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self._fn(self.index)
-        self.index += 1
-        return batch
-
-    def get_state(self) -> dict:
-        return {"index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        if set(state) != {"index"} or not isinstance(state["index"], int) or state["index"] < 0:
-            raise DataError(f"data iterator state must be {{'index': int >= 0}}, got {state!r}")
-        self.index = state["index"]
-
-
-__all__ = ["DATASETS", "CharLM", "CopyTask", "SyntheticLM", "DataError", "IndexedIterator", "data_dir", "make_dataset"]
+__all__ = [
+    "DATASETS", "CharLM", "CopyTask", "DataError", "Dataset", "IndexedIterator", "SyntheticLM", "data_dir", "make_dataset",
+]  # fmt: skip

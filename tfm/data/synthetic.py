@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfm.data.base import DataError, Dataset
+
 PAD, BOS, EOS = 0, 1, 2
-SPLITS = {"train": 0, "validation": 1, "test": 2}
+SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
-class CopyTask:
+class CopyTask(Dataset):
     task = "seq2seq"
+    SPLITS = tuple(SPLIT_IDS)
     OPTIONS = dict(vocab_size=16, min_len=4, max_len=12, reverse=False, seed=0)
 
     def __init__(self, *, batch_size: int, vocab_size: int, min_len: int, max_len: int, reverse: bool, seed: int):
-        from tfm.data import DataError
-
         if vocab_size < 4:
             raise DataError(f"data.vocab_size={vocab_size}: the copy task needs >= 4 (pad, bos, eos, a symbol)")
         if not 1 <= min_len <= max_len:
@@ -31,7 +32,7 @@ class CopyTask:
 
     def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
         b = batch_size or self.batch_size
-        rng = np.random.default_rng([self.seed, SPLITS[split], index])
+        rng = np.random.default_rng([self.seed, SPLIT_IDS[split], index])
         lengths = rng.integers(self.min_len, self.max_len + 1, size=b)
         symbols = rng.integers(3, self.vocab_size, size=(b, self.max_len))
         valid = np.arange(self.max_len)[None, :] < lengths[:, None]
@@ -50,36 +51,21 @@ class CopyTask:
         weights = (np.arange(self.max_len + 1)[None, :] <= lengths[:, None]).astype(np.float32)
         return {"inputs": src, "decoder_inputs": dec_in, "targets": targets, "weights": weights}
 
-    def iterator(self, split: str = "train"):
-        from tfm.data import DataError, IndexedIterator
 
-        if split not in SPLITS:
-            raise DataError(f"split {split!r}: the copy task has {sorted(SPLITS)}")
-        return IndexedIterator(lambda i: self.batch(split, i))
-
-
-class SyntheticLM:
+class SyntheticLM(Dataset):
     """Uniformly random tokens for language-model benchmarks and smoke runs (nothing to learn)."""
 
     task = "lm"
+    SPLITS = tuple(SPLIT_IDS)
     OPTIONS = dict(vocab_size=256, seq_len=128, seed=0)
 
     def __init__(self, *, batch_size: int, vocab_size: int, seq_len: int, seed: int):
-        from tfm.data import DataError
-
         if vocab_size < 2 or seq_len < 1:
             raise DataError(f"data.vocab_size={vocab_size}, data.seq_len={seq_len}: need >= 2 and >= 1")
         self.batch_size, self.vocab_size, self.seq_len, self.seed = batch_size, vocab_size, seq_len, seed
 
     def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
         b = batch_size or self.batch_size
-        rng = np.random.default_rng([self.seed, SPLITS[split], index])
+        rng = np.random.default_rng([self.seed, SPLIT_IDS[split], index])
         tokens = rng.integers(0, self.vocab_size, size=(b, self.seq_len + 1), dtype=np.int32)
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-
-    def iterator(self, split: str = "train"):
-        from tfm.data import DataError, IndexedIterator
-
-        if split not in SPLITS:
-            raise DataError(f"split {split!r}: synthetic_lm has {sorted(SPLITS)}")
-        return IndexedIterator(lambda i: self.batch(split, i))

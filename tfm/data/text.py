@@ -12,18 +12,19 @@ import os
 
 import numpy as np
 
-SPLITS = {"train": 0, "validation": 1}
+from tfm.data.base import DataError, Dataset
+from tfm.data.base import data_dir as data_dir_
+
+SPLIT_IDS = {"train": 0, "validation": 1}
 
 
-class CharLM:
+class CharLM(Dataset):
     task = "lm"
     OPTIONS = dict(data_dir="", path="tinyshakespeare/input.txt", block_size=64, train_fraction=0.9, seed=0)
 
     def __init__(self, *, batch_size: int, data_dir: str, path: str, block_size: int, train_fraction: float, seed: int):
-        from tfm.data import DataError
-        from tfm.data import data_dir as resolve_dir
 
-        full = os.path.join(resolve_dir(data_dir), path)
+        full = os.path.join(data_dir_(data_dir), path)
         if not os.path.isfile(full):
             raise DataError(
                 f"data.path: no text file at {full!r} (data.data_dir={data_dir!r} or $TFM_DATA_DIR, "
@@ -58,14 +59,7 @@ class CharLM:
     def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
         b = batch_size or self.batch_size
         data = self.splits[split]
-        rng = np.random.default_rng([self.seed, SPLITS[split], index])
+        rng = np.random.default_rng([self.seed, SPLIT_IDS[split], index])
         starts = rng.integers(0, len(data) - self.block_size - 1, size=b)
         windows = data[starts[:, None] + np.arange(self.block_size + 1)[None, :]]
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
-
-    def iterator(self, split: str = "train"):
-        from tfm.data import DataError, IndexedIterator
-
-        if split not in SPLITS:
-            raise DataError(f"split {split!r}: {self.path} has {sorted(SPLITS)}")
-        return IndexedIterator(lambda i: self.batch(split, i))

@@ -1,0 +1,67 @@
+"""Datasets: batch layout, determinism, resumable iterator state, clear errors."""
+
+import os
+
+import numpy as np
+import pytest
+
+from tfm.data import DataError, make_dataset
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
+
+
+def test_copy_task_batches():
+    ds = make_dataset({"name": "copy", "batch_size": 5, "vocab_size": 10, "min_len": 2, "max_len": 6})
+    b = ds.batch("train", 0)
+    src, dec_in, tgt, w = b["inputs"], b["decoder_inputs"], b["targets"], b["weights"]
+    assert src.shape == (5, 6) and dec_in.shape == tgt.shape == w.shape == (5, 7)
+    for i in range(5):
+        n = int((src[i] != 0).sum())
+        assert 2 <= n <= 6 and np.all(src[i, n:] == 0) and np.all(src[i, :n] >= 3)
+        assert dec_in[i, 0] == 1 and np.array_equal(dec_in[i, 1 : n + 1], src[i, :n])  # BOS y
+        assert np.array_equal(tgt[i, :n], src[i, :n]) and tgt[i, n] == 2  # y EOS
+        assert w[i].sum() == n + 1 and np.all(w[i, : n + 1] == 1)
+    rev = make_dataset({"name": "copy", "batch_size": 5, "vocab_size": 10, "min_len": 2, "max_len": 6, "reverse": True})
+    r = rev.batch("train", 0)
+    n = int((r["inputs"][0] != 0).sum())
+    assert np.array_equal(r["targets"][0, :n], r["inputs"][0, :n][::-1])
+
+
+def test_batches_are_deterministic_and_the_iterator_resumes():
+    ds = make_dataset({"name": "copy", "batch_size": 4})
+    it = ds.iterator("train")
+    first = [next(it) for _ in range(3)]
+    state = it.get_state()
+    after = next(it)
+    it2 = ds.iterator("train")
+    it2.set_state(state)
+    np.testing.assert_array_equal(next(it2)["inputs"], after["inputs"])
+    assert not np.array_equal(first[0]["inputs"], first[1]["inputs"])
+    assert not np.array_equal(ds.batch("validation", 0)["inputs"], ds.batch("train", 0)["inputs"])
+    with pytest.raises(DataError, match="index"):
+        it2.set_state({"position": 3})
+    with pytest.raises(DataError, match="split 'dev'"):
+        ds.iterator("dev")
+
+
+@pytest.mark.skipif(not os.path.isdir(DATA), reason="no shared data folder next to the checkout")
+def test_shakespeare_char_vocabulary_and_splits():
+    ds = make_dataset({"name": "shakespeare_char", "batch_size": 3, "data_dir": DATA, "block_size": 16})
+    assert ds.vocab_size == 65  # nanoGPT's shakespeare_char
+    assert len(ds.splits["train"]) == 1_003_854 and len(ds.splits["validation"]) == 111_540
+    b = ds.batch("train", 7)
+    assert b["inputs"].shape == b["targets"].shape == (3, 16)
+    np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+    assert ds.decode(ds.encode("First Citizen")) == "First Citizen"
+
+
+def test_bad_data_options_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match=r"no text file at .*nothing\.txt"):
+        make_dataset({"name": "shakespeare_char", "batch_size": 2, "data_dir": str(tmp_path), "path": "nothing.txt"})
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DataError, match="not UTF-8"):
+        make_dataset({"name": "shakespeare_char", "batch_size": 2, "data_dir": str(tmp_path), "path": "bin.txt"})
+    with pytest.raises(DataError, match="data.min_len=5, data.max_len=3"):
+        make_dataset({"name": "copy", "batch_size": 2, "min_len": 5, "max_len": 3})
+    with pytest.raises(DataError, match="data.batch_size=0"):
+        make_dataset({"name": "copy", "batch_size": 0})

@@ -1,0 +1,59 @@
+"""What every dataset shares: the error type, where local data lives, the resumable iterator."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A dataset that cannot be built: a missing file, a bad option; names the path or key."""
+
+
+def data_dir(option: str = "") -> str:
+    """Where local data lives: the option, else ``$TFM_DATA_DIR``, else ``./data``."""
+    return option or os.environ.get("TFM_DATA_DIR", "data")
+
+
+class IndexedIterator:
+    """Batch ``i`` is ``batch_fn(i)``; the state is the next index."""
+
+    def __init__(self, batch_fn: Callable[[int], dict], start: int = 0):
+        self._fn = batch_fn
+        self.index = start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self._fn(self.index)
+        self.index += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        if set(state) != {"index"} or not isinstance(state["index"], int) or state["index"] < 0:
+            raise DataError(f"data iterator state must be {{'index': int >= 0}}, got {state!r}")
+        self.index = state["index"]
+
+
+class Dataset:
+    """A dataset whose batch ``i`` of a split is ``batch(split, i)``, a pure function of its options.
+
+    Subclasses set ``task``, ``OPTIONS`` (option -> default), ``SPLITS`` and implement ``batch``.
+    """
+
+    task: str
+    SPLITS: tuple[str, ...] = ("train", "validation")
+
+    def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def iterator(self, split: str = "train") -> IndexedIterator:
+        if split not in self.SPLITS:
+            raise DataError(f"split {split!r}: {type(self).__name__} has {list(self.SPLITS)}")
+        return IndexedIterator(lambda i: self.batch(split, i))

@@ -235,3 +235,35 @@ def test_checkpointer_keeps_the_latest_k_and_the_best(tmp_path):
     assert step == 5 and data == {"index": 5} and np.all(np.asarray(state["w"]) == 5)
     assert ck.save(5, {"w": np.zeros(3, np.float32)}, {"index": 0}) is False  # never over an existing step
     ck.close()
+
+
+def test_aux_losses_sown_by_scanned_layers_are_summed():
+    """Layers (e.g. MoE) report auxiliary losses by sowing into "aux_loss"; scan keeps one per layer."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from tfm.layers.blocks import BlockConfig, Stack
+    from tfm.trainer import _aux_loss
+
+    class SowingBlock(nn.Module):
+        config: BlockConfig
+
+        @nn.compact
+        def __call__(self, x, deterministic):
+            x = nn.Dense(x.shape[-1])(x)
+            self.sow("aux_loss", "penalty", jnp.mean(x**2))
+            return x
+
+    cfg = BlockConfig(d_model=4, num_heads=1, d_ff=4, norm_position="post")
+    x = jnp.ones((2, 3, 4))
+    for scan in (True, False):
+        stack = Stack(SowingBlock, cfg, 3, scan=scan)
+        params = stack.init(jax.random.key(0), x)["params"]
+        _, mutated = stack.apply({"params": params}, x, mutable=["aux_loss"])
+        # The same three penalties recomputed layer by layer.
+        expected, h = 0.0, x
+        layer_params = [jax.tree.map(lambda p: p[i], params["layers"]) if scan else params[f"layers_{i}"] for i in range(3)]
+        for p in layer_params:
+            h = nn.Dense(4).apply({"params": nn.unbox(p)["Dense_0"]}, h)
+            expected += float(jnp.mean(h**2))
+        assert abs(float(_aux_loss(mutated)) - expected) < 1e-5 * expected, scan

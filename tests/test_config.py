@@ -19,7 +19,7 @@ def test_overrides_are_typed_and_nested():
     assert c2.optim.learning_rate == 1.0 and isinstance(c2.optim.learning_rate, float)
     assert c2.model.norm_position == "post" and c2.train.async_checkpoint is False
     assert c2.mesh.rules.mlp is None
-    assert c.train.steps == 40, "the recipe's dict must stay untouched"
+    assert c.train.steps == 800, "the recipe's dict must stay untouched"
     preset, mcfg, sizes, rules = config_lib.validate(c2, num_devices=8)
     assert mcfg.norm_position == "post" and mcfg.d_model == 32
     assert sizes == {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}

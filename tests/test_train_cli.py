@@ -73,6 +73,22 @@ def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
     steps = Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps()
     assert steps and steps[-1] == rows[-1]["step"]
     assert "step " in p.stderr and "tok/s" in p.stderr and "eta" in p.stderr  # the per-interval line
+    if recipe.startswith("copy"):
+        # The tiny copy model decodes every validation sequence exactly (greedy, KV cache).
+        out = tmp_path / "results" / "copy_tiny.json"
+        p = run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--out", str(out)])
+        record = json.loads(out.read_text())
+        assert record["metrics"]["exact_match"] == 1.0 and record["metrics"]["examples"] == 256
+        assert record["checkpoint_step"] == steps[-1] and record == json.loads((tmp_path / "eval_validation.json").read_text())
+        p = subprocess.run([sys.executable, "-m", "tfm.translate", "--workdir", str(tmp_path), "--max_len", "8"],
+                           input="5 9 4 12\n3 3 15 7 8\n", env=env(), capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.stdout.splitlines() == ["5 9 4 12", "3 3 15 7 8"]  # lengths seen in training (4-6)
+    else:
+        p = run([sys.executable, "-m", "tfm.generate", "--workdir", str(tmp_path), "--prompt", "ROMEO:",
+                 "--max_new_tokens", "80", "--seed", "3"])  # fmt: skip
+        text = p.stdout.rstrip("\n")
+        assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 80
 
 
 def _kill_when_logged(cmd, workdir, step, sig):

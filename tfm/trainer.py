@@ -191,7 +191,7 @@ class Trainer:
             donate_argnums=0,
         )
         self._eval_step = jax.jit(
-            self._eval, in_shardings=(self.state_sharding, self.batch_sharding), out_shardings=self.replicated
+            self._eval, in_shardings=(self.state_sharding.params, self.batch_sharding), out_shardings=self.replicated
         )
         self._stop_signal = None
 
@@ -315,8 +315,8 @@ class Trainer:
         }
         return new, metrics
 
-    def _eval(self, state: TrainState, batch: dict):
-        logits, _ = self._forward(state.params, batch, train=False)
+    def _eval(self, params, batch: dict):
+        logits, _ = self._forward(params, batch, train=False)
         return loss_sums(self.task, logits, batch)
 
     # Data placement ----------------------------------------------------------
@@ -342,14 +342,14 @@ class Trainer:
         with self._context():
             return self._train_step(state, self.place(batch))
 
-    def evaluate(self, state: TrainState, steps: int | None = None, split: str = "validation") -> dict:
+    def evaluate(self, params, steps: int | None = None, split: str = "validation") -> dict:
         """Mean loss (no label smoothing), accuracy and perplexity over ``steps`` batches of ``split``."""
         steps = self.config.train.eval_steps if steps is None else steps
         it = self.dataset.iterator(split)
         totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
         with self._context():
             for _ in range(steps):
-                sums = jax.device_get(self._eval_step(state, self.place(next(it))))
+                sums = jax.device_get(self._eval_step(params, self.place(next(it))))
                 totals = {k: totals[k] + float(sums[k]) for k in totals}
         if not totals["weight_sum"]:
             return {}
@@ -490,7 +490,7 @@ class Trainer:
                 flush()
             paused = time.perf_counter()  # evaluation and saving do not count as step time
             if do_eval and t.eval_steps:
-                last_eval = self.evaluate(state)
+                last_eval = self.evaluate(state.params)
                 writer.write(step, last_eval)
                 progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if step % t.checkpoint_every == 0 or step == t.steps or stop:

@@ -30,6 +30,25 @@ class CopyTask(Dataset):
         self.min_len, self.max_len, self.reverse, self.seed = min_len, max_len, reverse, seed
         self.pad_id, self.bos_id, self.eos_id = PAD, BOS, EOS
 
+    def encode(self, text: str) -> np.ndarray:
+        """``"5 3 9"`` -> ids; symbols must lie in ``[3, vocab_size)``."""
+        try:
+            ids = np.array([int(t) for t in text.split()], np.int32)
+        except ValueError as e:
+            raise DataError(f"copy task input must be whitespace-separated integers, got {text!r}") from e
+        if ids.size and (ids.min() < 3 or ids.max() >= self.vocab_size):
+            raise DataError(f"copy task symbols must be in [3, {self.vocab_size}), got {text!r}")
+        return ids
+
+    def decode(self, ids) -> str:
+        """Ids up to (not including) the first EOS, as ``"5 3 9"``."""
+        out = []
+        for i in ids:
+            if int(i) in (EOS, PAD):
+                break
+            out.append(str(int(i)))
+        return " ".join(out)
+
     def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
         b = batch_size or self.batch_size
         rng = np.random.default_rng([self.seed, SPLIT_IDS[split], index])

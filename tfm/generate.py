@@ -1,0 +1,69 @@
+"""``python -m tfm.generate --workdir DIR --prompt "..." [--max_new_tokens 200] [--temperature 0.8] [--top_k 0] [--top_p 1.0] [--seed 0] [--num_samples 1]``.
+
+Continues a prompt with a trained decoder-only run, using the KV cache.
+``--temperature 0`` is greedy. The dataset's tokenizer encodes the prompt and
+decodes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tfm.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_samples", type=int, default=1)
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tfm import decode, inference
+
+    try:
+        run = inference.load(args.workdir)
+        if run.trainer.task != "lm":
+            raise ValueError(f"{args.workdir} holds a {run.trainer.task} model; generate needs a decoder-only LM")
+        ids = run.dataset.encode(args.prompt)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        msg = f"character {e} is not in the vocabulary" if isinstance(e, KeyError) else str(e)
+        print(f"generate: {msg}", file=sys.stderr)
+        return 2
+    if ids.size == 0:
+        print("generate: the prompt is empty", file=sys.stderr)
+        return 2
+    cfg = run.model.config
+    window = cfg.max_len if cfg.position == "learned" else None
+    if window is not None and ids.size >= window:
+        ids = ids[-(window // 2) :]  # keep the prompt's end, as the model can only see `window` tokens
+    seq = np.tile(ids[None], (args.num_samples, 1))
+    key = jax.random.key(args.seed)
+    remaining = args.max_new_tokens
+    while remaining > 0:
+        # With learned positions the model sees at most max_len tokens: like nanoGPT's cropping,
+        # continue from the last max_len/2 tokens once the window is full.
+        context = seq if window is None or seq.shape[1] + remaining <= window else seq[:, -(window // 2) :]
+        n = remaining if window is None else min(remaining, window - context.shape[1])
+        key, sub = jax.random.split(key)
+        out = decode.generate(run.model, run.params, jnp.asarray(context), sub, max_new_tokens=n,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+        seq = np.concatenate([seq, np.asarray(out)[:, context.shape[1] :]], axis=1)
+        remaining -= n
+    for row in seq:
+        print(run.dataset.decode(row))
+        if args.num_samples > 1:
+            print("---")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""A trained run, loaded back from its workdir, and the evaluations the CLIs report.
+
+``load(workdir)`` rebuilds the model and dataset from the workdir's
+``config.json`` and restores the newest checkpoint's parameters (read-only:
+nothing in the workdir changes). ``tfm.evaluate``, ``tfm.generate`` and
+``tfm.translate`` are thin shells over this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tfm import decode
+from tfm.checkpoint import Checkpointer
+
+
+@dataclasses.dataclass
+class Run:
+    trainer: object  # tfm.trainer.Trainer, built with workdir=None
+    params: object
+    step: int
+    workdir: str
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+    @property
+    def dataset(self):
+        return self.trainer.dataset
+
+
+def load(workdir: str, step: int | None = None) -> Run:
+    """The run in ``workdir`` at its newest checkpoint (or ``step``), on this host's devices."""
+    from tfm.trainer import Trainer
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not a tfm workdir: it has no config.json")
+    with open(path, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    # Inference runs on whatever devices this host has: one data-parallel mesh.
+    with config.unlocked():
+        for axis in ("fsdp", "tensor", "expert"):
+            config.mesh[axis] = 1
+        config.mesh.data = 1
+        config.distributed.enabled = False
+    trainer = Trainer(config, devices=jax.devices()[:1])
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        restored = ckpt.restore(trainer.abstract_state, step=step)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
+    found, state, _ = restored
+    return Run(trainer, state.params, found, os.path.abspath(workdir))
+
+
+def exact_match(pred: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per row: every weighted target position (the tokens and the EOS) predicted exactly."""
+    width = min(pred.shape[1], targets.shape[1])
+    ok = (pred[:, :width] == targets[:, :width]) | (weights[:, :width] == 0)
+    return ok.all(axis=1) & (weights[:, width:] == 0).all(axis=1)
+
+
+def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_size: int = 0, alpha: float = 0.6) -> dict:
+    """Loss/accuracy (teacher-forced) on ``batches`` batches; for seq2seq also decoded exact match."""
+    trainer = run.trainer
+    result = {k.replace("eval/", ""): v for k, v in trainer.evaluate(run.params, batches, split).items()}
+    if trainer.task == "seq2seq":
+        ds = run.dataset
+        it = ds.iterator(split)
+        matches, n = 0, 0
+        for _ in range(batches):
+            batch = next(it)
+            src = jnp.asarray(batch["inputs"])
+            max_len = batch["targets"].shape[1]
+            if beam_size:
+                pred, _ = decode.beam_search(run.model, run.params, src, beam_size=beam_size, alpha=alpha,
+                                             max_len=max_len, bos_id=ds.bos_id, eos_id=ds.eos_id, pad_id=ds.pad_id)  # fmt: skip
+            else:
+                pred = decode.generate_seq2seq(run.model, run.params, src, max_len=max_len, bos_id=ds.bos_id,
+                                               eos_id=ds.eos_id, pad_id=ds.pad_id)  # fmt: skip
+            em = exact_match(np.asarray(pred), batch["targets"], batch["weights"])
+            matches, n = matches + int(em.sum()), n + len(em)
+        result["exact_match"] = matches / n
+        result["decoding"] = f"beam {beam_size}, alpha {alpha}" if beam_size else "greedy"
+        result["examples"] = n
+    return result
+
+
+def result_record(run: Run, metrics: dict, **extra) -> dict:
+    """What ``tfm.evaluate`` writes: the metrics plus enough to know where they came from."""
+    cfg = json.load(open(os.path.join(run.workdir, "config.json"), encoding="utf-8"))
+    dev = jax.devices()[0]
+    return {
+        "metrics": metrics,
+        "checkpoint_step": run.step,
+        "model": cfg["model"],
+        "data": cfg["data"],
+        "device": f"{dev.platform}: {dev.device_kind}",
+        "host": platform.machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }

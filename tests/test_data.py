@@ -65,3 +65,62 @@ def test_bad_data_options_name_the_problem(tmp_path):
         make_dataset({"name": "copy", "batch_size": 2, "min_len": 5, "max_len": 3})
     with pytest.raises(DataError, match="data.batch_size=0"):
         make_dataset({"name": "copy", "batch_size": 0})
+
+
+def write_idx(path, array):
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_fashion_mnist(tmp_path):
+    """A fake Fashion-MNIST in the original idx format: 5,020 train and 30 test images."""
+    folder = tmp_path / "src" / "fashion_mnist"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 5020), ("t10k", 30)):
+        labels = np.arange(n) % 10
+        images = (labels[:, None, None] * 20 + rng.integers(0, 20, (n, 28, 28))).astype(np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return tmp_path
+
+
+def test_fashion_mnist_builder_prepares_offline_and_batches(tiny_fashion_mnist):
+    opts = {"name": "fashion_mnist", "batch_size": 8, "data_dir": str(tiny_fashion_mnist / "src"),
+            "tfds_dir": str(tiny_fashion_mnist / "tfds"), "flip": False}  # fmt: skip
+    ds = make_dataset(opts)
+    assert len(ds.sources["train"]) == 20 and len(ds.sources["validation"]) == 5000 and len(ds.sources["test"]) == 30
+    assert list((tiny_fashion_mnist / "tfds").glob("fashion_mnist_idx/1.0.0/*.array_record*"))
+    b = ds.batch("train", 0)
+    assert b["inputs"].shape == (8, 28, 28, 1) and b["inputs"].dtype == np.float32 and b["labels"].shape == (8,)
+    # Labels survive the round trip: the fake images encode the label in their brightness.
+    raw = b["inputs"] * 0.3530 + 0.2860
+    np.testing.assert_array_equal(np.floor(raw.mean(axis=(1, 2, 3)) * 255 / 20).astype(int), b["labels"])
+    # An epoch of training batches covers the 20 training images once, reshuffled the next epoch.
+    first = np.concatenate([ds.batch("train", i)["labels"] for i in range(5)])[:20]
+    assert sorted(first) == sorted(int(ds.sources["train"][i]["label"]) for i in range(20))
+    second = np.concatenate([ds.batch("train", i)["labels"] for i in range(5, 10)])[:20]
+    assert sorted(second) == sorted(first) and not np.array_equal(second, first)
+    held_out = [int(ds.sources["validation"][i]["label"]) for i in range(5000)]
+    assert sorted(first.tolist() + held_out) == sorted((np.arange(5020) % 10).tolist())
+    np.testing.assert_array_equal(ds.batch("train", 3)["inputs"], make_dataset(opts).batch("train", 3)["inputs"])
+    # Test split: read once in order; the last batch is padded with zero weights.
+    assert ds.num_batches("test") == 4
+    last = ds.batch("test", 3)
+    assert last["weights"].tolist() == [1] * 6 + [0] * 2
+
+
+def test_fashion_mnist_missing_or_broken_files(tiny_fashion_mnist, tmp_path):
+    with pytest.raises(DataError, match=r"lacks .*t10k-images-idx3-ubyte.gz"):
+        make_dataset({"name": "fashion_mnist", "batch_size": 8, "data_dir": str(tmp_path), "path": "nowhere",
+                      "tfds_dir": str(tmp_path / "tfds")})  # fmt: skip
+    src = tiny_fashion_mnist / "src" / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz"
+    src.write_bytes(b"not gzip at all")
+    from tfm.data.builders import read_idx
+
+    with pytest.raises(DataError, match="not a readable gzip idx file"):
+        read_idx(str(src))

@@ -74,7 +74,8 @@ def exact_match(pred: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> n
 
 
 def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_size: int = 0, alpha: float = 0.6) -> dict:
-    """Loss/accuracy (teacher-forced) on ``batches`` batches; for seq2seq also decoded exact match."""
+    """Loss/accuracy (teacher-forced) on ``batches`` batches (0: the whole split, where the dataset
+    is finite); for seq2seq also decoded exact match."""
     trainer = run.trainer
     result = {k.replace("eval/", ""): v for k, v in trainer.evaluate(run.params, batches, split).items()}
     if trainer.task == "seq2seq":

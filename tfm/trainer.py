@@ -204,6 +204,11 @@ class Trainer:
                 f"data.name={self.config.data.name!r} yields {ds.task} batches but model.preset="
                 f"{self.config.model.preset!r} is a {self.family} ({self.task}) model"
             )
+        if self.task == "classify" and getattr(ds, "num_classes", 0) > mc.num_classes:
+            raise config_lib.ConfigError(
+                f"model.num_classes={mc.num_classes} is smaller than the {ds.num_classes} classes of "
+                f"data.name={self.config.data.name!r}"
+            )
         vocab = getattr(mc, "tgt_vocab", None) or getattr(mc, "vocab_size", None)
         if vocab is not None and getattr(ds, "vocab_size", 0) > vocab:
             raise config_lib.ConfigError(
@@ -345,6 +350,8 @@ class Trainer:
     def evaluate(self, params, steps: int | None = None, split: str = "validation") -> dict:
         """Mean loss (no label smoothing), accuracy and perplexity over ``steps`` batches of ``split``."""
         steps = self.config.train.eval_steps if steps is None else steps
+        if steps == 0 and hasattr(self.dataset, "num_batches"):
+            steps = self.dataset.num_batches(split)  # 0: the whole split, once
         it = self.dataset.iterator(split)
         totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
         with self._context():

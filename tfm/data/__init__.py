@@ -21,10 +21,16 @@ keeps only its rows.
 from __future__ import annotations
 
 from tfm.data.base import DataError, Dataset, IndexedIterator, data_dir
+from tfm.data.images import FashionMnist
 from tfm.data.synthetic import CopyTask, SyntheticLM
 from tfm.data.text import CharLM
 
-DATASETS: dict[str, type] = {"copy": CopyTask, "shakespeare_char": CharLM, "synthetic_lm": SyntheticLM}
+DATASETS: dict[str, type] = {
+    "copy": CopyTask,
+    "fashion_mnist": FashionMnist,
+    "shakespeare_char": CharLM,
+    "synthetic_lm": SyntheticLM,
+}
 
 
 def make_dataset(data_config):
@@ -46,5 +52,5 @@ def make_dataset(data_config):
 
 
 __all__ = [
-    "DATASETS", "CharLM", "CopyTask", "DataError", "Dataset", "IndexedIterator", "SyntheticLM", "data_dir", "make_dataset",
+    "DATASETS", "CharLM", "CopyTask", "DataError", "FashionMnist", "Dataset", "IndexedIterator", "SyntheticLM", "data_dir", "make_dataset",
 ]  # fmt: skip

@@ -1,0 +1,54 @@
+"""A small Vision Transformer on Fashion-MNIST (28x28 grey, 10 classes).
+
+    python -m tfm.train --config configs/fashion_mnist_vit.py --workdir /tmp/fmnist \\
+        --config.data.data_dir=PATH/TO/DATA          # holds fashion_mnist/*-idx?-ubyte.gz
+    python -m tfm.evaluate --workdir /tmp/fmnist --split test --batches 0
+"""
+
+from tfm.config import default_config
+
+
+def get_config(arg=None):
+    c = default_config()
+    c.model.preset = "vit_tiny"  # 28 px, 1 channel, 10 classes
+    c.model.patch_size = 4  # 7 x 7 = 49 patches + the class token
+    c.model.d_model = 64
+    c.model.num_heads = 4
+    c.model.num_layers = 6
+    c.model.d_ff = 256
+    c.model.dropout_rate = 0.0
+
+    c.data.name = "fashion_mnist"
+    c.data.data_dir = ""  # "" -> $TFM_DATA_DIR, else ./data
+    c.data.tfds_dir = ""  # where the prepared array_record files go; "" -> tfds's default
+    c.data.batch_size = 128
+
+    c.optim.name = "adamw"
+    c.optim.learning_rate = 2e-3
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 200
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.05
+    c.train.steps = 3000  # ~7 epochs
+    c.train.label_smoothing = 0.1
+    c.train.log_every = 100
+    c.train.eval_every = 1000
+    c.train.eval_steps = 0  # the whole validation split
+    c.train.checkpoint_every = 1000
+
+    if arg == "tiny":
+        c.model.patch_size = 7
+        c.model.d_model = 32
+        c.model.num_layers = 2
+        c.model.d_ff = 64
+        c.data.batch_size = 32
+        c.optim.warmup_steps = 5
+        c.train.steps = 100
+        c.train.log_every = 20
+        c.train.eval_every = 50
+        c.train.eval_steps = 4
+        c.train.checkpoint_every = 50
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown variant {arg!r}; use '' or 'tiny'")
+    return c

@@ -1,0 +1,89 @@
+"""Fashion-MNIST for image classification, through a tfds builder and grain.
+
+Splits: ``validation`` is 5,000 images held out of the official 60,000
+training images (the last 5,000 in the prepared files, whose order tfds fixes
+by a deterministic shuffle of the keys), ``train`` the other 55,000, ``test``
+the official 10,000. Training batches come from
+``grain.MapDataset.source(...).shuffle(seed).repeat().batch(B)``: random
+access, so training batch ``i`` is a pure function of ``(seed, i)`` and the
+checkpointed iterator position is just ``i``; every epoch is reshuffled.
+Evaluation splits are read once in order; the last batch is padded with
+zero-weight rows so every example counts exactly once.
+
+``source="local"`` prepares from the idx files in ``<data_dir>/<path>``;
+``source="catalog"`` uses tfds's ``fashion_mnist`` (downloads where there is internet).
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import numpy as np
+
+from tfm.data.base import DataError, Dataset
+from tfm.data.base import data_dir as data_dir_
+from tfm.data.builders import IDX_FILES, FashionMnistIdx, prepare
+
+# Per-pixel statistics of the Fashion-MNIST training images (over [0, 1] values).
+MEAN, STD = 0.2860, 0.3530
+VALIDATION_SIZE = 5000
+
+
+class FashionMnist(Dataset):
+    task = "classify"
+    SPLITS = ("train", "validation", "test")
+    OPTIONS = dict(data_dir="", path="fashion_mnist", tfds_dir="", source="local", flip=True, seed=0)
+
+    def __init__(self, *, batch_size, data_dir, path, tfds_dir, source, flip, seed):
+        import tensorflow_datasets as tfds
+
+        if source == "local":
+            folder = os.path.join(data_dir_(data_dir), path)
+            files = [f for pair in IDX_FILES.values() for f in pair]
+            builder = prepare(FashionMnistIdx, folder, tfds_dir, files)
+        elif source == "catalog":
+            builder = tfds.builder("fashion_mnist", data_dir=tfds_dir or None, file_format="array_record")
+            builder.download_and_prepare()
+        else:
+            raise DataError(f"data.source={source!r}: choose 'local' or 'catalog'")
+        sources = builder.as_data_source()
+        train = grain.MapDataset.source(sources["train"])
+        n = len(train)
+        self.sources = {
+            "train": train[: n - VALIDATION_SIZE],
+            "validation": train[n - VALIDATION_SIZE :],
+            "test": grain.MapDataset.source(sources["test"]),
+        }
+        self.num_classes = 10
+        self.batch_size, self.flip, self.seed = batch_size, flip, seed
+        self._train = self.sources["train"].shuffle(seed=seed).repeat().batch(batch_size)
+
+    def num_batches(self, split: str, batch_size: int | None = None) -> int:
+        b = batch_size or self.batch_size
+        return -(-len(self.sources[split]) // b)
+
+    def _prepare(self, images, labels, weights):
+        x = (images.astype(np.float32) / 255.0 - MEAN) / STD
+        return {"inputs": x, "labels": labels.astype(np.int32), "weights": weights.astype(np.float32)}
+
+    def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        b = batch_size or self.batch_size
+        if split == "train" and b == self.batch_size:
+            raw = self._train[index]
+            images, labels = raw["image"], raw["label"]
+            if self.flip:  # left-right flips, drawn from (seed, index) so batches stay reproducible
+                rng = np.random.default_rng([self.seed, 7, index])
+                flip = rng.random(len(images)) < 0.5
+                images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+            return self._prepare(images, labels, np.ones(len(labels)))
+        if split not in self.sources:
+            raise DataError(f"split {split!r}: Fashion-MNIST has {list(self.SPLITS)}")
+        src = self.sources[split]
+        # One pass in order; wraps around past the end with zero weights.
+        idx = [(index * b + j) for j in range(b)]
+        rows = [src[i % len(src)] for i in idx]
+        weights = np.array([i < len(src) for i in idx], np.float32)
+        images = np.stack([r["image"] for r in rows])
+        labels = np.array([r["label"] for r in rows])
+        return self._prepare(images, labels, weights)

@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.train.label_smoothing = 0.1
     c.train.log_every = 100
     c.train.eval_every = 1000
-    c.train.eval_steps = 0  # the whole validation split
+    c.train.eval_steps = -1  # the whole validation split
     c.train.checkpoint_every = 1000
 
     if arg == "tiny":

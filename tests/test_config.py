@@ -13,9 +13,9 @@ COPY = os.path.join(ROOT, "configs", "copy.py")
 
 def test_overrides_are_typed_and_nested():
     c = config_lib.load_config(COPY + ":tiny")
-    c2 = config_lib.apply_overrides(c, ["train.steps=7", "optim.learning_rate=1", "model.norm_position=post",
+    c2 = config_lib.apply_overrides(c, ["train.steps=70", "optim.learning_rate=1", "model.norm_position=post",
                                         "train.async_checkpoint=false", "mesh.rules.mlp=None"])  # fmt: skip
-    assert c2.train.steps == 7 and isinstance(c2.train.steps, int)
+    assert c2.train.steps == 70 and isinstance(c2.train.steps, int)
     assert c2.optim.learning_rate == 1.0 and isinstance(c2.optim.learning_rate, float)
     assert c2.model.norm_position == "post" and c2.train.async_checkpoint is False
     assert c2.mesh.rules.mlp is None

@@ -124,3 +124,101 @@ def test_fashion_mnist_missing_or_broken_files(tiny_fashion_mnist, tmp_path):
 
     with pytest.raises(DataError, match="not a readable gzip idx file"):
         read_idx(str(src))
+
+
+@pytest.fixture
+def tiny_multi30k(tmp_path):
+    folder = tmp_path / "src" / "multi30k"
+    folder.mkdir(parents=True)
+    en = ["A man rides a red bike.", "Two dogs play in the snow.", "A woman reads a book.", "Children run outside."]
+    de = ["Ein Mann fährt ein rotes Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch.",
+          "Kinder rennen draußen."]  # fmt: skip
+    for stem, n in (("train", 40), ("val", 4), ("test_2016_flickr", 5)):
+        (folder / f"{stem}.en").write_text("\n".join(en[i % 4] for i in range(n)) + "\n", encoding="utf-8")
+        (folder / f"{stem}.de").write_text("\n".join(de[i % 4] for i in range(n)) + "\n", encoding="utf-8")
+    return tmp_path
+
+
+def test_multi30k_builder_shared_tokenizer_and_batches(tiny_multi30k):
+    opts = {"name": "multi30k", "batch_size": 4, "data_dir": str(tiny_multi30k / "src"),
+            "tfds_dir": str(tiny_multi30k / "tfds"), "vocab_size": 60, "max_len": 16}  # fmt: skip
+    ds = make_dataset(opts)
+    assert [len(ds.pairs[s]) for s in ("train", "validation", "test")] == [40, 4, 5]
+    assert ds.vocab_size == 60 and ds.tokenizer_path.endswith(".model")
+    # One vocabulary for both languages: German and English pieces decode back exactly.
+    for text in ("Ein Mann fährt ein rotes Fahrrad.", "Two dogs play in the snow."):
+        assert ds.decode(ds.encode(text)) == text
+    assert ds.encode("A woman reads a book.")[-1] == 2  # EOS ends every source
+    b = ds.batch("validation", 1)  # rows 4..7 of a 4-row split: all padding
+    assert b["weights"].sum() == 0
+    b = ds.batch("train", 0)
+    n = int(b["weights"][0].sum())
+    np.testing.assert_array_equal(b["decoder_inputs"][0, 1:n], b["targets"][0, : n - 1])  # BOS y / y EOS
+    assert b["decoder_inputs"][0, 0] == 1 and b["targets"][0, n - 1] == 2
+    assert ds.decode(b["targets"][0]) in ds.references("train")
+    # The cached tokenizer is reused, and an explicit one can be given.
+    again = make_dataset(opts)
+    assert again.tokenizer_path == ds.tokenizer_path
+    assert make_dataset({**opts, "tokenizer_path": ds.tokenizer_path}).encode("Kinder").tolist() == ds.encode("Kinder").tolist()
+
+
+def test_multi30k_mismatched_files_are_an_error(tiny_multi30k):
+    (tiny_multi30k / "src" / "multi30k" / "val.de").write_text("nur eine Zeile\n", encoding="utf-8")
+    with pytest.raises(Exception, match=r"val.en has 4 lines but val.de has 1"):
+        make_dataset({"name": "multi30k", "batch_size": 4, "data_dir": str(tiny_multi30k / "src"),
+                      "tfds_dir": str(tiny_multi30k / "tfds2"), "vocab_size": 60})  # fmt: skip
+
+
+def test_packed_pairs_do_not_see_each_other(tiny_multi30k):
+    """Every target token's log-probability is the same packed (several pairs per row, kept apart
+    by segment ids and per-pair positions) as when its pair is alone in a row."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from tfm.models import Transformer, transformer_tiny
+
+    opts = {"name": "multi30k", "batch_size": 4, "data_dir": str(tiny_multi30k / "src"),
+            "tfds_dir": str(tiny_multi30k / "tfds"), "vocab_size": 60, "max_len": 64, "pack": True}  # fmt: skip
+    ds = make_dataset(opts)
+    packed = ds.batch("train", 1)
+    assert packed["segment_ids"].max() >= 3, "rows must hold several pairs for the test to mean anything"
+    # Every training pair appears once per epoch across the packed rows.
+    n_rows = len(ds._rows_of_epoch(0))
+    assert sorted(k for row in ds._rows_of_epoch(0) for k in row) == list(range(40)) and n_rows < 40
+
+    model = Transformer(dataclasses.replace(transformer_tiny, vocab_size=60))
+    params = model.init(jax.random.key(0), jnp.ones((1, 64), jnp.int32), jnp.ones((1, 64), jnp.int32))
+    keys = {"segment_ids": "src_segment_ids", "decoder_segment_ids": "tgt_segment_ids",
+            "positions": "src_positions", "decoder_positions": "tgt_positions"}  # fmt: skip
+    logits = model.apply(params, packed["inputs"], packed["decoder_inputs"], **{v: packed[k] for k, v in keys.items()})
+    logp = jax.nn.log_softmax(logits)
+    checked = 0
+    for i in range(4):
+        for seg in range(1, int(packed["segment_ids"][i].max()) + 1):
+            src = packed["inputs"][i][packed["segment_ids"][i] == seg]
+            at = packed["decoder_segment_ids"][i] == seg
+            dec_in, tgt = packed["decoder_inputs"][i][at], packed["targets"][i][at]
+            alone = model.apply(params, src[None], dec_in[None])
+            want = jax.nn.log_softmax(alone)[0, np.arange(len(tgt)), tgt]
+            got = logp[i, np.flatnonzero(at), tgt]
+            np.testing.assert_allclose(got, want, atol=1e-5)
+            checked += 1
+    assert checked >= 8
+
+
+@pytest.mark.skipif(not os.path.isdir(DATA), reason="no shared data folder next to the checkout")
+def test_shakespeare_subword_tokenizer(tmp_path):
+    ds = make_dataset({"name": "shakespeare_char", "batch_size": 2, "data_dir": DATA, "tfds_dir": str(tmp_path),
+                       "tokenizer": "bpe", "vocab_size": 300, "block_size": 32})  # fmt: skip
+    assert ds.vocab_size == 300
+    passage = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
+    ids = ds.encode(passage)
+    assert ds.decode(ids) == passage and len(ids) < len(passage) * 0.75  # subwords, exact round trip
+    assert sum(len(v) for v in ds.splits.values()) < 1_115_394 * 0.6  # 597,358 tokens for 1,115,394 characters
+    assert set(ds.artifacts()) == {"tokenizer.model"}
+    reloaded = make_dataset({"name": "shakespeare_char", "batch_size": 2, "data_dir": DATA, "tfds_dir": str(tmp_path),
+                             "tokenizer": "bpe", "vocab_size": 300, "block_size": 32,
+                             "tokenizer_path": str(next(tmp_path.glob("tfm_tokenizers/*.model")))})  # fmt: skip
+    assert reloaded.encode(passage).tolist() == ids.tolist()

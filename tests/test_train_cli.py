@@ -63,6 +63,7 @@ RECIPES = [
     ("copy.py:tiny", []),
     ("shakespeare_char.py:tiny", [f"--config.data.data_dir={DATA}"]),
     ("fashion_mnist_vit.py:tiny", [f"--config.data.data_dir={DATA}"]),
+    ("multi30k_en_de.py:tiny", [f"--config.data.data_dir={DATA}"]),
 ]
 
 
@@ -70,7 +71,7 @@ RECIPES = [
 def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
     if extra and not os.path.isdir(DATA):
         pytest.skip(f"no shared data folder at {DATA}")
-    if recipe.startswith("fashion"):
+    if recipe.startswith(("fashion", "multi30k")):
         extra = [*extra, f"--config.data.tfds_dir={tmp_path / 'tfds'}"]  # prepared here, not in ~/tensorflow_datasets
     p = run(cli(recipe, tmp_path, *extra))
     rows = [r for r in metrics(tmp_path) if "train/loss" in r]
@@ -95,6 +96,18 @@ def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
         record = json.loads((tmp_path / "eval_test.json").read_text())
         assert record["metrics"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
         assert record["batches"] == 0 and "perplexity" not in record["metrics"]
+    elif recipe.startswith("multi30k"):
+        assert (tmp_path / "tokenizer.model").is_file()  # saved beside the checkpoints
+        p = run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "1",
+                 "--beam_size", "2"])  # fmt: skip
+        record = json.loads((tmp_path / "eval_test.json").read_text())
+        assert record["metrics"]["examples"] == 32 and 0.0 <= record["metrics"]["bleu"] <= 100.0
+        assert record["metrics"]["bleu_signature"].startswith("nrefs:1|case:mixed")
+        p = subprocess.run([sys.executable, "-m", "tfm.translate", "--workdir", str(tmp_path), "--beam_size", "2",
+                            "--max_len", "24"], input="A man rides a bike.\nTwo dogs.\n", env=env(),
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert len(p.stdout.splitlines()) == 2
     else:
         p = run([sys.executable, "-m", "tfm.generate", "--workdir", str(tmp_path), "--prompt", "ROMEO:",
                  "--max_new_tokens", "80", "--seed", "3"])  # fmt: skip

@@ -74,7 +74,7 @@ def default_config() -> ConfigDict:
     c.train.aux_loss_weight = 1.0  # multiplies losses the layers sow into the "aux_loss" collection
     c.train.log_every = 50
     c.train.eval_every = 0  # 0: evaluate only at the end
-    c.train.eval_steps = 10
+    c.train.eval_steps = 10  # batches per evaluation; 0: no evaluation; -1: the whole (finite) split
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
     c.train.best_metric = ""  # e.g. "eval/loss": also keep the best checkpoint by this metric
@@ -266,8 +266,10 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_processes: 
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
         if t[key] < 1:
             raise ConfigError(f"train.{key}={t[key]}: must be >= 1")
-    if t.eval_every < 0 or t.eval_steps < 0:
-        raise ConfigError(f"train.eval_every={t.eval_every}, train.eval_steps={t.eval_steps}: must be >= 0")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every={t.eval_every}: must be >= 0")
+    if t.eval_steps < -1:
+        raise ConfigError(f"train.eval_steps={t.eval_steps}: must be >= 0, or -1 for the whole split")
 
     try:
         rules = sh.make_rules(config.mesh.rules.to_dict())

@@ -21,6 +21,7 @@ import numpy as np
 
 from tfm import decode
 from tfm.checkpoint import Checkpointer
+from tfm.data import DATASETS
 
 
 @dataclasses.dataclass
@@ -54,6 +55,11 @@ def load(workdir: str, step: int | None = None) -> Run:
             config.mesh[axis] = 1
         config.mesh.data = 1
         config.distributed.enabled = False
+        # The tokenizer saved beside the checkpoints, not whatever a cache holds now.
+        saved_tokenizer = os.path.join(workdir, "tokenizer.model")
+        options = getattr(DATASETS.get(config.data.get("name")), "OPTIONS", {})
+        if os.path.isfile(saved_tokenizer) and "tokenizer_path" in options:
+            config.data.tokenizer_path = saved_tokenizer
     trainer = Trainer(config, devices=jax.devices()[:1])
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
@@ -77,8 +83,10 @@ def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_siz
     """Loss/accuracy (teacher-forced) on ``batches`` batches (0: the whole split, where the dataset
     is finite); for seq2seq also decoded exact match."""
     trainer = run.trainer
-    result = {k.replace("eval/", ""): v for k, v in trainer.evaluate(run.params, batches, split).items()}
-    if trainer.task == "seq2seq":
+    result = {k.replace("eval/", ""): v for k, v in trainer.evaluate(run.params, batches or -1, split).items()}
+    if trainer.task == "seq2seq" and hasattr(run.dataset, "references"):
+        result.update(bleu(run, split, batches, beam_size or 0, alpha))
+    elif trainer.task == "seq2seq":
         ds = run.dataset
         it = ds.iterator(split)
         matches, n = 0, 0
@@ -98,6 +106,44 @@ def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_siz
         result["decoding"] = f"beam {beam_size}, alpha {alpha}" if beam_size else "greedy"
         result["examples"] = n
     return result
+
+
+def translate_ids(run: Run, src: np.ndarray, beam_size: int, alpha: float, max_len: int) -> np.ndarray:
+    ds = run.dataset
+    if beam_size:
+        out, _ = decode.beam_search(run.model, run.params, jnp.asarray(src), beam_size=beam_size, alpha=alpha,
+                                    max_len=max_len, bos_id=ds.bos_id, eos_id=ds.eos_id, pad_id=ds.pad_id)  # fmt: skip
+    else:
+        out = decode.generate_seq2seq(run.model, run.params, jnp.asarray(src), max_len=max_len, bos_id=ds.bos_id,
+                                      eos_id=ds.eos_id, pad_id=ds.pad_id)  # fmt: skip
+    return np.asarray(out)
+
+
+def bleu(run: Run, split: str, batches: int, beam_size: int, alpha: float) -> dict:
+    """sacreBLEU (cased and lowercased) of decoded, detokenized outputs against the raw references."""
+    import sacrebleu
+
+    ds = run.dataset
+    n_batches = batches or ds.num_batches(split)
+    refs = ds.references(split)
+    hyps = []
+    for i in range(n_batches):
+        batch = ds.batch(split, i)
+        out = translate_ids(run, batch["inputs"], beam_size, alpha, ds.max_len)
+        hyps += [ds.decode(row) for row, w in zip(out, batch["weights"][:, 0]) if w > 0]
+    refs = refs[: len(hyps)]
+    cased_metric, lower_metric = sacrebleu.BLEU(), sacrebleu.BLEU(lowercase=True)
+    cased = cased_metric.corpus_score(hyps, [refs])
+    lower = lower_metric.corpus_score(hyps, [refs])
+    return {
+        "bleu": cased.score,
+        "bleu_lowercase": lower.score,
+        "bleu_signature": str(cased_metric.get_signature()),
+        "bleu_lowercase_signature": str(lower_metric.get_signature()),
+        "decoding": f"beam {beam_size}, alpha {alpha}" if beam_size else "greedy",
+        "examples": len(hyps),
+        "samples": [{"hyp": h, "ref": r} for h, r in list(zip(hyps, refs))[:3]],
+    }
 
 
 def result_record(run: Run, metrics: dict, **extra) -> dict:

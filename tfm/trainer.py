@@ -350,8 +350,10 @@ class Trainer:
     def evaluate(self, params, steps: int | None = None, split: str = "validation") -> dict:
         """Mean loss (no label smoothing), accuracy and perplexity over ``steps`` batches of ``split``."""
         steps = self.config.train.eval_steps if steps is None else steps
-        if steps == 0 and hasattr(self.dataset, "num_batches"):
-            steps = self.dataset.num_batches(split)  # 0: the whole split, once
+        if steps < 0:  # the whole split, once
+            if not hasattr(self.dataset, "num_batches"):
+                raise ValueError(f"data.name={self.config.data.name!r} has no finite {split} split; give a step count")
+            steps = self.dataset.num_batches(split)
         it = self.dataset.iterator(split)
         totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
         with self._context():
@@ -388,6 +390,12 @@ class Trainer:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(config_lib.to_json(cfg))
             os.replace(tmp, os.path.join(self.workdir, "config.json"))
+            # Files the model needs beside its checkpoints (a tokenizer), copied whole or not at all.
+            for name, content in getattr(self.dataset, "artifacts", dict)().items():
+                dest = os.path.join(self.workdir, name)
+                with open(dest + ".tmp", "wb") as f:
+                    f.write(content)
+                os.replace(dest + ".tmp", dest)
         ckpt = Checkpointer(
             ckpt_dir, keep=t.keep_checkpoints, best_metric=t.best_metric,
             best_mode=t.best_mode, async_save=t.async_checkpoint,
@@ -496,7 +504,7 @@ class Trainer:
             if do_eval or stop or step % t.checkpoint_every == 0 or step == t.steps:
                 flush()
             paused = time.perf_counter()  # evaluation and saving do not count as step time
-            if do_eval and t.eval_steps:
+            if do_eval and t.eval_steps != 0:
                 last_eval = self.evaluate(state.params)
                 writer.write(step, last_eval)
                 progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))

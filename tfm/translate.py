@@ -20,10 +20,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=32)
     args = p.parse_args(argv)
 
-    import jax.numpy as jnp
     import numpy as np
 
-    from tfm import decode, inference
+    from tfm import inference
 
     try:
         run = inference.load(args.workdir)
@@ -44,14 +43,8 @@ def main(argv=None) -> int:
         src = np.full((args.batch_size, width), ds.pad_id, np.int32)
         for i, x in enumerate(chunk):
             src[i, : len(x)] = x
-        if args.beam_size:
-            out, _ = decode.beam_search(run.model, run.params, jnp.asarray(src), beam_size=args.beam_size,
-                                        alpha=args.alpha, max_len=args.max_len, bos_id=ds.bos_id, eos_id=ds.eos_id,
-                                        pad_id=ds.pad_id)  # fmt: skip
-        else:
-            out = decode.generate_seq2seq(run.model, run.params, jnp.asarray(src), max_len=args.max_len,
-                                          bos_id=ds.bos_id, eos_id=ds.eos_id, pad_id=ds.pad_id)  # fmt: skip
-        for row in np.asarray(out)[:n]:
+        out = inference.translate_ids(run, src, args.beam_size, args.alpha, args.max_len)
+        for row in out[:n]:
             print(ds.decode(row), flush=True)
     return 0
 

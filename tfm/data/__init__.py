@@ -7,15 +7,20 @@ returning / taking a JSON-able dict: the trainer stores it in each checkpoint,
 which is what makes a resumed run see exactly the batches an uninterrupted one
 would.
 
+File-backed datasets go through tensorflow-datasets builders that prepare
+offline from the original files in ``array_record`` format (``builders.py``,
+``text.py``, ``translation.py``) and are read with ``as_data_source()`` and
+grain's random-access ``MapDataset`` (deterministic, per-epoch reshuffling).
+Batch ``i`` of a split is a pure function of ``(seed, i)``, so the saved
+position is ``{"index": i}`` and the global batch is the same for any number
+of processes; each process keeps only its rows.
+
 Batch keys by task (``[B, ...]`` arrays, B the global batch):
 
 * ``lm``: ``inputs [B,T]`` and ``targets [B,T]`` int32, optional ``weights [B,T]``.
-* ``seq2seq``: ``inputs [B,S]``, ``decoder_inputs [B,T]``, ``targets [B,T]``, ``weights [B,T]``.
-* ``classify``: ``inputs [B,...]`` and ``labels [B]``.
-
-The synthetic batches are a pure function of ``(seed, split, batch index)``, so
-the global batch is the same however many processes read it; each process then
-keeps only its rows.
+* ``seq2seq``: ``inputs [B,S]``, ``decoder_inputs [B,T]``, ``targets [B,T]``, ``weights [B,T]``;
+  packed rows add ``segment_ids``, ``decoder_segment_ids``, ``positions``, ``decoder_positions``.
+* ``classify``: ``inputs [B,...]``, ``labels [B]`` and ``weights [B]``.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from tfm.data.base import DataError, Dataset, IndexedIterator, data_dir
 from tfm.data.images import FashionMnist
 from tfm.data.synthetic import CopyTask, SyntheticLM
 from tfm.data.text import CharLM
+from tfm.data.translation import Translation
 
 DATASETS: dict[str, type] = {
     "copy": CopyTask,
     "fashion_mnist": FashionMnist,
+    "multi30k": Translation,
     "shakespeare_char": CharLM,
     "synthetic_lm": SyntheticLM,
 }
@@ -52,5 +59,5 @@ def make_dataset(data_config):
 
 
 __all__ = [
-    "DATASETS", "CharLM", "CopyTask", "DataError", "FashionMnist", "Dataset", "IndexedIterator", "SyntheticLM", "data_dir", "make_dataset",
+    "DATASETS", "CharLM", "CopyTask", "DataError", "FashionMnist", "Dataset", "IndexedIterator", "SyntheticLM", "Translation", "data_dir", "make_dataset",
 ]  # fmt: skip

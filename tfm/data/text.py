@@ -1,16 +1,23 @@
-"""Character-level language modelling on a text file (nanoGPT's ``shakespeare_char``).
+"""Language modelling on a text corpus (nanoGPT's ``shakespeare_char``), by character or subword.
 
-The vocabulary is the sorted set of characters in the whole file (65 for tiny
-Shakespeare); the first 90 % is the training split, the rest validation, as in
-nanoGPT's ``prepare.py``. A batch is ``batch_size`` windows of ``block_size + 1``
-characters at random offsets drawn from ``(seed, split, batch index)``.
+The file is prepared by a tfds builder (``TextCorpus``, array_record, one example
+holding the whole text; the prepared copy is named after the file's content hash)
+and read back with ``as_data_source()``. ``tokenizer="char"``: the vocabulary is
+the sorted set of characters in the whole file (65 for tiny Shakespeare).
+``tokenizer="bpe"`` / ``"unigram"``: a sentencepiece model of ``vocab_size``
+pieces trained on the training split's lines. The first ``train_fraction`` (90 %)
+of the text is the training split, the rest validation, as in nanoGPT's
+``prepare.py``. A batch is ``batch_size`` windows of ``block_size + 1`` tokens at
+random offsets drawn from ``(seed, split, batch index)``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from tfm.data.base import DataError, Dataset
 from tfm.data.base import data_dir as data_dir_
@@ -18,30 +25,75 @@ from tfm.data.base import data_dir as data_dir_
 SPLIT_IDS = {"train": 0, "validation": 1}
 
 
+class TextCorpusConfig(tfds.core.BuilderConfig):
+    def __init__(self, *, filename: str, **kwargs):
+        super().__init__(**kwargs)
+        self.filename = filename
+
+
+class TextCorpus(tfds.core.GeneratorBasedBuilder):
+    """One UTF-8 text file from ``manual_dir`` as a single example ``{"text": ...}`` in split ``full``."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "Put the text file in the manual directory."
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        return {"full": self._generate_examples(os.path.join(dl_manager.manual_dir, self.builder_config.filename))}
+
+    def _generate_examples(self, path):
+        with open(path, encoding="utf-8") as f:
+            yield 0, {"text": f.read()}
+
+
+def read_corpus(path: str, tfds_dir: str = "") -> str:
+    """The text of ``path``, through its prepared tfds copy (prepared on first use)."""
+    if not os.path.isfile(path):
+        raise DataError(f"data.path: no text file at {path!r}; expected a UTF-8 text file such as tiny Shakespeare's input.txt")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.path: {path!r} is not UTF-8 text ({e})") from e
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    stem = "".join(c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0]).lower()
+    config = TextCorpusConfig(name=f"{stem}_{digest}", filename=os.path.basename(path))
+    builder = TextCorpus(config=config, data_dir=tfds_dir or None, file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.path.dirname(path)))
+    text = builder.as_data_source()["full"][0]["text"]
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
 class CharLM(Dataset):
     task = "lm"
-    OPTIONS = dict(data_dir="", path="tinyshakespeare/input.txt", block_size=64, train_fraction=0.9, seed=0)
+    OPTIONS = dict(data_dir="", path="tinyshakespeare/input.txt", tfds_dir="", block_size=64, train_fraction=0.9,
+                   tokenizer="char", vocab_size=512, tokenizer_path="", seed=0)  # fmt: skip
 
-    def __init__(self, *, batch_size: int, data_dir: str, path: str, block_size: int, train_fraction: float, seed: int):
-
+    def __init__(self, *, batch_size: int, data_dir: str, path: str, tfds_dir: str, block_size: int,
+                 train_fraction: float, tokenizer: str, vocab_size: int, tokenizer_path: str, seed: int):  # fmt: skip
         full = os.path.join(data_dir_(data_dir), path)
-        if not os.path.isfile(full):
-            raise DataError(
-                f"data.path: no text file at {full!r} (data.data_dir={data_dir!r} or $TFM_DATA_DIR, "
-                f"data.path={path!r}); expected a UTF-8 text file such as tiny Shakespeare's input.txt"
-            )
-        try:
-            with open(full, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise DataError(f"data.path: {full!r} is not UTF-8 text ({e})") from e
         if not 0.0 < train_fraction < 1.0:
             raise DataError(f"data.train_fraction={train_fraction}: must be in (0, 1)")
-        self.chars = sorted(set(text))
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-        ids = np.array([self.stoi[c] for c in text], dtype=np.int32)
-        n = int(len(ids) * train_fraction)
+        if tokenizer not in ("char", "bpe", "unigram"):
+            raise DataError(f"data.tokenizer={tokenizer!r}: choose 'char', 'bpe' or 'unigram'")
+        text = read_corpus(full, tfds_dir)
+        cut = int(len(text) * train_fraction)
+        self.sp = None
+        if tokenizer == "char":
+            self.chars = sorted(set(text))
+            self.stoi = {c: i for i, c in enumerate(self.chars)}
+            self.vocab_size = len(self.chars)
+            ids = np.array([self.stoi[c] for c in text], dtype=np.int32)
+            n = cut
+        else:
+            self.sp = self._subword(text[:cut], tfds_dir, tokenizer, vocab_size, tokenizer_path)
+            self.vocab_size = self.sp.get_piece_size()
+            train_ids = np.array(self.sp.encode(text[:cut]), np.int32)
+            ids = np.concatenate([train_ids, np.array(self.sp.encode(text[cut:]), np.int32)])
+            n = len(train_ids)
         self.splits = {"train": ids[:n], "validation": ids[n:]}
         for split, arr in self.splits.items():
             if len(arr) <= block_size + 1:
@@ -50,10 +102,42 @@ class CharLM(Dataset):
                 )
         self.batch_size, self.block_size, self.seed, self.path = batch_size, block_size, seed, full
 
+    def artifacts(self) -> dict[str, str]:
+        """A subword model's tokenizer, saved beside its checkpoints."""
+        return {"tokenizer.model": self.sp.serialized_model_proto()} if self.sp is not None else {}
+
+    @staticmethod
+    def _subword(train_text: str, tfds_dir: str, model_type: str, vocab_size: int, tokenizer_path: str):
+        import sentencepiece as spm
+
+        if tokenizer_path:
+            if not os.path.isfile(tokenizer_path):
+                raise DataError(f"data.tokenizer_path={tokenizer_path!r}: no sentencepiece model there")
+            return spm.SentencePieceProcessor(model_file=tokenizer_path)
+        cache = os.path.join(tfds_dir or os.path.expanduser("~/tensorflow_datasets"), "tfm_tokenizers")
+        os.makedirs(cache, exist_ok=True)
+        digest = hashlib.sha256(train_text.encode()).hexdigest()[:12]
+        prefix = os.path.join(cache, f"{model_type}_{vocab_size}_{digest}")
+        if not os.path.isfile(prefix + ".model"):
+            tmp = f"{prefix}.{os.getpid()}.tmp"
+            lines = [line for line in train_text.split("\n") if line.strip()]
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_prefix=tmp, vocab_size=vocab_size, model_type=model_type,
+                character_coverage=1.0, bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2,
+                remove_extra_whitespaces=False, normalization_rule_name="identity", user_defined_symbols=["\n"],
+            )  # fmt: skip
+            os.replace(tmp + ".model", prefix + ".model")
+            os.replace(tmp + ".vocab", prefix + ".vocab")
+        return spm.SentencePieceProcessor(model_file=prefix + ".model")
+
     def encode(self, text: str) -> np.ndarray:
+        if self.sp is not None:
+            return np.array(self.sp.encode(text), np.int32)
         return np.array([self.stoi[c] for c in text], np.int32)
 
     def decode(self, ids) -> str:
+        if self.sp is not None:
+            return self.sp.decode([int(i) for i in ids])
         return "".join(self.chars[int(i)] for i in ids)
 
     def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:

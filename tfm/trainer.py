@@ -109,7 +109,8 @@ def make_schedule(optim_cfg, d_model: int, total_steps: int) -> optax.Schedule:
     o = optim_cfg
     if o.schedule == "noam":
         return noam_schedule(d_model, o.warmup_steps, o.noam_scale)
-    return warmup_schedule(o.learning_rate, o.warmup_steps, total_steps, o.schedule, o.end_fraction)
+    # A run shorter than its warmup (a quick check of a recipe) simply ends during the warmup.
+    return warmup_schedule(o.learning_rate, o.warmup_steps, max(total_steps, o.warmup_steps), o.schedule, o.end_fraction)
 
 
 def _aux_loss(mutated) -> jax.Array:

@@ -80,6 +80,27 @@ def _finish(token, done, eos_id, pad_id):
     return token, done | (token == eos_id) if eos_id is not None else done
 
 
+def _sample_loop(step, cache, last, tokens, offset, steps, rng, sampling):
+    """Draw ``steps`` tokens into ``tokens[:, offset:]``, feeding each back through ``step(cache, token)
+    -> (next logits, cache)``, until every row has produced EOS (later positions keep ``pad_id``)."""
+    temperature, top_k, top_p, eos_id, pad_id = sampling
+
+    def cond(carry):
+        i, _, _, _, done, _ = carry
+        return (i < steps) & ~jnp.all(done)
+
+    def body(carry):
+        i, tokens, cache, last, done, rng = carry
+        rng, sub = jax.random.split(rng)
+        token, done = _finish(sample_logits(last, sub, temperature, top_k, top_p), done, eos_id, pad_id)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, offset + i))
+        last, cache = step(cache, token)
+        return i + 1, tokens, cache, last, done, rng
+
+    carry = (jnp.int32(0), tokens, cache, last, jnp.zeros((tokens.shape[0],), bool), rng)
+    return jax.lax.while_loop(cond, body, carry)[1]
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
 def generate(
     model,
@@ -106,20 +127,12 @@ def generate(
     logits, variables = dec.apply({"params": params, "cache": cache}, prompt, mutable=["cache"])
     tokens = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(prompt)
 
-    def cond(carry):
-        i, _, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        i, tokens, cache, last, done, rng = carry
-        rng, sub = jax.random.split(rng)
-        token, done = _finish(sample_logits(last, sub, temperature, top_k, top_p), done, eos_id, pad_id)
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, p + i))
+    def step(cache, token):
         logits, variables = dec.apply({"params": params, "cache": cache}, token[:, None], mutable=["cache"])
-        return i + 1, tokens, variables["cache"], logits[:, -1], done, rng
+        return logits[:, -1], variables["cache"]
 
-    carry = (jnp.int32(0), tokens, variables["cache"], logits[:, -1], jnp.zeros((b,), bool), rng)
-    return jax.lax.while_loop(cond, body, carry)[1]  # positions never written hold pad_id
+    sampling = (temperature, top_k, top_p, eos_id, pad_id)
+    return _sample_loop(step, variables["cache"], logits[:, -1], tokens, p, max_new_tokens, rng, sampling)
 
 
 @functools.partial(
@@ -153,21 +166,8 @@ def generate_seq2seq(
         return logits[:, -1], variables["cache"]
 
     last, cache = step(cache, jnp.full((b,), bos_id, jnp.int32))
-
-    def cond(carry):
-        i, _, _, _, done, _ = carry
-        return (i < max_len) & ~jnp.all(done)
-
-    def body(carry):
-        i, tokens, cache, last, done, rng = carry
-        rng, sub = jax.random.split(rng)
-        token, done = _finish(sample_logits(last, sub, temperature, top_k, top_p), done, eos_id, pad_id)
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
-        last, cache = step(cache, token)
-        return i + 1, tokens, cache, last, done, rng
-
-    carry = (jnp.int32(0), jnp.full((b, max_len), pad_id, jnp.int32), cache, last, jnp.zeros((b,), bool), rng)
-    return jax.lax.while_loop(cond, body, carry)[1]
+    tokens = jnp.full((b, max_len), pad_id, jnp.int32)
+    return _sample_loop(step, cache, last, tokens, 0, max_len, rng, (temperature, top_k, top_p, eos_id, pad_id))
 
 
 def length_penalty(length, alpha: float):

@@ -92,14 +92,7 @@ def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_siz
         matches, n = 0, 0
         for _ in range(batches):
             batch = next(it)
-            src = jnp.asarray(batch["inputs"])
-            max_len = batch["targets"].shape[1]
-            if beam_size:
-                pred, _ = decode.beam_search(run.model, run.params, src, beam_size=beam_size, alpha=alpha,
-                                             max_len=max_len, bos_id=ds.bos_id, eos_id=ds.eos_id, pad_id=ds.pad_id)  # fmt: skip
-            else:
-                pred = decode.generate_seq2seq(run.model, run.params, src, max_len=max_len, bos_id=ds.bos_id,
-                                               eos_id=ds.eos_id, pad_id=ds.pad_id)  # fmt: skip
+            pred = translate_ids(run, batch["inputs"], beam_size, alpha, batch["targets"].shape[1])
             em = exact_match(np.asarray(pred), batch["targets"], batch["weights"])
             matches, n = matches + int(em.sum()), n + len(em)
         result["exact_match"] = matches / n
@@ -148,7 +141,8 @@ def bleu(run: Run, split: str, batches: int, beam_size: int, alpha: float) -> di
 
 def result_record(run: Run, metrics: dict, **extra) -> dict:
     """What ``tfm.evaluate`` writes: the metrics plus enough to know where they came from."""
-    cfg = json.load(open(os.path.join(run.workdir, "config.json"), encoding="utf-8"))
+    with open(os.path.join(run.workdir, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
     dev = jax.devices()[0]
     return {
         "metrics": metrics,

@@ -1,4 +1,10 @@
-"""A small Vision Transformer on Fashion-MNIST (28x28 grey, 10 classes).
+"""A small hybrid Vision Transformer on Fashion-MNIST (28x28 grey, 10 classes).
+
+A three-convolution stem (the ViT paper's hybrid, with the stem of Xiao et al. 2021)
+turns the image into a 4x4 grid of 128-channel features; each cell is one token for a
+6-layer, d 64 pre-LN Transformer with a class token. Patches of raw pixels
+(``--config.model.stem_channels='()' --config.model.patch_size=4``) learn more slowly:
+87.4 % test accuracy after the same 20 CPU minutes (see README).
 
     python -m tfm.train --config configs/fashion_mnist_vit.py --workdir /tmp/fmnist \\
         --config.data.data_dir=PATH/TO/DATA          # holds fashion_mnist/*-idx?-ubyte.gz
@@ -11,7 +17,8 @@ from tfm.config import default_config
 def get_config(arg=None):
     c = default_config()
     c.model.preset = "vit_tiny"  # 28 px, 1 channel, 10 classes
-    c.model.patch_size = 4  # 7 x 7 = 49 patches + the class token
+    c.model.stem_channels = (32, 64, 128)  # 28 -> 14 -> 7 -> 4 px, 3x3 stride-2 convs
+    c.model.patch_size = 1  # 4 x 4 = 16 tokens + the class token
     c.model.d_model = 64
     c.model.num_heads = 4
     c.model.num_layers = 6
@@ -30,14 +37,15 @@ def get_config(arg=None):
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.05
-    c.train.steps = 3000  # ~7 epochs
+    c.train.steps = 8000  # ~18.6 epochs
     c.train.label_smoothing = 0.1
     c.train.log_every = 100
-    c.train.eval_every = 1000
+    c.train.eval_every = 2000
     c.train.eval_steps = -1  # the whole validation split
-    c.train.checkpoint_every = 1000
+    c.train.checkpoint_every = 2000
 
     if arg == "tiny":
+        c.model.stem_channels = ()
         c.model.patch_size = 7
         c.model.d_model = 32
         c.model.num_layers = 2

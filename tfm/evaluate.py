@@ -1,4 +1,4 @@
-"""``python -m tfm.evaluate --workdir DIR [--split validation] [--batches 8] [--beam_size 0] [--out FILE]``.
+"""``python -m tfm.evaluate --workdir DIR [--split validation] [--batches 8] [--beam_size 0] [--average 1] [--out FILE]``.
 
 Loads the newest checkpoint and reports teacher-forced loss / accuracy /
 perplexity and, for sequence-to-sequence runs, the exact match of decoded
@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="validation")
     p.add_argument("--batches", type=int, default=8, help="batches of the run's batch size")
     p.add_argument("--beam_size", type=int, default=0, help="0: greedy decoding")
+    p.add_argument("--average", type=int, default=1, help="average the parameters of the newest N checkpoints")
     p.add_argument("--alpha", type=float, default=0.6, help="beam search length penalty")
     p.add_argument("--out", default="", help="also write the result here (e.g. results/<recipe>.json)")
     args = p.parse_args(argv)
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     from tfm import inference
 
     try:
-        run = inference.load(args.workdir)
+        run = inference.load(args.workdir, average=args.average)
         metrics = inference.evaluate_run(run, args.split, args.batches, args.beam_size, args.alpha)
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 ``load(workdir)`` rebuilds the model and dataset from the workdir's
 ``config.json`` and restores the newest checkpoint's parameters (read-only:
-nothing in the workdir changes). ``tfm.evaluate``, ``tfm.generate`` and
+nothing in the workdir changes); ``load(workdir, average=N)`` averages the
+parameters of the newest N checkpoints, as the paper does for its base models
+("a single model obtained by averaging the last 5 checkpoints", section 6.1). ``tfm.evaluate``, ``tfm.generate`` and
 ``tfm.translate`` are thin shells over this module.
 """
 
@@ -30,6 +32,7 @@ class Run:
     params: object
     step: int
     workdir: str
+    averaged_steps: tuple[int, ...] = ()  # the checkpoints whose parameters were averaged, if any
 
     @property
     def model(self):
@@ -40,8 +43,14 @@ class Run:
         return self.trainer.dataset
 
 
-def load(workdir: str, step: int | None = None) -> Run:
-    """The run in ``workdir`` at its newest checkpoint (or ``step``), on this host's devices."""
+def load(workdir: str, step: int | None = None, average: int = 1) -> Run:
+    """The run in ``workdir`` at its newest checkpoint (or ``step``), on this host's devices.
+
+    ``average=N > 1``: the element-wise mean of the parameters of the newest N
+    checkpoints up to that step (all N must exist and restore).
+    """
+    if average < 1:
+        raise ValueError(f"average={average}: must be >= 1")
     from tfm.trainer import Trainer
 
     path = os.path.join(workdir, "config.json")
@@ -64,12 +73,23 @@ def load(workdir: str, step: int | None = None) -> Run:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         restored = ckpt.restore(trainer.abstract_state, step=step)
+        if restored is None:
+            raise FileNotFoundError(f"{workdir} has no checkpoint yet")
+        found, state, _ = restored
+        params, averaged = state.params, ()
+        if average > 1:
+            steps = [s for s in ckpt.all_steps() if s <= found][-average:]
+            if len(steps) < average:
+                raise ValueError(f"average={average}: {workdir} holds only {len(steps)} checkpoints up to step {found}: {steps}")
+            total = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+            for s in steps[:-1]:
+                other = ckpt.restore(trainer.abstract_state, step=s)[1].params
+                total = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), total, other)
+            params = jax.tree.map(lambda t, p: (t / len(steps)).astype(p.dtype), total, params)
+            averaged = tuple(steps)
     finally:
         ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-    found, state, _ = restored
-    return Run(trainer, state.params, found, os.path.abspath(workdir))
+    return Run(trainer, params, found, os.path.abspath(workdir), averaged)
 
 
 def exact_match(pred: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -147,6 +167,7 @@ def result_record(run: Run, metrics: dict, **extra) -> dict:
     return {
         "metrics": metrics,
         "checkpoint_step": run.step,
+        **({"averaged_checkpoints": list(run.averaged_steps)} if run.averaged_steps else {}),
         "model": cfg["model"],
         "data": cfg["data"],
         "device": f"{dev.platform}: {dev.device_kind}",

@@ -36,14 +36,17 @@ PATCH = "patch"  # flattened ViT patch (P*P*C)
 CLASSES = "classes"  # classification labels
 NORM = "norm"  # LayerNorm / RMSNorm scale and bias
 EXPERT = "expert"  # Mixture-of-Experts experts (E)
+EXPERT_BATCH = "expert_batch"  # token groups while they sit at their experts ([E, G, C, D])
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
-# A sensible default: batch over (data, fsdp); parameters' widest axes over
-# fsdp; heads and the FFN hidden width over tensor (Megatron); experts over
-# expert. Axes mapped to None are replicated.
+# A sensible default: batch over (data, fsdp, expert); parameters' widest axes
+# over fsdp; heads and the FFN hidden width over tensor (Megatron); experts over
+# expert. Outside MoE layers the expert axis is one more data-parallel axis
+# (GShard); inside, the tokens move to their experts' devices (all-to-all) and the
+# groups are split over (data, fsdp) only. Axes mapped to None are replicated.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    (BATCH, ("data", "fsdp")),
+    (BATCH, ("data", "fsdp", "expert")),
     (LENGTH, None),
     (KV_LENGTH, None),
     (EMBED, "fsdp"),
@@ -59,6 +62,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (CLASSES, None),
     (NORM, None),
     (EXPERT, "expert"),
+    (EXPERT_BATCH, ("data", "fsdp")),
 )
 
 

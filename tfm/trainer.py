@@ -118,6 +118,22 @@ def _aux_loss(mutated) -> jax.Array:
     return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
 
 
+def _moe_stats(mutated) -> dict:
+    """Router statistics sown by MoE layers, averaged over layers: ``load [E]`` and ``drop_fraction``."""
+    found: dict[str, list] = {"load": [], "drop_fraction": []}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(mutated.get("moe_stats", {}))[0]:
+        names = [getattr(k, "key", None) for k in path]
+        for name in found:
+            if name in names:
+                found[name].append(leaf.reshape(-1, leaf.shape[-1]) if name == "load" else leaf.reshape(-1))
+    if not found["load"]:
+        return {}
+    return {
+        "moe_load": jnp.concatenate(found["load"]).mean(0),
+        "moe_drop_fraction": jnp.concatenate(found["drop_fraction"]).mean(),
+    }
+
+
 def _split_micro(batch: dict, n: int) -> dict:
     """``[n*b, ...] -> [n, b, ...]`` with micro-batch ``a`` = rows ``a, a+n, a+2n, ...``.
 
@@ -266,9 +282,9 @@ class Trainer:
         args, kwargs = model_args(self.family, batch)
         rngs = {"dropout": rng} if train else {}
         logits, mutated = self.model.apply(
-            {"params": params}, *args, **kwargs, deterministic=not train, rngs=rngs, mutable=["aux_loss"]
+            {"params": params}, *args, **kwargs, deterministic=not train, rngs=rngs, mutable=["aux_loss", "moe_stats"]
         )
-        return logits, _aux_loss(mutated)
+        return logits, _aux_loss(mutated), _moe_stats(mutated)
 
     def _step(self, state: TrainState, batch: dict):
         t = self.config.train
@@ -277,28 +293,31 @@ class Trainer:
         weight = total_weight(self.task, batch)
 
         def objective(params, mb, key):
-            logits, aux = self._forward(params, mb, train=True, rng=key)
+            logits, aux, stats = self._forward(params, mb, train=True, rng=key)
             sums = loss_sums(self.task, logits, mb, label_smoothing=t.label_smoothing, z_loss=t.z_loss)
             # Normalised by the whole batch's weight so micro-batches add up to the full-batch mean.
-            return sums["loss_sum"] / weight + t.aux_loss_weight * aux / n_micro, (sums, aux)
+            return sums["loss_sum"] / weight + t.aux_loss_weight * aux / n_micro, (sums, aux, stats)
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if n_micro == 1:
-            (_, (sums, aux)), grads = grad_fn(state.params, batch, rng)
+            (_, (sums, aux, stats)), grads = grad_fn(state.params, batch, rng)
         else:
             micro = _split_micro(batch, n_micro)
 
             def body(carry, xs):
                 mb, i = xs
                 mb = jax.lax.with_sharding_constraint(mb, self.batch_sharding)
-                (_, (s, a)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (g, s, a)), None
+                (_, (s, a, st)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, s, a, st)), None
 
+            experts = getattr(self.model_config, "num_experts", 0)
+            stats0 = {"moe_load": jnp.zeros(experts), "moe_drop_fraction": 0.0} if experts else {}
             zeros = jax.tree.map(
-                jnp.zeros_like, (state.params, {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}, 0.0)
+                jnp.zeros_like, (state.params, {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}, 0.0, stats0)
             )
-            (grads, sums, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
+            (grads, sums, aux, stats), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
             aux = aux / n_micro
+            stats = jax.tree.map(lambda x: x / n_micro, stats)
 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -318,11 +337,12 @@ class Trainer:
             "weight": sums["weight_sum"],
             "loss_finite": loss_ok,
             "grads_finite": grads_ok,
+            **stats,  # MoE router statistics, if the model has MoE layers
         }
         return new, metrics
 
     def _eval(self, params, batch: dict):
-        logits, _ = self._forward(params, batch, train=False)
+        logits, _, _ = self._forward(params, batch, train=False)
         return loss_sums(self.task, logits, batch)
 
     # Data placement ----------------------------------------------------------
@@ -477,6 +497,11 @@ class Trainer:
                 scalars["train/accuracy"] = float(m["accuracy"])
                 if float(m["aux_loss"]):
                     scalars["train/aux_loss"] = float(m["aux_loss"])
+                if "moe_load" in m:  # expert load histogram (share of assignments), drop rate
+                    load = np.asarray(m["moe_load"])
+                    scalars["moe/drop_fraction"] = float(m["moe_drop_fraction"])
+                    scalars["moe/load_max_over_mean"] = float(load.max() * len(load))
+                    scalars.update({f"moe/load/expert_{i}": float(x) for i, x in enumerate(load)})
                 if steps_done > 0 and elapsed > 0:
                     sps = steps_done / elapsed
                     scalars["train/step_time_ms"] = 1000.0 / sps

@@ -15,6 +15,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tfm.translate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--beam_size", type=int, default=4)
+    p.add_argument("--average", type=int, default=1, help="average the parameters of the newest N checkpoints")
     p.add_argument("--alpha", type=float, default=0.6)
     p.add_argument("--max_len", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=32)
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
     from tfm import inference
 
     try:
-        run = inference.load(args.workdir)
+        run = inference.load(args.workdir, average=args.average)
         if run.trainer.task != "seq2seq":
             raise ValueError(f"{args.workdir} holds a {run.trainer.task} model; translate needs an encoder-decoder")
         lines = [line.rstrip("\n") for line in sys.stdin]

@@ -16,6 +16,7 @@ K = N is MHA).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -32,6 +33,65 @@ from tfm.layers.position import apply_rope
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = (None, "xla", "jax", "cudnn")
+ATTENTION_KINDS = ("full", "local", "block_sparse", "linear", "flash")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionOptions:
+    """Which self-attention a model's blocks use (see ``tfm.layers.efficient_attention``).
+
+    ``full``: softmax over every visible key (dense masks). ``local``: a sliding
+    window of ``attention_window`` keys, computed block-wise. ``block_sparse``:
+    blocks of ``attention_window`` positions, each seeing its neighbour blocks,
+    plus global positions (the first ``attention_global_tokens`` and every
+    ``attention_global_stride``-th) that see and are seen by all. ``linear``:
+    Katharopoulos et al.'s elu+1 kernel, O(T), a recurrent state when decoding.
+    ``flash``: the fused kernel of the backend (cuDNN on GPU, Pallas on TPU),
+    the XLA path elsewhere. Cross-attention is always ``full``.
+
+    The efficient kinds take a causal flag and key padding, not arbitrary dense
+    masks: packed rows (segment ids), relative-position biases (T5, ALiBi) and
+    attention-weight dropout need ``full``.
+    """
+
+    attention: str = "full"
+    attention_window: int = 128
+    attention_global_tokens: int = 0
+    attention_global_stride: int = 0
+
+    def check_attention(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.attention_window < 1:
+            raise ValueError(f"attention_window must be >= 1, got {self.attention_window}")
+        if self.attention_global_tokens < 0 or self.attention_global_stride < 0:
+            raise ValueError("attention_global_tokens and attention_global_stride must be >= 0")
+
+    def attention_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(AttentionOptions)}
+
+
+def pattern_mask(kind: str, q_pos: Array, k_pos: Array, *, causal: bool, window: int, global_tokens: int = 0,
+                 global_stride: int = 0) -> Array | None:  # fmt: skip
+    """The dense ``[T, S]`` mask of a sparse pattern at absolute positions (None for full/linear/flash).
+
+    The same patterns as ``masks.local_mask`` / ``masks.block_sparse_mask``, at
+    arbitrary positions: what a query decoding at ``cache_index`` may see.
+    """
+    q, k = q_pos[:, None], k_pos[None, :]
+    if kind == "local":
+        dist = q - k
+        return (dist < window) & (dist >= 0) if causal else jnp.abs(dist) < window
+    if kind == "block_sparse":
+        m = jnp.abs(q // window - k // window) <= 1
+
+        def is_global(p):
+            g = p < global_tokens
+            return g | (p % global_stride == 0) if global_stride > 0 else g
+
+        m = m | is_global(q) | is_global(k)
+        return m & (k <= q) if causal else m
+    return None
 
 
 def _check_shapes(query: Array, key: Array, value: Array) -> tuple[int, int]:
@@ -161,6 +221,13 @@ class MultiHeadAttention(nn.Module):
 
     Parameters: ``query/kernel [D, N, H]``, ``key/kernel`` and ``value/kernel
     [D, K, H]``, ``out/kernel [N, H, D]`` (+ biases if ``use_bias``).
+
+    ``kind`` other than ``"full"`` (see ``AttentionOptions``): ``causal`` says
+    whether future keys are hidden and ``mask`` may only be key padding
+    (broadcastable to ``[B, 1, 1, S]``). When decoding, ``local`` and
+    ``block_sparse`` keep the KV cache and mask it with their pattern;
+    ``linear`` keeps a recurrent state (``kv_state [B, K, H, H]``,
+    ``normalizer [B, K, H]``) instead of a cache that grows with the length.
     """
 
     num_heads: int
@@ -174,6 +241,11 @@ class MultiHeadAttention(nn.Module):
     scale: float | None = None
     decode: bool = False
     implementation: str | None = None
+    kind: str = "full"  # one of ATTENTION_KINDS (self-attention)
+    causal: bool = False  # for the efficient kinds: mask future keys (they take no dense mask)
+    window: int = 128
+    global_tokens: int = 0
+    global_stride: int = 0
     sow_weights: bool = False
     kernel_init: Initializer | None = None
     dtype: jnp.dtype = jnp.float32
@@ -222,7 +294,18 @@ class MultiHeadAttention(nn.Module):
         value = nn.with_logical_constraint(value, (sh.BATCH, sh.KV_LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
 
         t = inputs_q.shape[1]
+        kind = self.kind
+        if kind not in ATTENTION_KINDS:
+            raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+        if kind != "full" and not self_attention and kind != "flash":
+            raise ValueError(f"attention kind {kind!r} is for self-attention; cross-attention uses 'full' or 'flash'")
+        if kind != "full" and (bias is not None or self.sow_weights or self.dropout_rate > 0.0):
+            raise ValueError(f"attention kind {kind!r} takes no bias, weight dropout or returned weights; use 'full'")
+        from tfm.layers import efficient_attention as efficient  # it builds on this module
+
         decoding = self.decode and self_attention
+        if decoding and kind == "linear":
+            return self._out(self._linear_decode(query, key, value, positions), n, h, d)
         if decoding:
             is_initialized = self.has_variable("cache", "cached_key")
             cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
@@ -249,8 +332,18 @@ class MultiHeadAttention(nn.Module):
             cached_key.value, cached_value.value = key, value
             cache_index.value = offset + t
             # Query t sits at absolute position offset + t and sees cache slots <= it.
-            visible = jnp.arange(s_max)[None, :] <= (offset + jnp.arange(t))[:, None]
-            mask = and_masks(mask, visible[None, None])
+            q_abs, k_abs = offset + jnp.arange(t), jnp.arange(s_max)
+            visible = k_abs[None, :] <= q_abs[:, None]
+            pattern = pattern_mask(kind, q_abs, k_abs, causal=True, window=self.window,
+                                   global_tokens=self.global_tokens, global_stride=self.global_stride)  # fmt: skip
+            mask = and_masks(mask, visible[None, None], None if pattern is None else pattern[None, None])
+        elif kind != "full":
+            result = efficient.attention(
+                kind, query, key, value, causal=self.causal, kv_valid=_key_padding(mask, kind, key),
+                scale=None if kind == "linear" else self.scale, window=self.window, block_size=self.window,
+                global_tokens=self.global_tokens, global_stride=self.global_stride,
+            )  # fmt: skip
+            return self._out(result, n, h, d)
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
@@ -270,9 +363,47 @@ class MultiHeadAttention(nn.Module):
         if self.sow_weights:
             result, weights = result
             self.sow("intermediates", "attention_weights", weights)
+        return self._out(result, n, h, d)
+
+    def _out(self, result: Array, n: int, h: int, d: int) -> Array:
         out = Einsum(
             (n, h, self.out_features or d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), in_axis=(0, 1), out_axis=2,
             use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype,
             param_dtype=self.param_dtype, name="out",
         )("BTNH,NHD->BTD", result)  # fmt: skip
         return nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.EMBED))
+
+    def _linear_decode(self, query: Array, key: Array, value: Array, positions: Array | None) -> Array:
+        """Linear attention as an RNN: the state of all earlier positions replaces the KV cache."""
+        from tfm.layers import efficient_attention as efficient
+
+        b, t, k, h = key.shape
+        is_initialized = self.has_variable("cache", "kv_state")
+        init = efficient.linear_attention_init_state(b, k, h)
+        kv_state = self.variable("cache", "kv_state", lambda: init[0])
+        normalizer = self.variable("cache", "normalizer", lambda: init[1])
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        if self.use_rope:
+            pos = positions if positions is not None else (cache_index.value if is_initialized else 0) + jnp.arange(t)
+            query, key = apply_rope(query, pos, self.rope_base), apply_rope(key, pos, self.rope_base)
+        if not is_initialized:  # the init call: shapes only, the state stays empty
+            return efficient.linear_attention(query, key, value, causal=True)
+        out, (kv_state.value, normalizer.value) = efficient.linear_attention_step(
+            (kv_state.value, normalizer.value), query, key, value
+        )
+        cache_index.value = cache_index.value + query.shape[1]
+        return out
+
+
+def _key_padding(mask: Array | None, kind: str, key: Array) -> Array | None:
+    """``mask`` broadcastable to ``[B, 1, 1, S]`` -> ``kv_valid [B, S]``; anything richer is refused."""
+    if mask is None:
+        return None
+    b, s = key.shape[0], key.shape[1]
+    m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    if m.shape[1] != 1 or m.shape[2] != 1:
+        raise ValueError(
+            f"attention kind {kind!r} takes a causal flag and key padding (a mask [B, 1, 1, S]), not a mask of "
+            f"shape {tuple(mask.shape)}; packed rows and other dense masks need attention='full'"
+        )
+    return jnp.broadcast_to(m[:, 0, 0, :], (b, s))

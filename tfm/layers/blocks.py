@@ -23,8 +23,9 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers.attention import IMPLEMENTATIONS, MultiHeadAttention
+from tfm.layers.attention import IMPLEMENTATIONS, AttentionOptions, MultiHeadAttention
 from tfm.layers.feedforward import ACTIVATIONS, GATED, MLP
+from tfm.layers.moe import MoE, MoEOptions
 from tfm.layers.norms import NORMS, make_norm
 
 # Named rematerialisation policies: what the backward pass may keep from the
@@ -40,8 +41,13 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockConfig:
-    """Everything one block needs, and nothing more."""
+class BlockConfig(MoEOptions, AttentionOptions):
+    """Everything one block needs, and nothing more.
+
+    ``num_experts > 0``: an MoE FFN (``MoEOptions``); ``attention``: the kind of
+    self-attention (``AttentionOptions``), with ``causal`` telling the efficient
+    kinds to hide future keys (they take no dense causal mask).
+    """
 
     d_model: int
     num_heads: int
@@ -63,6 +69,7 @@ class BlockConfig:
     attention_impl: str | None = None
     kernel_init_std: float | None = None  # None: Glorot uniform; else N(0, std^2)
     decode: bool = False
+    causal: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -82,6 +89,11 @@ class BlockConfig:
         for name in ("dropout_rate", "attention_dropout_rate", "activation_dropout_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        self.check_moe()
+        self.check_attention()
+        if self.attention != "full" and self.attention_dropout_rate > 0.0:
+            raise ValueError(f"attention={self.attention!r} has no attention-weight dropout; "
+                             f"set attention_dropout_rate=0 (got {self.attention_dropout_rate})")  # fmt: skip
 
     @property
     def kv_heads(self) -> int:
@@ -110,6 +122,11 @@ def _attention(cfg: BlockConfig, name: str, decode: bool) -> MultiHeadAttention:
         scale=cfg.attention_scale,
         decode=decode,
         implementation=cfg.attention_impl,
+        kind=cfg.attention,
+        causal=cfg.causal,
+        window=cfg.attention_window,
+        global_tokens=cfg.attention_global_tokens,
+        global_stride=cfg.attention_global_stride,
         kernel_init=cfg.kernel_init(),
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
@@ -117,7 +134,26 @@ def _attention(cfg: BlockConfig, name: str, decode: bool) -> MultiHeadAttention:
     )
 
 
-def _mlp(cfg: BlockConfig) -> MLP:
+def _mlp(cfg: BlockConfig) -> nn.Module:
+    if cfg.num_experts:
+        return MoE(
+            num_experts=cfg.num_experts,
+            d_ff=cfg.expert_d_ff or cfg.d_ff,
+            top_k=cfg.experts_per_token,
+            activation=cfg.activation,
+            use_bias=cfg.mlp_bias,
+            dispatch=cfg.moe_dispatch,
+            capacity_factor=cfg.capacity_factor,
+            group_size=cfg.moe_group_size,
+            renormalize=cfg.moe_renormalize,
+            load_balance_weight=cfg.load_balance_weight,
+            router_z_weight=cfg.router_z_weight,
+            dropout_rate=cfg.activation_dropout_rate,
+            kernel_init=cfg.kernel_init(),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="moe",
+        )
     return MLP(
         d_ff=cfg.d_ff,
         activation=cfg.activation,
@@ -195,7 +231,9 @@ class DecoderBlock(_Residual):
             deterministic,
         )
         # Cross-attention has no positional signal of its own (RoPE is for self-attention).
-        cross_cfg = dataclasses.replace(cfg, use_rope=False)
+        cross_cfg = dataclasses.replace(
+            cfg, use_rope=False, causal=False, attention="flash" if cfg.attention == "flash" else "full"
+        )
         cross_attn = _attention(cross_cfg, "cross_attention", decode=False)
         x = self.wrap(
             x,
@@ -212,6 +250,19 @@ def _scan_body(block: nn.Module, carry: Array, *args):
     return block(carry, *args), None
 
 
+class _Group(nn.Module):
+    """Blocks applied in sequence, one per config: the scanned unit of a stack with ``moe_every > 1``."""
+
+    block: type[nn.Module]
+    configs: tuple[BlockConfig, ...]
+
+    @nn.compact
+    def __call__(self, x: Array, *args) -> Array:
+        for i, cfg in enumerate(self.configs):
+            x = self.block(cfg, name=f"block_{i}")(x, *args)
+        return x
+
+
 class Stack(nn.Module):
     """``num_layers`` blocks of one kind applied in sequence.
 
@@ -222,6 +273,10 @@ class Stack(nn.Module):
     ``layers_0 .. layers_{L-1}`` (easier to read, slower to compile).
     ``remat_policy`` names an entry of ``REMAT_POLICIES``. With pre-LN the stack
     ends with a norm (``final_norm``).
+
+    Mixture-of-Experts with ``moe_every = k > 1``: layers k, 2k, ... are MoE
+    blocks, the others dense; the scanned unit is then a group of k blocks
+    (``layers/block_0 .. block_{k-1}``, ``num_layers / k`` scan steps).
 
     ``__call__(x, *args, deterministic)`` forwards ``*args`` to every block
     unchanged (masks, biases, positions, encoder output); trailing ones may be
@@ -246,26 +301,39 @@ class Stack(nn.Module):
         if len(args) > slots:
             raise ValueError(f"{self.block.__name__} takes {slots} arguments after x, got {len(args)}")
         args = tuple(args) + (None,) * (slots - len(args))
-        block_cls = self.block
-        if self.remat_policy != "none":
+        cfg = self.config
+        k = cfg.moe_every if cfg.num_experts else 1
+        if self.num_layers % k:
+            raise ValueError(f"num_layers={self.num_layers} is not a multiple of moe_every={k}")
+        dense = dataclasses.replace(cfg, num_experts=0)
+        layer_configs = [cfg if (i + 1) % k == 0 else dense for i in range(self.num_layers)]
+
+        def remat(cls):
+            if self.remat_policy == "none":
+                return cls
             # deterministic, a Python bool, is the block's last positional argument;
             # flax counts ``self`` as argument 0: (self, x, *slots, deterministic).
-            block_cls = nn.remat(
-                block_cls, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(slots + 2,), prevent_cse=not self.scan
-            )
+            policy = REMAT_POLICIES[self.remat_policy]
+            return nn.remat(cls, policy=policy, static_argnums=(slots + 2,), prevent_cse=not self.scan)
+
         if self.scan:
+            if k > 1:  # the scanned unit: k - 1 dense blocks, then one MoE block
+                unit = remat(_Group)(self.block, tuple(layer_configs[:k]), name="layers")
+            else:
+                unit = remat(self.block)(cfg, name="layers")
             scanned = nn.scan(
                 _scan_body,
-                variable_axes={"params": 0, "cache": 0, "intermediates": 0, "aux_loss": 0},
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0, "aux_loss": 0, "moe_stats": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
-                length=self.num_layers,
+                length=self.num_layers // k,
                 metadata_params={nn.PARTITION_NAME: sh.LAYERS},
             )
-            x, _ = scanned(block_cls(self.config, name="layers"), x, *args, deterministic)
+            x, _ = scanned(unit, x, *args, deterministic)
         else:
+            block_cls = remat(self.block)
             for i in range(self.num_layers):
-                x = block_cls(self.config, name=f"layers_{i}")(x, *args, deterministic)
+                x = block_cls(layer_configs[i], name=f"layers_{i}")(x, *args, deterministic)
         if self.config.norm_position == "pre":
             x = self.config.make_norm("final_norm")(x)
         return x

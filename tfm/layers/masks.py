@@ -76,21 +76,33 @@ def local_mask(length: int, window: int, *, causal: bool = True, kv_length: int 
 
 
 def block_sparse_mask(
-    length: int, block_size: int, *, num_local_blocks: int = 1, global_tokens: int = 0, causal: bool = False
+    length: int,
+    block_size: int,
+    *,
+    num_local_blocks: int = 1,
+    global_tokens: int = 0,
+    causal: bool = False,
+    global_stride: int = 0,
 ) -> Array:
     """Block-local plus global pattern (Longformer / BigBird style), as a dense mask.
 
     Positions are grouped into blocks of ``block_size``; a query may attend to
     keys within ``num_local_blocks`` blocks of its own (on both sides, or only
-    backwards when ``causal``). The first ``global_tokens`` positions attend
-    to everything and are attended to by everything. Returns ``[1, 1, T, T]``.
+    backwards when ``causal``). Global positions attend to everything and are
+    attended to by everything: the first ``global_tokens`` positions and, when
+    ``global_stride > 0``, every position ``p`` with ``p % global_stride == 0``.
+    ``causal`` then ANDs the whole pattern with ``s <= t``. Returns ``[1, 1, T, T]``.
     """
-    if block_size < 1 or num_local_blocks < 0 or global_tokens < 0:
-        raise ValueError(f"bad block_sparse_mask arguments: {block_size=}, {num_local_blocks=}, {global_tokens=}")
+    if block_size < 1 or num_local_blocks < 0 or global_tokens < 0 or global_stride < 0:
+        raise ValueError(
+            f"bad block_sparse_mask arguments: {block_size=}, {num_local_blocks=}, {global_tokens=}, {global_stride=}"
+        )
     pos = jnp.arange(length)
     qb, kb = pos[:, None] // block_size, pos[None, :] // block_size
     m = jnp.abs(qb - kb) <= num_local_blocks
     g = pos < global_tokens
+    if global_stride > 0:
+        g = g | (pos % global_stride == 0)
     m = m | g[:, None] | g[None, :]
     if causal:
         m = m & (pos[None, :] <= pos[:, None])

@@ -16,9 +16,11 @@ import jax.numpy as jnp
 
 from tfm.models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, bert_base, bert_tiny
 from tfm.models.common import count_params
-from tfm.models.gpt import GPT, GPTConfig, gpt2_small, gpt_tiny, llama_tiny
+from tfm.models.gpt import GPT, GPTConfig, gpt2_small, gpt_moe_tiny, gpt_tiny, llama_tiny, mixtral_8x7b
 from tfm.models.t5 import T5, T5Config, t5_small, t5_tiny
-from tfm.models.transformer import Transformer, TransformerConfig, transformer_base, transformer_big, transformer_tiny
+from tfm.models.transformer import (
+    Transformer, TransformerConfig, transformer_base, transformer_big, transformer_moe_tiny, transformer_tiny,
+)  # fmt: skip
 from tfm.models.vit import ViT, ViTConfig, vit_b16, vit_tiny
 
 
@@ -60,11 +62,14 @@ PRESETS: dict[str, Preset] = {
         Preset("transformer_base", transformer_base, Transformer, _pair(8)),
         Preset("transformer_big", transformer_big, Transformer, _pair(8)),
         Preset("transformer_tiny", transformer_tiny, Transformer, _pair(8)),
+        Preset("transformer_moe_tiny", transformer_moe_tiny, Transformer, _pair(8)),
         Preset("bert_base", bert_base, BertModel, _tokens(8)),
         Preset("bert_tiny", bert_tiny, BertModel, _tokens(8)),
         Preset("gpt2_small", gpt2_small, GPT, _tokens(8)),
         Preset("gpt_tiny", gpt_tiny, GPT, _tokens(8)),
         Preset("llama_tiny", llama_tiny, GPT, _tokens(8)),
+        Preset("gpt_moe_tiny", gpt_moe_tiny, GPT, _tokens(8)),
+        Preset("mixtral_8x7b", mixtral_8x7b, GPT, _tokens(8)),
         Preset("t5_small", t5_small, T5, _pair(8)),
         Preset("t5_tiny", t5_tiny, T5, _pair(8)),
         Preset("vit_b16", vit_b16, ViT, _images),
@@ -82,6 +87,7 @@ def get_preset(name: str) -> Preset:
 __all__ = [
     "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "GPT", "GPTConfig",
     "PRESETS", "Preset", "T5", "T5Config", "Transformer", "TransformerConfig", "ViT", "ViTConfig",
-    "bert_base", "bert_tiny", "count_params", "get_preset", "gpt2_small", "gpt_tiny", "llama_tiny",
-    "t5_small", "t5_tiny", "transformer_base", "transformer_big", "transformer_tiny", "vit_b16", "vit_tiny",
+    "bert_base", "bert_tiny", "count_params", "get_preset", "gpt2_small", "gpt_moe_tiny", "gpt_tiny", "llama_tiny", "mixtral_8x7b",
+    "t5_small", "t5_tiny", "transformer_base", "transformer_big", "transformer_moe_tiny", "transformer_tiny",
+    "vit_b16", "vit_tiny",
 ]  # fmt: skip

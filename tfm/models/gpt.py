@@ -17,9 +17,11 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
+from tfm.layers.attention import AttentionOptions
 from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
 from tfm.layers.embed import Embed
 from tfm.layers.linear import Einsum
+from tfm.layers.moe import MoEOptions
 from tfm.layers.masks import and_masks, causal_mask, segment_mask
 from tfm.layers.position import LearnedPositionEmbedding, alibi_bias, sinusoidal_positions
 from tfm.models.common import DecodePositions
@@ -28,7 +30,10 @@ POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(MoEOptions, AttentionOptions):
+    """The fields below, the MoE options (``MoEOptions``; ``num_experts=0``: dense) and the
+    self-attention kind (``AttentionOptions``; ``attention="full"``: dense masks)."""
+
     vocab_size: int = 50257
     max_len: int = 1024
     d_model: int = 768
@@ -77,8 +82,11 @@ class GPTConfig:
             attention_impl=self.attention_impl,
             kernel_init_std=self.init_std,
             decode=self.decode,
+            causal=True,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            **self.moe_options(),
+            **self.attention_options(),
         )
 
 
@@ -89,6 +97,17 @@ llama_tiny = GPTConfig(
     vocab_size=64, max_len=32, d_model=32, num_heads=4, num_kv_heads=2, num_layers=2, d_ff=64,
     activation="swiglu", norm="rmsnorm", norm_epsilon=1e-6, position="rope", use_bias=False,
     tie_embeddings=False, dropout_rate=0.0, attention_dropout_rate=0.0,
+)  # fmt: skip
+
+# A tiny Mixture-of-Experts decoder: layer 2 of 2 routes each token to 2 of 4 expert FFNs.
+gpt_moe_tiny = dataclasses.replace(gpt_tiny, num_experts=4, experts_per_token=2, moe_every=2)
+# Mixtral 8x7B (Jiang et al. 2024): Llama/Mistral layers whose every FFN is a top-2-of-8
+# SwiGLU MoE; 46.7 B parameters (12.9 B active per token). For eval_shape and sharding plans.
+mixtral_8x7b = GPTConfig(
+    vocab_size=32000, max_len=32768, d_model=4096, num_heads=32, num_kv_heads=8, num_layers=32, d_ff=14336,
+    activation="swiglu", norm="rmsnorm", norm_epsilon=1e-5, position="rope", rope_base=1e6, use_bias=False,
+    tie_embeddings=False, dropout_rate=0.0, attention_dropout_rate=0.0,
+    num_experts=8, experts_per_token=2, moe_every=1, moe_dispatch="dropless",
 )  # fmt: skip
 
 
@@ -124,11 +143,13 @@ class GPT(nn.Module):
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
         bias = alibi_bias(cfg.num_heads, q_pos, kv_pos) if cfg.position == "alibi" else None
-        if cfg.decode:
-            mask = None  # the KV cache lets position t see cache slots <= t
+        if cfg.decode or cfg.attention != "full":
+            mask = None  # the KV cache lets position t see cache slots <= t; efficient kinds take causal=True
         else:
             mask = causal_mask(t)
         if segment_ids is not None:
+            if cfg.attention != "full":
+                raise ValueError(f"attention={cfg.attention!r} cannot keep packed segments apart; use attention='full'")
             mask = and_masks(mask, segment_mask(segment_ids))
         rope_positions = q_pos if cfg.position == "rope" else None
         x = Stack(EncoderBlock, cfg.block_config(), cfg.num_layers, cfg.scan_layers, cfg.remat_policy, name="decoder")(
@@ -140,4 +161,4 @@ class GPT(nn.Module):
         return head("BTD,DV->BTV", x).astype(jnp.float32)
 
 
-__all__ = ["GPT", "GPTConfig", "gpt2_small", "gpt_tiny", "llama_tiny"]
+__all__ = ["GPT", "GPTConfig", "gpt2_small", "gpt_moe_tiny", "gpt_tiny", "llama_tiny", "mixtral_8x7b"]

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
+from tfm.layers.attention import AttentionOptions
 from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
 from tfm.layers.embed import Embed
 from tfm.layers.linear import Einsum
+from tfm.layers.moe import MoEOptions
 from tfm.layers.masks import and_masks, causal_mask, segment_mask
 from tfm.layers.position import LearnedPositionEmbedding, sinusoidal_positions
 from tfm.models.common import DecodePositions, key_padding_mask
@@ -28,7 +30,10 @@ POSITIONS = ("sinusoidal", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(MoEOptions, AttentionOptions):
+    """The fields below, the MoE options (``MoEOptions``; ``num_experts=0``: dense) and the
+    self-attention kind (``AttentionOptions``; ``attention="full"``: dense masks)."""
+
     vocab_size: int
     target_vocab_size: int | None = None  # None: same as vocab_size
     d_model: int = 512
@@ -87,6 +92,8 @@ class TransformerConfig:
             decode=self.decode,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            **self.moe_options(),
+            **self.attention_options(),
         )
 
 
@@ -95,6 +102,10 @@ transformer_base = TransformerConfig(vocab_size=37000)
 transformer_big = TransformerConfig(vocab_size=37000, d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3)
 transformer_tiny = TransformerConfig(
     vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0
+)
+# Switch-style encoder-decoder: every other FFN (encoder and decoder) is a top-1 MoE of 4 experts.
+transformer_moe_tiny = dataclasses.replace(
+    transformer_tiny, num_experts=4, experts_per_token=1, moe_every=2, moe_renormalize=False
 )
 
 
@@ -122,7 +133,7 @@ class Transformer(nn.Module):
             self.tgt_pos = LearnedPositionEmbedding(cfg.max_len, cfg.d_model, param_dtype=cfg.param_dtype, name="tgt_pos")
         bcfg = cfg.block_config()
         self.encoder = Stack(EncoderBlock, dataclasses.replace(bcfg, decode=False), cfg.num_encoder_layers, cfg.scan_layers, cfg.remat_policy)
-        self.decoder = Stack(DecoderBlock, bcfg, cfg.num_decoder_layers, cfg.scan_layers, cfg.remat_policy)
+        self.decoder = Stack(DecoderBlock, dataclasses.replace(bcfg, causal=True), cfg.num_decoder_layers, cfg.scan_layers, cfg.remat_policy)
         self.decode_positions = DecodePositions(cfg.decode)
         self.dropout = nn.Dropout(cfg.dropout_rate)
         if not cfg.tie_output:
@@ -136,6 +147,10 @@ class Transformer(nn.Module):
             x = x + pos_table(positions).astype(x.dtype)
         return self.dropout(x, deterministic=deterministic)
 
+    def _check_no_segments(self) -> None:
+        if self.config.attention != "full":
+            raise ValueError(f"attention={self.config.attention!r} cannot keep packed segments apart; use attention='full'")
+
     def encode(self, src: Array, *, src_segment_ids=None, src_positions=None, deterministic: bool = True) -> Array:
         """``src [B, S]`` -> ``encoded [B, S, D]``."""
         if src.ndim != 2:
@@ -144,6 +159,7 @@ class Transformer(nn.Module):
         x = self._embed(src, positions, self.src_embed, getattr(self, "src_pos", None), deterministic)
         mask = key_padding_mask(src != self.config.pad_id)
         if src_segment_ids is not None:
+            self._check_no_segments()
             mask = and_masks(mask, segment_mask(src_segment_ids))
         return self.encoder(x, mask, None, None, deterministic=deterministic)
 
@@ -170,8 +186,10 @@ class Transformer(nn.Module):
         if cfg.decode:
             self_mask = None  # the KV cache masks positions beyond the current one
         else:
-            self_mask = and_masks(causal_mask(t), key_padding_mask(tgt_in != cfg.pad_id))
+            causal = causal_mask(t) if cfg.attention == "full" else None  # efficient kinds take causal=True
+            self_mask = and_masks(causal, key_padding_mask(tgt_in != cfg.pad_id))
         if tgt_segment_ids is not None:
+            self._check_no_segments()
             self_mask = and_masks(self_mask, segment_mask(tgt_segment_ids))
             cross_mask = and_masks(cross_mask, segment_mask(tgt_segment_ids, src_segment_ids))
         y = self.decoder(y, encoded, self_mask, cross_mask, None, None, deterministic=deterministic)

@@ -2,6 +2,11 @@
 
     image [B, H, W, C] -> P x P patches -> linear -> prepend [class] -> + learned positions
       -> dropout -> L x pre-LN EncoderBlock -> LN -> class token (or mean) -> linear -> logits
+
+``stem_channels`` turns it into the paper's *hybrid* ViT (section 3.1: the patches are
+taken from a CNN feature map instead of raw pixels), with the small convolutional stem
+of Xiao et al. 2021 ("Early convolutions help transformers see better"): each entry is a
+3x3 stride-2 convolution + GELU, and the P x P patches are cut from its output.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class ViTConfig:
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     pool: str = "cls"
+    stem_channels: tuple[int, ...] = ()  # () -> patches of raw pixels; (c1, c2, ...) -> hybrid conv stem
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str | None = None
@@ -42,15 +48,26 @@ class ViTConfig:
     param_dtype: jnp.dtype = jnp.float32
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+        if self.feature_size % self.patch_size:
+            where = f"the stem's {self.feature_size}x{self.feature_size} feature map" if self.stem_channels else f"image_size={self.image_size}"
+            raise ValueError(f"{where} is not divisible by patch_size={self.patch_size}")
+        if any(int(c) < 1 for c in self.stem_channels):
+            raise ValueError(f"stem_channels must be positive, got {self.stem_channels}")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         self.block_config()
 
     @property
+    def feature_size(self) -> int:
+        """Side of what the patches are cut from: the image, or the stem's output (SAME padding)."""
+        size = self.image_size
+        for _ in self.stem_channels:
+            size = -(-size // 2)
+        return size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return (self.feature_size // self.patch_size) ** 2
 
     def block_config(self) -> BlockConfig:
         return BlockConfig(
@@ -83,8 +100,15 @@ class ViT(nn.Module):
         expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {images.shape}")
-        b, p, c = images.shape[0], cfg.patch_size, cfg.num_channels
-        g = cfg.image_size // p
+        for i, channels in enumerate(cfg.stem_channels):
+            conv = nn.Conv(
+                int(channels), (3, 3), strides=(2, 2), padding="SAME", dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)), name=f"stem_{i}",
+            )  # fmt: skip
+            images = nn.gelu(conv(images))
+        b, p, c = images.shape[0], cfg.patch_size, images.shape[-1]
+        g = cfg.feature_size // p
         # [B, H, W, C] -> [B, g*g, P, P, C]: row-major patches, the same order as a stride-P conv.
         patches = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p, p, c)
         embed = Einsum(

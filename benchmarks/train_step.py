@@ -2,12 +2,16 @@
 
     python benchmarks/train_step.py speed   [--sizes tiny,small,1b] [--dtype float32|bfloat16]
     python benchmarks/train_step.py compile [--depths 4,12,48]
+    python benchmarks/train_step.py remat   [--policies none,full,dots_saveable] [--size remat]
 
 ``speed``: compile time, median step time, tokens/s and (where the device's peak
 FLOP/s is known, or given with --peak_flops) MFU of one full training step —
 forward, backward, AdamW — through the same ``Trainer`` the CLI uses.
 ``compile``: time to compile that step for a d_model=256 decoder at each depth,
 with the layers scanned (``nn.scan``) and unrolled.
+``remat``: for each rematerialisation policy, the memory XLA plans for the
+compiled step (``memory_analysis``: temporaries, i.e. the activations kept for
+the backward pass and the scratch space) and the median step time.
 
 Prints a Markdown table; figures in README come from running this.
 """
@@ -30,6 +34,7 @@ SIZES = {
     "tiny": (128, 4, 4, 512, 256, 128, 16),
     "small": (768, 12, 12, 3072, 32000, 512, 8),  # GPT-2 small shape, 32k vocab
     "1b": (2048, 16, 18, 8192, 32000, 1024, 8),  # ~1.0 B parameters
+    "remat": (512, 8, 8, 2048, 8192, 512, 8),  # a small decoder with long-ish rows: activations dominate
 }
 
 
@@ -79,6 +84,29 @@ def bench_speed(name, dims, *, dtype, steps, peak, batch=None, seq=None):
             f"{b * s / t:,.0f} | {flops / t / 1e12:.3f} | {mfu} |")  # fmt: skip
 
 
+def bench_remat(policy, dims, *, steps):
+    d, h, L, f, v, s, b = dims
+    trainer = Trainer(decoder_config(d, h, L, f, v, s, b, remat=policy))
+    state = trainer.init_state()
+    it = trainer.dataset.iterator("train")
+    batch = trainer.place(next(it))
+    with trainer._context():
+        step = trainer._train_step.lower(state, batch).compile()
+    mem = step.memory_analysis()
+    temp = getattr(mem, "temp_size_in_bytes", float("nan")) / 2**20
+    args = getattr(mem, "argument_size_in_bytes", float("nan")) / 2**20
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        batch = trainer.place(next(it))
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return f"| {policy} | {temp:,.0f} | {args:,.0f} | {statistics.median(times) * 1000:,.0f} |"
+
+
 def bench_compile(depth, scan):
     trainer = Trainer(decoder_config(256, 4, depth, 1024, 1024, 128, 8, scan=scan))
     state = trainer.init_state()
@@ -91,7 +119,9 @@ def bench_compile(depth, scan):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["speed", "compile"])
+    p.add_argument("what", choices=["speed", "compile", "remat"])
+    p.add_argument("--policies", default="none,full,dots_saveable")
+    p.add_argument("--size", default="remat", help="the model of the remat table (a --sizes name)")
     p.add_argument("--sizes", default="tiny,small,1b")
     p.add_argument("--depths", default="4,12,48")
     p.add_argument("--dtype", default="float32")
@@ -110,6 +140,13 @@ def main():
         for name in args.sizes.split(","):
             print(bench_speed(name, SIZES[name], dtype=args.dtype, steps=args.steps, peak=args.peak_flops,
                               batch=args.batch, seq=args.seq), flush=True)  # fmt: skip
+    elif args.what == "remat":
+        d, h, L, f, v, seq, b = SIZES[args.size]
+        print(f"decoder d {d}, {L} layers, d_ff {f}, vocab {v}, batch {b} x {seq}, float32, AdamW\n")
+        print("| remat policy | temporaries MiB | arguments MiB (params, optimizer state, batch) | step ms |")
+        print("|---|---|---|---|")
+        for policy in args.policies.split(","):
+            print(bench_remat(policy, SIZES[args.size], steps=args.steps), flush=True)
     else:
         print("| layers | compile s, scanned | compile s, unrolled |")
         print("|---|---|---|")

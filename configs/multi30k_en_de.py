@@ -30,6 +30,7 @@ def get_config(arg=None):
     c.data.tfds_dir = ""
     c.data.vocab_size = 8000
     c.data.max_len = 48
+    c.data.bucket = True  # batches of similar lengths, padded to 16 / 32 / 48
     c.data.batch_size = 128
 
     c.optim.name = "adam"
@@ -53,6 +54,7 @@ def get_config(arg=None):
         c.model.num_encoder_layers = 2
         c.model.num_decoder_layers = 2
         c.data.vocab_size = 4000
+        c.data.bucket = False
         c.data.pack = True
         c.data.batch_size = 64
         c.optim.warmup_steps = 400

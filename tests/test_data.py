@@ -222,3 +222,83 @@ def test_shakespeare_subword_tokenizer(tmp_path):
                              "tokenizer": "bpe", "vocab_size": 300, "block_size": 32,
                              "tokenizer_path": str(next(tmp_path.glob("tfm_tokenizers/*.model")))})  # fmt: skip
     assert reloaded.encode(passage).tolist() == ids.tolist()
+
+
+@pytest.fixture
+def varied_multi30k(tmp_path):
+    """40 pairs whose lengths grow from one sentence to ten sentences (for length bucketing)."""
+    folder = tmp_path / "src" / "multi30k"
+    folder.mkdir(parents=True)
+    en = ["A man rides a red bike.", "Two dogs play in the snow.", "A woman reads a book.", "Children run outside."]
+    de = ["Ein Mann fährt ein rotes Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch.",
+          "Kinder rennen draußen."]  # fmt: skip
+    for stem, n in (("train", 40), ("val", 4), ("test_2016_flickr", 5)):
+        for lang, sents in (("en", en), ("de", de)):
+            lines = [" ".join(sents[(i + j) % 4] for j in range(1 + i % 10)) for i in range(n)]
+            (folder / f"{stem}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tmp_path
+
+
+def _multi30k_opts(root, **kw):
+    return {"name": "multi30k", "batch_size": 4, "data_dir": str(root / "src"), "tfds_dir": str(root / "tfds"),
+            "vocab_size": 60, "max_len": 64, **kw}  # fmt: skip
+
+
+def test_length_buckets_pad_each_batch_to_the_smallest_width_that_fits(varied_multi30k):
+    ds = make_dataset(_multi30k_opts(varied_multi30k, bucket=True))
+    plain = make_dataset(_multi30k_opts(varied_multi30k))
+    assert ds.bucket_widths == [16, 32, 48, 64]
+    per_epoch = 40 // 4
+    seen, widths, positions = [], [], 0
+    for i in range(per_epoch):
+        b = ds.batch("train", i)
+        w = b["targets"].shape[1]
+        assert all(v.shape == (4, w) for v in b.values())
+        need = max(int((b["inputs"] != 0).sum(1).max()), int(b["weights"].sum(1).max()))
+        assert need <= w and (w == 16 or need > ds.bucket_widths[ds.bucket_widths.index(w) - 1]), (need, w)
+        widths.append(w)
+        positions += b["targets"].size
+        seen += [ds.decode(row) for row in b["targets"]]
+    assert len(set(widths)) > 1
+    # One epoch serves every training pair once (targets are cut at max_len, so compare prefixes).
+    refs = ds.references("train")
+    assert len(seen) == 40 and all(any(r.startswith(s) for r in refs) for s in seen)
+    # Less padding than one width for all, and the same tokens: the weights add up alike.
+    plain_weight = sum(plain.batch("train", i)["weights"].sum() for i in range(per_epoch))
+    assert sum(ds.batch("train", i)["weights"].sum() for i in range(per_epoch)) == plain_weight
+    assert positions < per_epoch * 4 * 64
+    # The next epoch is ordered differently; batches are reproducible.
+    nxt = [ds.batch("train", per_epoch + i)["targets"].shape[1] for i in range(per_epoch)]
+    again = make_dataset(_multi30k_opts(varied_multi30k, bucket=True))
+    np.testing.assert_array_equal(again.batch("train", 3)["inputs"], ds.batch("train", 3)["inputs"])
+    assert nxt != widths or not np.array_equal(ds.batch("train", per_epoch)["inputs"], ds.batch("train", 0)["inputs"])
+    with pytest.raises(DataError, match="choose one"):
+        make_dataset(_multi30k_opts(varied_multi30k, bucket=True, pack=True))
+
+
+def test_each_process_reads_only_its_rows_and_they_make_the_global_batch(tiny_fashion_mnist, varied_multi30k):
+    fm = make_dataset({"name": "fashion_mnist", "batch_size": 8, "data_dir": str(tiny_fashion_mnist / "src"),
+                       "tfds_dir": str(tiny_fashion_mnist / "tfds"), "flip": True, "crop_padding": 2})  # fmt: skip
+    # A random crop is the original image shifted by at most 2 pixels (zeros shifted in), possibly flipped.
+    raw = fm._train_stream[0]["image"].astype(np.float32)
+    got = fm.batch("train", 0)["inputs"][0] * 0.3530 + 0.2860
+    padded = np.pad(raw, ((2, 2), (2, 2), (0, 0)))
+    shifts = [padded[y : y + 28, x : x + 28] / 255.0 for y in range(5) for x in range(5)]
+    assert any(np.allclose(got, c, atol=1e-5) or np.allclose(got, c[:, ::-1], atol=1e-5) for c in shifts)
+    datasets = {
+        "fashion_mnist": fm,
+        "multi30k": make_dataset(_multi30k_opts(varied_multi30k)),
+        "multi30k packed": make_dataset(_multi30k_opts(varied_multi30k, pack=True)),
+        "multi30k bucketed": make_dataset(_multi30k_opts(varied_multi30k, bucket=True)),
+        "copy": make_dataset({"name": "copy", "batch_size": 4, "vocab_size": 12}),
+    }
+    for name, ds in datasets.items():
+        b = ds.batch_size
+        for split in ("train", "validation"):
+            for i in (0, 3, 11):
+                full = ds.batch(split, i)
+                parts = [ds.local_batch(split, i, slice(a, a + b // 2)) for a in (0, b // 2)]
+                for k in full:
+                    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k], err_msg=f"{name} {split} {k}")
+        it = ds.iterator("train", rows=slice(0, b // 2))
+        np.testing.assert_array_equal(next(it)[next(iter(full))], ds.batch("train", 0)[next(iter(full))][: b // 2])

@@ -354,14 +354,31 @@ class Trainer:
         stops = [global_batch if s[0].stop is None else s[0].stop for s in idx.values()]
         return slice(min(starts), max(stops))
 
-    def place(self, batch: dict) -> dict:
-        """Numpy global batch -> global ``jax.Array``s; this process contributes only its rows."""
+    def place(self, batch: dict, local: bool = False) -> dict:
+        """Numpy batch -> global ``jax.Array``s; this process contributes only its rows.
+
+        ``local=False``: ``batch`` is the global batch (every process holds all of it).
+        ``local=True``: ``batch`` holds only this process's rows (``self.local_rows``),
+        as a dataset iterator made with ``rows=`` yields them.
+        """
         out = {}
+        global_rows = self.config.data.batch_size
         for k, v in batch.items():
             v = np.asarray(v)
-            rows = self._rows(v.shape[0])
-            out[k] = jax.make_array_from_process_local_data(self.batch_sharding, v[rows], v.shape)
+            if local:
+                out[k] = jax.make_array_from_process_local_data(self.batch_sharding, v, (global_rows, *v.shape[1:]))
+            else:
+                out[k] = jax.make_array_from_process_local_data(self.batch_sharding, v[self._rows(v.shape[0])], v.shape)
         return out
+
+    @property
+    def _unit_key(self) -> str:
+        return "labels" if self.task == "classify" else "targets"
+
+    @property
+    def local_rows(self) -> slice:
+        """The rows of each global batch this process reads (all of them on one process)."""
+        return self._rows(self.config.data.batch_size)
 
     def train_step(self, state: TrainState, batch: dict):
         """One jitted update on a numpy global batch -> ``(state, metrics)`` (device scalars)."""
@@ -375,11 +392,11 @@ class Trainer:
             if not hasattr(self.dataset, "num_batches"):
                 raise ValueError(f"data.name={self.config.data.name!r} has no finite {split} split; give a step count")
             steps = self.dataset.num_batches(split)
-        it = self.dataset.iterator(split)
+        it = self.dataset.iterator(split, rows=self.local_rows)
         totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
         with self._context():
             for _ in range(steps):
-                sums = jax.device_get(self._eval_step(params, self.place(next(it))))
+                sums = jax.device_get(self._eval_step(params, self.place(next(it), local=True)))
                 totals = {k: totals[k] + float(sums[k]) for k in totals}
         if not totals["weight_sum"]:
             return {}
@@ -422,7 +439,7 @@ class Trainer:
             best_mode=t.best_mode, async_save=t.async_checkpoint,
         )  # fmt: skip
         writer = metrics_lib.MetricWriter(self.workdir, tensorboard=t.tensorboard)
-        data_it = self.dataset.iterator("train")
+        data_it = self.dataset.iterator("train", rows=self.local_rows)  # only this process's rows are read
         restored = ckpt.restore(self.abstract_state)
         if restored is None:
             state = self.init_state()
@@ -454,22 +471,32 @@ class Trainer:
         if start >= t.steps:
             progress.message(f"already at step {start} of {t.steps}; nothing to do")
             return {"step": start}
-        sample = self.place(next(self.dataset.iterator("train")))
-        batch_shapes = {k: v.shape for k, v in sample.items()}
-        unit_count = float(np.prod(batch_shapes["labels" if self.task == "classify" else "targets"]))
-        flops = metrics_lib.model_flops_per_step(self.family, self.model_config, nn.unbox(self.abstract_state.params), batch_shapes)  # fmt: skip
         peak = t.peak_flops or metrics_lib.peak_flops()
         n_devices = self.mesh.devices.size
+        params_shape = nn.unbox(self.abstract_state.params)
+        compiled: dict = {}  # batch shapes -> (step function, model FLOPs per step, positions per step)
+        compile_total = 0.0
 
-        with self._context():
-            t0 = time.perf_counter()
-            step_fn = self._train_step.lower(state, sample).compile()
-            compile_s = time.perf_counter() - t0
-        writer.write(start, {"compile_time_s": compile_s})
-        progress.message(f"compiled the train step in {compile_s:.1f} s")
+        def step_for(state, batch):
+            """The train step compiled for this batch's shapes (one per length bucket; usually just one)."""
+            nonlocal compile_total
+            key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+            if key not in compiled:
+                shapes = {k: v.shape for k, v in batch.items()}
+                with self._context():
+                    t0 = time.perf_counter()
+                    fn = self._train_step.lower(state, batch).compile()
+                    compile_s = time.perf_counter() - t0
+                interval["t0"] += compile_s  # compiling is not step time
+                compile_total += compile_s
+                writer.write(step, {"compile_time_s": compile_s})
+                progress.message(f"compiled the train step for batch {tuple(shapes[self._unit_key])} in {compile_s:.1f} s")
+                flops = metrics_lib.model_flops_per_step(self.family, self.model_config, params_shape, shapes)
+                compiled[key] = (fn, flops, float(np.prod(shapes[self._unit_key])))
+            return compiled[key]
 
         step, pending, last = start, None, {}
-        interval = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "s0": start}
+        interval = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "s0": start, "units": 0.0, "flops": 0.0}
         last_eval: dict = {}
 
         def flush():
@@ -505,23 +532,26 @@ class Trainer:
                 if steps_done > 0 and elapsed > 0:
                     sps = steps_done / elapsed
                     scalars["train/step_time_ms"] = 1000.0 / sps
-                    scalars[f"train/{'ex' if self.task == 'classify' else 'tok'}_per_sec"] = unit_count * sps
+                    scalars[f"train/{'ex' if self.task == 'classify' else 'tok'}_per_sec"] = interval["units"] / elapsed
                     if peak:
-                        scalars["train/mfu"] = flops * sps / (peak * n_devices)
+                        scalars["train/mfu"] = interval["flops"] / elapsed / (peak * n_devices)
                 mem = metrics_lib.device_peak_bytes()
                 scalars["memory/host_peak_rss_mb"] = metrics_lib.host_peak_rss_bytes() / 2**20
                 if mem is not None:
                     scalars["memory/device_peak_mb"] = mem / 2**20
                 writer.write(s, scalars)
-                interval.update(loss=0.0, n=0, t0=time.perf_counter(), s0=s)
+                interval.update(loss=0.0, n=0, t0=time.perf_counter(), s0=s, units=0.0, flops=0.0)
             else:
                 scalars["train/loss"] = float(m["loss"])
             last = scalars
             progress.update(s, scalars, log_now)
 
         while step < t.steps:
-            batch = self.place(next(data_it))
+            batch = self.place(next(data_it), local=True)
+            step_fn, flops, units = step_for(state, batch)
             state, metrics = step_fn(state, batch)
+            interval["units"] += units
+            interval["flops"] += flops
             flush()  # the previous step's metrics; this step runs meanwhile
             step += 1
             pending = (step, metrics)
@@ -544,7 +574,7 @@ class Trainer:
                 return {"step": step, "preempted": True, **{f"final/{k}": v for k, v in last.items()}}
         flush()
         ckpt.wait()
-        out = {"step": step, "train_loss": last.get("train/loss"), "compile_time_s": compile_s}
+        out = {"step": step, "train_loss": last.get("train/loss"), "compile_time_s": compile_total}
         out.update(last_eval)
         return out
 

@@ -53,7 +53,18 @@ class Dataset:
     def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def iterator(self, split: str = "train") -> IndexedIterator:
+    def local_batch(self, split: str, index: int, rows: slice) -> dict[str, np.ndarray]:
+        """Rows ``rows`` of global batch ``index``: what one process of a multi-process run reads.
+
+        Equal to ``batch(split, index)[rows]`` by definition; datasets that read
+        from storage override it to touch only those rows' records.
+        """
+        return {k: v[rows] for k, v in self.batch(split, index).items()}
+
+    def iterator(self, split: str = "train", rows: slice | None = None) -> IndexedIterator:
+        """Batches 0, 1, 2, ... of ``split``: global ones, or with ``rows`` only those rows of each."""
         if split not in self.SPLITS:
             raise DataError(f"split {split!r}: {type(self).__name__} has {list(self.SPLITS)}")
-        return IndexedIterator(lambda i: self.batch(split, i))
+        if rows is None:
+            return IndexedIterator(lambda i: self.batch(split, i))
+        return IndexedIterator(lambda i: self.local_batch(split, i, rows))

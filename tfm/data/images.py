@@ -4,9 +4,11 @@ Splits: ``validation`` is 5,000 images held out of the official 60,000
 training images (the last 5,000 in the prepared files, whose order tfds fixes
 by a deterministic shuffle of the keys), ``train`` the other 55,000, ``test``
 the official 10,000. Training batches come from
-``grain.MapDataset.source(...).shuffle(seed).repeat().batch(B)``: random
-access, so training batch ``i`` is a pure function of ``(seed, i)`` and the
-checkpointed iterator position is just ``i``; every epoch is reshuffled.
+``grain.MapDataset.source(...).shuffle(seed).repeat()``, cut into batches of
+B: random access, so training batch ``i`` is a pure function of ``(seed, i)``
+and the checkpointed iterator position is just ``i``; every epoch is
+reshuffled. A process of a multi-process run reads only the records of its
+rows of each batch (``local_batch``).
 Evaluation splits are read once in order; the last batch is padded with
 zero-weight rows so every example counts exactly once.
 
@@ -33,9 +35,9 @@ VALIDATION_SIZE = 5000
 class FashionMnist(Dataset):
     task = "classify"
     SPLITS = ("train", "validation", "test")
-    OPTIONS = dict(data_dir="", path="fashion_mnist", tfds_dir="", source="local", flip=True, seed=0)
+    OPTIONS = dict(data_dir="", path="fashion_mnist", tfds_dir="", source="local", flip=True, crop_padding=0, seed=0)
 
-    def __init__(self, *, batch_size, data_dir, path, tfds_dir, source, flip, seed):
+    def __init__(self, *, batch_size, data_dir, path, tfds_dir, source, flip, crop_padding, seed):
         import tensorflow_datasets as tfds
 
         if source == "local":
@@ -56,8 +58,11 @@ class FashionMnist(Dataset):
             "test": grain.MapDataset.source(sources["test"]),
         }
         self.num_classes = 10
-        self.batch_size, self.flip, self.seed = batch_size, flip, seed
-        self._train = self.sources["train"].shuffle(seed=seed).repeat().batch(batch_size)
+        if crop_padding < 0:
+            raise DataError(f"data.crop_padding={crop_padding}: must be >= 0")
+        self.batch_size, self.flip, self.crop_padding, self.seed = batch_size, flip, crop_padding, seed
+        # Training example j of the endless stream; batch i is examples i*B .. i*B+B-1.
+        self._train_stream = self.sources["train"].shuffle(seed=seed).repeat()
 
     def num_batches(self, split: str, batch_size: int | None = None) -> int:
         b = batch_size or self.batch_size
@@ -69,21 +74,36 @@ class FashionMnist(Dataset):
 
     def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
         b = batch_size or self.batch_size
+        return self._read(split, index, b, range(b))
+
+    def local_batch(self, split: str, index: int, rows: slice) -> dict[str, np.ndarray]:
+        """Only the records of ``rows`` are read (a process's share of the global batch)."""
+        return self._read(split, index, self.batch_size, range(self.batch_size)[rows])
+
+    def _read(self, split: str, index: int, b: int, rows: range) -> dict[str, np.ndarray]:
         if split == "train" and b == self.batch_size:
-            raw = self._train[index]
-            images, labels = raw["image"], raw["label"]
-            if self.flip:  # left-right flips, drawn from (seed, index) so batches stay reproducible
-                rng = np.random.default_rng([self.seed, 7, index])
-                flip = rng.random(len(images)) < 0.5
+            records = [self._train_stream[index * b + r] for r in rows]
+            images = np.stack([r["image"] for r in records])
+            labels = np.array([r["label"] for r in records])
+            # Augmentation drawn for the whole batch from (seed, index): reproducible, and the
+            # same for a row whichever process reads it.
+            rng = np.random.default_rng([self.seed, 7, index])
+            if self.flip:  # left-right flips
+                flip = (rng.random(b) < 0.5)[list(rows)]
                 images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+            if self.crop_padding:  # random crops of the zero-padded image: shifts of up to +-p pixels
+                p, (h, w) = self.crop_padding, images.shape[1:3]
+                offsets = rng.integers(0, 2 * p + 1, size=(b, 2))[list(rows)]
+                padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+                images = np.stack([padded[i, y : y + h, x : x + w] for i, (y, x) in enumerate(offsets)])
             return self._prepare(images, labels, np.ones(len(labels)))
         if split not in self.sources:
             raise DataError(f"split {split!r}: Fashion-MNIST has {list(self.SPLITS)}")
         src = self.sources[split]
         # One pass in order; wraps around past the end with zero weights.
-        idx = [(index * b + j) for j in range(b)]
-        rows = [src[i % len(src)] for i in idx]
+        idx = [index * b + j for j in rows]
+        records = [src[i % len(src)] for i in idx]
         weights = np.array([i < len(src) for i in idx], np.float32)
-        images = np.stack([r["image"] for r in rows])
-        labels = np.array([r["label"] for r in rows])
+        images = np.stack([r["image"] for r in records])
+        labels = np.array([r["label"] for r in records])
         return self._prepare(images, labels, weights)

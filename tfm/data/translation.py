@@ -17,6 +17,15 @@ order is packed greedily (a pair starts a new row when its source or target no
 longer fits), and the batch carries ``segment_ids`` / ``decoder_segment_ids``
 (1, 2, … per pair, 0 for padding) and per-pair ``positions`` /
 ``decoder_positions``, from which the model's masks keep the pairs apart.
+
+With ``bucket=True`` (and no packing) training batches hold pairs of similar
+length, padded only to the smallest bucket width (multiples of 16 up to
+``max_len``) that fits their longest: each epoch's shuffled order is cut into
+chunks of 32 batches, each chunk sorted by length and cut into batches, and
+the epoch's batches shuffled again. The trainer compiles one step per width.
+
+Every training batch ``i`` is a pure function of ``(seed, i)``; a process of a
+multi-process run builds only its rows of it (``local_batch``).
 """
 
 from __future__ import annotations
@@ -74,14 +83,16 @@ class Translation(Dataset):
     task = "seq2seq"
     SPLITS = ("train", "validation", "test")
     OPTIONS = dict(data_dir="", path="multi30k", tfds_dir="", source_lang="en", target_lang="de", vocab_size=8000,
-                   model_type="bpe", tokenizer_path="", max_len=64, pack=False, seed=0)  # fmt: skip
+                   model_type="bpe", tokenizer_path="", max_len=64, pack=False, bucket=False, seed=0)  # fmt: skip
 
     def __init__(self, *, batch_size, data_dir, path, tfds_dir, source_lang, target_lang, vocab_size, model_type,
-                 tokenizer_path, max_len, pack, seed):  # fmt: skip
+                 tokenizer_path, max_len, pack, bucket, seed):  # fmt: skip
         import sentencepiece as spm
 
         if {source_lang, target_lang} != {"en", "de"}:
             raise DataError(f"data.source_lang={source_lang!r}, data.target_lang={target_lang!r}: Multi30k has en and de")
+        if pack and bucket:
+            raise DataError("data.pack and data.bucket: choose one (packed rows have no padding to bucket)")
         if model_type not in ("bpe", "unigram"):
             raise DataError(f"data.model_type={model_type!r}: choose 'bpe' or 'unigram'")
         folder = os.path.join(data_dir_(data_dir), path)
@@ -102,11 +113,11 @@ class Translation(Dataset):
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
         self.pad_id, self.bos_id, self.eos_id = PAD, BOS, EOS
         self.tokens = {split: [(self.encode(s), self._ids(t)) for s, t in pairs] for split, pairs in self.pairs.items()}
-        order = grain.MapDataset.range(len(self.tokens["train"])).shuffle(seed=seed).repeat()
-        self._order = order
-        self._train = order.batch(batch_size)
-        self.pack = pack
+        self._order = grain.MapDataset.range(len(self.tokens["train"])).shuffle(seed=seed).repeat()
+        self.pack, self.bucket = pack, bucket
+        self.bucket_widths = sorted({*range(16, max_len, 16), max_len})
         self._epoch_rows: list[list[list[int]]] = []  # packed rows of each epoch, computed on demand
+        self._epoch_buckets: list[list[tuple[list[int], int]]] = []  # (pair ids, width) of each bucketed batch
 
     def _train_tokenizer(self, spm, cache_dir, vocab_size, model_type) -> str:
         sentences = [s for pair in self.pairs["train"] for s in pair]
@@ -153,8 +164,9 @@ class Translation(Dataset):
     def num_batches(self, split: str, batch_size: int | None = None) -> int:
         return -(-len(self.tokens[split]) // (batch_size or self.batch_size))
 
-    def _pack(self, rows, weights) -> dict[str, np.ndarray]:
-        b, n = len(rows), self.max_len
+    def _pad(self, rows, weights, width: int | None = None) -> dict[str, np.ndarray]:
+        """One pair per row, padded to ``width`` (default ``max_len``); longer sentences are cut."""
+        b, n = len(rows), width or self.max_len
         src = np.full((b, n), PAD, np.int32)
         dec_in = np.full((b, n), PAD, np.int32)
         tgt = np.full((b, n), PAD, np.int32)
@@ -186,7 +198,25 @@ class Translation(Dataset):
             self._epoch_rows.append(rows)
         return self._epoch_rows[epoch]
 
-    def _packed_batch(self, index: int) -> dict[str, np.ndarray]:
+    def _pair_length(self, k: int) -> int:
+        """Positions pair ``k`` needs: its source, or its target plus EOS, whichever is longer."""
+        s, t = self.tokens["train"][k]
+        return max(min(len(s), self.max_len), min(len(t), self.max_len - 1) + 1)
+
+    def _bucketed_epoch(self, epoch: int) -> list[tuple[list[int], int]]:
+        while len(self._epoch_buckets) <= epoch:
+            e, b, n = len(self._epoch_buckets), self.batch_size, len(self.tokens["train"])
+            order = [int(self._order[e * n + j]) for j in range(n - n % b)]  # whole batches only
+            batches = []
+            for c in range(0, len(order), 32 * b):
+                chunk = sorted(order[c : c + 32 * b], key=self._pair_length)
+                batches += [chunk[i : i + b] for i in range(0, len(chunk), b)]
+            np.random.default_rng([self.seed, 11, e]).shuffle(batches)
+            widths = [min(w for w in self.bucket_widths if w >= max(map(self._pair_length, ids))) for ids in batches]
+            self._epoch_buckets.append(list(zip(batches, widths)))
+        return self._epoch_buckets[epoch]
+
+    def _packed_batch(self, index: int, keep: range) -> dict[str, np.ndarray]:
         b, n, data = self.batch_size, self.max_len, self.tokens["train"]
         # Row r of the packed stream: walk the epochs' row counts (each epoch packs differently).
         rows, r, epoch = [], index * b, 0
@@ -199,6 +229,8 @@ class Translation(Dataset):
             if r >= len(epoch_rows):
                 r -= len(epoch_rows)
                 epoch += 1
+        rows = [rows[i] for i in keep]
+        b = len(rows)
         out = {k: np.zeros((b, n), np.int32) for k in ("inputs", "decoder_inputs", "targets", "segment_ids",
                                                           "decoder_segment_ids", "positions", "decoder_positions")}  # fmt: skip
         out["weights"] = np.zeros((b, n), np.float32)
@@ -223,13 +255,23 @@ class Translation(Dataset):
 
     def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
         b = batch_size or self.batch_size
+        return self._read(split, index, b, range(b))
+
+    def local_batch(self, split: str, index: int, rows: slice) -> dict[str, np.ndarray]:
+        """Only the rows ``rows`` of batch ``index`` are built (a process's share)."""
+        return self._read(split, index, self.batch_size, range(self.batch_size)[rows])
+
+    def _read(self, split: str, index: int, b: int, rows: range) -> dict[str, np.ndarray]:
         if split not in self.tokens:
             raise DataError(f"split {split!r}: Multi30k has {list(self.SPLITS)}")
         data = self.tokens[split]
-        if split == "train" and self.pack and b == self.batch_size:
-            return self._packed_batch(index)
         if split == "train" and b == self.batch_size:
-            idx = [int(i) for i in self._train[index]]
-            return self._pack([data[i] for i in idx], np.ones(b))
-        idx = [index * b + j for j in range(b)]  # in order, once; padding rows weigh nothing
-        return self._pack([data[i % len(data)] for i in idx], np.array([i < len(data) for i in idx], np.float32))
+            if self.pack:
+                return self._packed_batch(index, rows)
+            if self.bucket:
+                per_epoch = len(data) // b
+                ids, width = self._bucketed_epoch(index // per_epoch)[index % per_epoch]
+                return self._pad([data[ids[r]] for r in rows], np.ones(len(rows)), width)
+            return self._pad([data[int(self._order[index * b + r])] for r in rows], np.ones(len(rows)))
+        idx = [index * b + j for j in rows]  # in order, once; padding rows weigh nothing
+        return self._pad([data[i % len(data)] for i in idx], np.array([i < len(data) for i in idx], np.float32))

@@ -3,8 +3,8 @@
 A three-convolution stem (the ViT paper's hybrid, with the stem of Xiao et al. 2021)
 turns the image into a 4x4 grid of 128-channel features; each cell is one token for a
 6-layer, d 64 pre-LN Transformer with a class token. Patches of raw pixels
-(``--config.model.stem_channels='()' --config.model.patch_size=4``) learn more slowly:
-87.4 % test accuracy after the same 20 CPU minutes (see README).
+(``--config.model.stem_channels='()' --config.model.patch_size=4``) learn more slowly on
+a CPU budget: 87.4 % test accuracy after 3,000 steps in 18.5 CPU minutes (see README).
 
     python -m tfm.train --config configs/fashion_mnist_vit.py --workdir /tmp/fmnist \\
         --config.data.data_dir=PATH/TO/DATA          # holds fashion_mnist/*-idx?-ubyte.gz
@@ -29,6 +29,7 @@ def get_config(arg=None):
     c.data.data_dir = ""  # "" -> $TFM_DATA_DIR, else ./data
     c.data.tfds_dir = ""  # where the prepared array_record files go; "" -> tfds's default
     c.data.batch_size = 128
+    c.data.crop_padding = 2  # random shifts of up to 2 px (and left-right flips, on by default)
 
     c.optim.name = "adamw"
     c.optim.learning_rate = 2e-3
@@ -45,6 +46,7 @@ def get_config(arg=None):
     c.train.checkpoint_every = 2000
 
     if arg == "tiny":
+        c.data.crop_padding = 0
         c.model.stem_channels = ()
         c.model.patch_size = 7
         c.model.d_model = 32

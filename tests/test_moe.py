@@ -190,8 +190,13 @@ def test_moe_every_k_places_experts_in_every_kth_layer_scanned_and_unscanned():
     assert maxerr(out_s, out_u) < 1e-5
 
 
-def test_mixtral_preset_has_the_published_parameter_count():
-    assert get_preset("mixtral_8x7b").num_params() == 46_702_792_704
+def test_mixtral_preset_has_the_published_parameter_counts():
+    from tfm.summary import active_params
+
+    preset = get_preset("mixtral_8x7b")
+    assert preset.num_params() == 46_702_792_704  # "46.7B total"
+    # "12.9B active": attention, norms, router and embeddings, plus 2 of the 8 experts per layer.
+    assert active_params(preset.init_shapes()["params"], preset.config) == 12_879_925_248
 
 
 def _moe_config(*overrides):
@@ -234,4 +239,12 @@ def test_expert_parallel_on_8_devices_equals_one_device(dispatch):
         if n == 8:
             wi = state.params["decoder"]["layers"]["block_1"]["moe"]["wi"]
             assert wi.sharding.shard_shape(wi.shape)[1] == 1  # [L, E=4, D, F] -> one expert per device
+            batch = trainer.place(next(it))
+            with trainer._context():
+                hlo = trainer._train_step.lower(state, batch).compile().as_text()
+            gathers = [line for line in hlo.splitlines() if " all-gather(" in line or " all-gather-start(" in line]
+            # Tokens move, expert weights do not: no all-gather yields a whole [E, D, F] / [E, F, D] tensor.
+            assert not [g for g in gathers if "[4,32,64]" in g or "[4,64,32]" in g or "[1,4,32,64]" in g], gathers
+            if dispatch == "capacity":
+                assert "all-to-all" in hlo  # the dispatch einsum became an all-to-all
     np.testing.assert_allclose(results["EP=4 x DP=2"], results["1 device"], rtol=1e-5)

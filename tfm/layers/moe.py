@@ -21,6 +21,9 @@ axis and the batch over it too, XLA turns the dispatch einsum into an all-to-all
 ``dispatch="dropless"`` (MegaBlocks-style sort and segment): the (token, expert)
 assignments are sorted by expert and every expert multiplies its contiguous rows
 with ``jax.lax.ragged_dot``; nothing is dropped, no capacity padding is computed.
+With the experts split over an ``expert`` mesh axis it runs under ``jax.shard_map``:
+each device gathers its group's tokens, runs its own experts and reduce-scatters
+the outputs back (tokens move, expert weights never do).
 
 Auxiliary losses are sown into the ``aux_loss`` collection (the trainer adds them to
 the loss), already multiplied by their weights:
@@ -143,6 +146,87 @@ def capacity_dispatch(experts: Array, gates: Array, num_experts: int, cap: int) 
     return dispatch, combine
 
 
+def _dropless(x, experts, gates, wi, wo, bi, bo, hidden, num_experts: int) -> Array:
+    """Sort the (token, expert) assignments by expert; each expert multiplies its contiguous rows.
+
+    ``x [N, D]`` or ``[B, T, D]``, ``experts, gates [..., k]`` (ids may be ``num_experts`` for
+    "not here": those rows sort last, outside every group, and get weight 0). Returns ``x``'s shape.
+    """
+    shape, d = x.shape, x.shape[-1]
+    k = experts.shape[-1]
+    x = x.reshape(-1, d)
+    n = x.shape[0]
+    flat = experts.reshape(n * k)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k  # assignment j belongs to token j // k
+    sorted_experts = jnp.minimum(flat[order], num_experts - 1)  # (for bias lookup only)
+    sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    xs = x[token]  # [N*k, D], grouped by expert
+    pre = [jax.lax.ragged_dot(xs, w, sizes) for w in wi]
+    if bi is not None:
+        pre = [p + bv[sorted_experts] for p, bv in zip(pre, bi)]
+    ys = jax.lax.ragged_dot(hidden(pre), wo, sizes)
+    if bo is not None:
+        ys = ys + bo[sorted_experts]
+    w = jnp.where(flat[order] < num_experts, gates.reshape(n * k)[order], 0).astype(ys.dtype)
+    return jnp.zeros((n, d), ys.dtype).at[token].add(ys * w[:, None]).reshape(shape)
+
+
+def _expert_mesh_axes():
+    """``(mesh axis of the experts, mesh axes of the batch)`` when the experts are split over
+    more than one device of the current mesh, else ``(None, None)``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None, None
+    axis = nn.logical_to_mesh_axes((sh.EXPERT,))[0]
+    if axis is None or not isinstance(axis, str) or dict(mesh.shape).get(axis, 1) == 1:
+        return None, None
+    batch = nn.logical_to_mesh_axes((sh.BATCH,))[0]
+    batch = () if batch is None else (batch,) if isinstance(batch, str) else tuple(batch)
+    return axis, batch
+
+
+def _dropless_expert_parallel(x, experts, gates, wi, wo, bi, bo, act, gated, axis, batch_axes) -> Array:
+    """Dropless dispatch with the experts split over mesh axis ``axis`` (``jax.shard_map``).
+
+    Each device holds E/ep experts. The tokens of the ``axis`` group are all-gathered
+    (tokens, never expert weights, move), each device runs its own experts on the
+    assignments routed to them, and a reduce-scatter returns every device the sum over
+    experts for its own tokens. Without the batch split over ``axis``, every device
+    already holds the group's tokens and a psum finishes the job.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.get_abstract_mesh()
+    ep = dict(mesh.shape)[axis]
+    e = wo.shape[0]
+    if e % ep:
+        raise ValueError(f"num_experts={e} is not divisible by the {ep} devices of mesh axis {axis!r}")
+    e_local = e // ep
+    gathered = axis in batch_axes
+    tokens = P(batch_axes or None)
+    split = P(axis)
+
+    def hidden(pre):
+        return act(pre[0]) * pre[1] if gated else act(pre[0])
+
+    def local(x, experts, gates, wi, wo, bi, bo):
+        shape = x.shape
+        x, experts, gates = x.reshape(-1, shape[-1]), experts.reshape(-1, experts.shape[-1]), gates.reshape(-1, gates.shape[-1])
+        if gathered:
+            x, experts, gates = (jax.lax.all_gather(a, axis, tiled=True) for a in (x, experts, gates))
+        first = jax.lax.axis_index(axis) * e_local
+        mine = (experts >= first) & (experts < first + e_local)
+        local_ids = jnp.where(mine, experts - first, e_local)  # e_local: another device's expert
+        y = _dropless(x, local_ids, gates, wi, wo, bi, bo, hidden, e_local)
+        y = jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True) if gathered else jax.lax.psum(y, axis)
+        return y.reshape(shape)
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(tokens, tokens, tokens, split, split, split, split), out_specs=tokens,
+    )(x, experts, gates, wi, wo, bi, bo)  # fmt: skip
+
+
 class MoE(nn.Module):
     """``[B, T, D] -> [B, T, D]``: top-k routed expert FFNs (see the module docstring)."""
 
@@ -229,21 +313,15 @@ class MoE(nn.Module):
             kept = jnp.sum(dispatch)
             drop_fraction = 1.0 - kept / (b * t * self.top_k)
         else:
-            n, k = b * t, self.top_k
-            flat_experts = experts.reshape(n * k)
-            order = jnp.argsort(flat_experts, stable=True)
-            token = order // k  # assignment j belongs to token j // k
-            sorted_experts = flat_experts[order]
-            sizes = jnp.bincount(flat_experts, length=e).astype(jnp.int32)
-            xs = xc.reshape(n, d)[token]  # [N*k, D], grouped by expert
-            pre = [jax.lax.ragged_dot(xs, w, sizes) for w in wi]
-            if bi is not None:
-                pre = [p + bv[sorted_experts] for p, bv in zip(pre, bi)]
-            ys = jax.lax.ragged_dot(hidden(pre), wo, sizes)
-            if bo is not None:
-                ys = ys + bo[sorted_experts]
-            w = gates.reshape(n * k)[order].astype(ys.dtype)
-            y = jnp.zeros((n, d), ys.dtype).at[token].add(ys * w[:, None]).reshape(b, t, d)
+            axis, batch_axes = _expert_mesh_axes()
+            if axis is not None and b % math.prod(dict(jax.sharding.get_abstract_mesh().shape)[a] for a in batch_axes):
+                axis = None  # a batch too small to split (an init example): leave it to XLA's partitioner
+            if axis is not None:
+                if self.dropout_rate > 0.0 and not deterministic:
+                    raise ValueError("dropless dispatch over an expert mesh axis has no activation dropout; set it to 0")
+                y = _dropless_expert_parallel(xc, experts, gates, wi, wo, bi, bo, act, gated, axis, batch_axes)
+            else:
+                y = _dropless(xc, experts, gates, wi, wo, bi, bo, hidden, e)
             drop_fraction = jnp.zeros((), jnp.float32)
 
         lb = load_balance_loss(probs, experts)

@@ -15,6 +15,8 @@ from tfm.layers.moe import MoE, capacity, capacity_dispatch, load_balance_loss
 from tfm.models import get_preset
 from tfm.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("cheap_xla_compiles")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E, D, F = 4, 16, 24
 

@@ -54,28 +54,33 @@ def decoder_config(d, heads, layers, d_ff, vocab, seq, batch, *, dtype="float32"
     return c
 
 
+def compiled_step_time(trainer, steps):
+    """Compile the trainer's step, warm it up, time ``steps`` more -> (step, state, compile s, median s)."""
+    state = trainer.init_state()
+    it = trainer.dataset.iterator("train")
+    batch = trainer.place(next(it))
+    with trainer._context():
+        t0 = time.perf_counter()
+        step = trainer._train_step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+    state, m = step(state, batch)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        batch = trainer.place(next(it))
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return step, state, compile_s, statistics.median(times)
+
+
 def bench_speed(name, dims, *, dtype, steps, peak, batch=None, seq=None):
     d, h, L, f, v, s, b = dims
     s, b = seq or s, batch or b
     trainer = Trainer(decoder_config(d, h, L, f, v, s, b, dtype=dtype))
     n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
-    state = trainer.init_state()
-    it = trainer.dataset.iterator("train")
-    batch0 = trainer.place(next(it))
-    with trainer._context():
-        t0 = time.perf_counter()
-        step = trainer._train_step.lower(state, batch0).compile()
-        compile_s = time.perf_counter() - t0
-    state, m = step(state, batch0)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        batch_i = trainer.place(next(it))
-        t0 = time.perf_counter()
-        state, m = step(state, batch_i)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
+    _, state, compile_s, t = compiled_step_time(trainer, steps)
     flops = metrics_lib.model_flops_per_step("gpt", trainer.model_config, state.params, {"inputs": (b, s)})
     n_dev = len(jax.devices())
     peak = peak or metrics_lib.peak_flops()
@@ -86,25 +91,11 @@ def bench_speed(name, dims, *, dtype, steps, peak, batch=None, seq=None):
 
 def bench_remat(policy, dims, *, steps):
     d, h, L, f, v, s, b = dims
-    trainer = Trainer(decoder_config(d, h, L, f, v, s, b, remat=policy))
-    state = trainer.init_state()
-    it = trainer.dataset.iterator("train")
-    batch = trainer.place(next(it))
-    with trainer._context():
-        step = trainer._train_step.lower(state, batch).compile()
+    step, _, _, t = compiled_step_time(Trainer(decoder_config(d, h, L, f, v, s, b, remat=policy)), steps)
     mem = step.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", float("nan")) / 2**20
     args = getattr(mem, "argument_size_in_bytes", float("nan")) / 2**20
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        batch = trainer.place(next(it))
-        t0 = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    return f"| {policy} | {temp:,.0f} | {args:,.0f} | {statistics.median(times) * 1000:,.0f} |"
+    return f"| {policy} | {temp:,.0f} | {args:,.0f} | {t * 1000:,.0f} |"
 
 
 def bench_compile(depth, scan):

@@ -126,13 +126,15 @@ def test_fashion_mnist_missing_or_broken_files(tiny_fashion_mnist, tmp_path):
         read_idx(str(src))
 
 
+EN = ["A man rides a red bike.", "Two dogs play in the snow.", "A woman reads a book.", "Children run outside."]
+DE = ["Ein Mann fährt ein rotes Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch.", "Kinder rennen draußen."]
+
+
 @pytest.fixture
 def tiny_multi30k(tmp_path):
     folder = tmp_path / "src" / "multi30k"
     folder.mkdir(parents=True)
-    en = ["A man rides a red bike.", "Two dogs play in the snow.", "A woman reads a book.", "Children run outside."]
-    de = ["Ein Mann fährt ein rotes Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch.",
-          "Kinder rennen draußen."]  # fmt: skip
+    en, de = EN, DE
     for stem, n in (("train", 40), ("val", 4), ("test_2016_flickr", 5)):
         (folder / f"{stem}.en").write_text("\n".join(en[i % 4] for i in range(n)) + "\n", encoding="utf-8")
         (folder / f"{stem}.de").write_text("\n".join(de[i % 4] for i in range(n)) + "\n", encoding="utf-8")
@@ -229,9 +231,7 @@ def varied_multi30k(tmp_path):
     """40 pairs whose lengths grow from one sentence to ten sentences (for length bucketing)."""
     folder = tmp_path / "src" / "multi30k"
     folder.mkdir(parents=True)
-    en = ["A man rides a red bike.", "Two dogs play in the snow.", "A woman reads a book.", "Children run outside."]
-    de = ["Ein Mann fährt ein rotes Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch.",
-          "Kinder rennen draußen."]  # fmt: skip
+    en, de = EN, DE
     for stem, n in (("train", 40), ("val", 4), ("test_2016_flickr", 5)):
         for lang, sents in (("en", en), ("de", de)):
             lines = [" ".join(sents[(i + j) % 4] for j in range(1 + i % 10)) for i in range(n)]

@@ -1,6 +1,5 @@
 """Mixture-of-Experts: the routed layer against a per-token loop, losses, capacity, dropless, experts on a mesh."""
 
-import dataclasses
 import os
 
 import flax.linen as nn

@@ -68,3 +68,24 @@ class Dataset:
         if rows is None:
             return IndexedIterator(lambda i: self.batch(split, i))
         return IndexedIterator(lambda i: self.local_batch(split, i, rows))
+
+
+class RowReadingDataset(Dataset):
+    """A dataset that can build any subset of a batch's rows without the others.
+
+    Subclasses implement ``read(split, index, batch_size, rows)`` (``rows`` a
+    ``range`` of row numbers of global batch ``index``); ``batch`` and
+    ``local_batch`` are both that call.
+    """
+
+    batch_size: int
+
+    def read(self, split: str, index: int, batch_size: int, rows: range) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        b = batch_size or self.batch_size
+        return self.read(split, index, b, range(b))
+
+    def local_batch(self, split: str, index: int, rows: slice) -> dict[str, np.ndarray]:
+        return self.read(split, index, self.batch_size, range(self.batch_size)[rows])

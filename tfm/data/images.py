@@ -23,7 +23,7 @@ import os
 import grain
 import numpy as np
 
-from tfm.data.base import DataError, Dataset
+from tfm.data.base import DataError, RowReadingDataset
 from tfm.data.base import data_dir as data_dir_
 from tfm.data.builders import IDX_FILES, FashionMnistIdx, prepare
 
@@ -32,7 +32,7 @@ MEAN, STD = 0.2860, 0.3530
 VALIDATION_SIZE = 5000
 
 
-class FashionMnist(Dataset):
+class FashionMnist(RowReadingDataset):
     task = "classify"
     SPLITS = ("train", "validation", "test")
     OPTIONS = dict(data_dir="", path="fashion_mnist", tfds_dir="", source="local", flip=True, crop_padding=0, seed=0)
@@ -72,15 +72,7 @@ class FashionMnist(Dataset):
         x = (images.astype(np.float32) / 255.0 - MEAN) / STD
         return {"inputs": x, "labels": labels.astype(np.int32), "weights": weights.astype(np.float32)}
 
-    def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        b = batch_size or self.batch_size
-        return self._read(split, index, b, range(b))
-
-    def local_batch(self, split: str, index: int, rows: slice) -> dict[str, np.ndarray]:
-        """Only the records of ``rows`` are read (a process's share of the global batch)."""
-        return self._read(split, index, self.batch_size, range(self.batch_size)[rows])
-
-    def _read(self, split: str, index: int, b: int, rows: range) -> dict[str, np.ndarray]:
+    def read(self, split: str, index: int, b: int, rows: range) -> dict[str, np.ndarray]:
         if split == "train" and b == self.batch_size:
             records = [self._train_stream[index * b + r] for r in rows]
             images = np.stack([r["image"] for r in records])

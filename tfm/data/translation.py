@@ -37,7 +37,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfm.data.base import DataError, Dataset
+from tfm.data.base import DataError, RowReadingDataset
 from tfm.data.base import data_dir as data_dir_
 from tfm.data.builders import prepare
 
@@ -79,7 +79,7 @@ def _text(x) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-class Translation(Dataset):
+class Translation(RowReadingDataset):
     task = "seq2seq"
     SPLITS = ("train", "validation", "test")
     OPTIONS = dict(data_dir="", path="multi30k", tfds_dir="", source_lang="en", target_lang="de", vocab_size=8000,
@@ -253,15 +253,7 @@ class Translation(Dataset):
                 ps, pt = ps + len(s), pt + m
         return out
 
-    def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        b = batch_size or self.batch_size
-        return self._read(split, index, b, range(b))
-
-    def local_batch(self, split: str, index: int, rows: slice) -> dict[str, np.ndarray]:
-        """Only the rows ``rows`` of batch ``index`` are built (a process's share)."""
-        return self._read(split, index, self.batch_size, range(self.batch_size)[rows])
-
-    def _read(self, split: str, index: int, b: int, rows: range) -> dict[str, np.ndarray]:
+    def read(self, split: str, index: int, b: int, rows: range) -> dict[str, np.ndarray]:
         if split not in self.tokens:
             raise DataError(f"split {split!r}: Multi30k has {list(self.SPLITS)}")
         data = self.tokens[split]

@@ -27,7 +27,7 @@ from jax import Array
 
 from tfm import sharding as sh
 from tfm.layers.linear import Einsum, Initializer
-from tfm.layers.masks import and_masks
+from tfm.layers.masks import and_masks, block_sparse_mask_at, local_mask_at
 from tfm.layers.position import apply_rope
 
 log = logging.getLogger(__name__)
@@ -75,22 +75,14 @@ def pattern_mask(kind: str, q_pos: Array, k_pos: Array, *, causal: bool, window:
                  global_stride: int = 0) -> Array | None:  # fmt: skip
     """The dense ``[T, S]`` mask of a sparse pattern at absolute positions (None for full/linear/flash).
 
-    The same patterns as ``masks.local_mask`` / ``masks.block_sparse_mask``, at
-    arbitrary positions: what a query decoding at ``cache_index`` may see.
+    ``masks.local_mask_at`` / ``masks.block_sparse_mask_at`` (one neighbour block each
+    side): what a query decoding at ``cache_index`` may see.
     """
-    q, k = q_pos[:, None], k_pos[None, :]
     if kind == "local":
-        dist = q - k
-        return (dist < window) & (dist >= 0) if causal else jnp.abs(dist) < window
+        return local_mask_at(q_pos, k_pos, window, causal=causal)
     if kind == "block_sparse":
-        m = jnp.abs(q // window - k // window) <= 1
-
-        def is_global(p):
-            g = p < global_tokens
-            return g | (p % global_stride == 0) if global_stride > 0 else g
-
-        m = m | is_global(q) | is_global(k)
-        return m & (k <= q) if causal else m
+        return block_sparse_mask_at(q_pos, k_pos, window, global_tokens=global_tokens, global_stride=global_stride,
+                                    causal=causal)  # fmt: skip
     return None
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from jax import Array
 
 from tfm.layers.attention import _check_shapes, dot_product_attention
-from tfm.layers.masks import and_masks, causal_mask
+from tfm.layers.masks import and_masks, causal_mask, is_global
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +247,7 @@ def global_positions(length: int, global_tokens: int = 0, global_stride: int = 0
 
     ``p < global_tokens`` or (``global_stride > 0`` and ``p % global_stride == 0``).
     """
-    pos = np.arange(length)
-    g = pos < global_tokens
-    if global_stride > 0:
-        g |= pos % global_stride == 0
-    return np.flatnonzero(g)
+    return np.flatnonzero(is_global(np.arange(length), global_tokens, global_stride))
 
 
 def block_sparse_attention(

@@ -68,11 +68,20 @@ def local_mask(length: int, window: int, *, causal: bool = True, kv_length: int 
     if window < 1:
         raise ValueError(f"local_mask window must be >= 1, got {window}")
     kv_length = length if kv_length is None else kv_length
-    q = jnp.arange(length)[:, None] + (kv_length - length)
-    k = jnp.arange(kv_length)[None, :]
-    dist = q - k
-    m = (dist < window) & (dist >= 0) if causal else (jnp.abs(dist) < window)
-    return m[None, None]
+    q = jnp.arange(length) + (kv_length - length)
+    return local_mask_at(q, jnp.arange(kv_length), window, causal=causal)[None, None]
+
+
+def local_mask_at(q_pos: Array, k_pos: Array, window: int, *, causal: bool = True) -> Array:
+    """``local_mask`` for queries and keys at the given absolute positions: ``[T, S]``."""
+    dist = q_pos[:, None] - k_pos[None, :]
+    return (dist < window) & (dist >= 0) if causal else (abs(dist) < window)
+
+
+def is_global(pos, global_tokens: int = 0, global_stride: int = 0):
+    """Which positions are global in ``block_sparse_mask`` (numpy or jax arrays alike)."""
+    g = pos < global_tokens
+    return g | (pos % global_stride == 0) if global_stride > 0 else g
 
 
 def block_sparse_mask(
@@ -98,15 +107,17 @@ def block_sparse_mask(
             f"bad block_sparse_mask arguments: {block_size=}, {num_local_blocks=}, {global_tokens=}, {global_stride=}"
         )
     pos = jnp.arange(length)
-    qb, kb = pos[:, None] // block_size, pos[None, :] // block_size
-    m = jnp.abs(qb - kb) <= num_local_blocks
-    g = pos < global_tokens
-    if global_stride > 0:
-        g = g | (pos % global_stride == 0)
-    m = m | g[:, None] | g[None, :]
-    if causal:
-        m = m & (pos[None, :] <= pos[:, None])
-    return m[None, None]
+    return block_sparse_mask_at(pos, pos, block_size, num_local_blocks=num_local_blocks, global_tokens=global_tokens,
+                                global_stride=global_stride, causal=causal)[None, None]  # fmt: skip
+
+
+def block_sparse_mask_at(q_pos: Array, k_pos: Array, block_size: int, *, num_local_blocks: int = 1,
+                         global_tokens: int = 0, global_stride: int = 0, causal: bool = False) -> Array:  # fmt: skip
+    """``block_sparse_mask`` for queries and keys at the given absolute positions: ``[T, S]``."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    m = jnp.abs(q // block_size - k // block_size) <= num_local_blocks
+    m = m | is_global(q, global_tokens, global_stride) | is_global(k, global_tokens, global_stride)
+    return m & (k <= q) if causal else m
 
 
 def and_masks(*masks: Array | None) -> Array | None:

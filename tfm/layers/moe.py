@@ -82,17 +82,21 @@ class MoEOptions:
             raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
         if not self.num_experts:
             return
-        if not 1 <= self.experts_per_token <= self.num_experts:
-            raise ValueError(f"experts_per_token={self.experts_per_token} must be in [1, num_experts={self.num_experts}]")
         if self.moe_every < 1:
             raise ValueError(f"moe_every must be >= 1, got {self.moe_every}")
-        if self.moe_dispatch not in DISPATCH:
-            raise ValueError(f"moe_dispatch must be one of {DISPATCH}, got {self.moe_dispatch!r}")
-        if self.moe_dispatch == "capacity" and self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        check_routing(self.num_experts, self.experts_per_token, self.moe_dispatch, self.capacity_factor)
 
     def moe_options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(MoEOptions)}
+
+
+def check_routing(num_experts: int, top_k: int, dispatch: str, capacity_factor: float) -> None:
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k (experts_per_token)={top_k} must be in [1, num_experts={num_experts}]")
+    if dispatch not in DISPATCH:
+        raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
+    if dispatch == "capacity" and capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
 
 
 def expert_kernel_init(in_axis: int, out_axis: int) -> Initializer:
@@ -114,13 +118,19 @@ def route(logits: Array, top_k: int, renormalize: bool = True):
     return probs, gates, experts
 
 
-def load_balance_loss(probs: Array, experts: Array) -> Array:
-    """Switch load-balancing loss ``E * sum_e f_e P_e`` over all tokens (any leading shape)."""
-    e, k = probs.shape[-1], experts.shape[-1]
-    counts = jax.nn.one_hot(experts, e, dtype=jnp.float32).sum(-2).reshape(-1, e)
-    f = counts.mean(0) / k
-    p = probs.reshape(-1, e).mean(0)
-    return e * jnp.sum(f * p)
+def expert_load(experts: Array, num_experts: int) -> Array:
+    """``f [E]``: the share of all N*k assignments ``experts [..., k]`` routed to each expert."""
+    return jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).reshape(-1, num_experts).sum(0) / experts.size
+
+
+def load_balance_loss(probs: Array, experts: Array, load: Array | None = None) -> Array:
+    """Switch load-balancing loss ``E * sum_e f_e P_e`` over all tokens (any leading shape).
+
+    ``load`` is ``expert_load(experts, E)`` when the caller has it already.
+    """
+    e = probs.shape[-1]
+    f = expert_load(experts, e) if load is None else load
+    return e * jnp.sum(f * probs.reshape(-1, e).mean(0))
 
 
 def router_z_loss(logits: Array) -> Array:
@@ -251,12 +261,7 @@ class MoE(nn.Module):
             raise ValueError(f"MoE wants x [B, T, D], got {x.shape}")
         if self.activation not in ACTIVATIONS and self.activation not in GATED:
             raise ValueError(f"unknown activation {self.activation!r}; choose from {sorted({**ACTIVATIONS, **GATED})}")
-        if self.dispatch not in DISPATCH:
-            raise ValueError(f"dispatch must be one of {DISPATCH}, got {self.dispatch!r}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
-        if self.dispatch == "capacity" and self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
+        check_routing(self.num_experts, self.top_k, self.dispatch, self.capacity_factor)
 
     def _param(self, name, shape, axes, init):
         return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
@@ -324,11 +329,9 @@ class MoE(nn.Module):
                 y = _dropless(xc, experts, gates, wi, wo, bi, bo, hidden, e)
             drop_fraction = jnp.zeros((), jnp.float32)
 
-        lb = load_balance_loss(probs, experts)
-        z = router_z_loss(logits)
-        self.sow("aux_loss", "load_balance", self.load_balance_weight * lb)
-        self.sow("aux_loss", "router_z", self.router_z_weight * z)
-        load = jax.nn.one_hot(experts, e, dtype=jnp.float32).sum(-2).reshape(-1, e).mean(0) / self.top_k
+        load = expert_load(experts, e)
+        self.sow("aux_loss", "load_balance", self.load_balance_weight * load_balance_loss(probs, experts, load))
+        self.sow("aux_loss", "router_z", self.router_z_weight * router_z_loss(logits))
         self.sow("moe_stats", "load", load)
         self.sow("moe_stats", "drop_fraction", drop_fraction.astype(jnp.float32))
         return nn.with_logical_constraint(y.astype(self.dtype), (sh.BATCH, sh.LENGTH, sh.EMBED))

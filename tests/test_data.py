@@ -94,7 +94,7 @@ def test_fashion_mnist_builder_prepares_offline_and_batches(tiny_fashion_mnist):
             "tfds_dir": str(tiny_fashion_mnist / "tfds"), "flip": False}  # fmt: skip
     ds = make_dataset(opts)
     assert len(ds.sources["train"]) == 20 and len(ds.sources["validation"]) == 5000 and len(ds.sources["test"]) == 30
-    assert list((tiny_fashion_mnist / "tfds").glob("fashion_mnist_idx/1.0.0/*.array_record*"))
+    assert list((tiny_fashion_mnist / "tfds").glob("fashion_mnist_idx/src_*/1.0.0/*.array_record*"))
     b = ds.batch("train", 0)
     assert b["inputs"].shape == (8, 28, 28, 1) and b["inputs"].dtype == np.float32 and b["labels"].shape == (8,)
     # Labels survive the round trip: the fake images encode the label in their brightness.
@@ -169,6 +169,21 @@ def test_multi30k_mismatched_files_are_an_error(tiny_multi30k):
     with pytest.raises(Exception, match=r"val.en has 4 lines but val.de has 1"):
         make_dataset({"name": "multi30k", "batch_size": 4, "data_dir": str(tiny_multi30k / "src"),
                       "tfds_dir": str(tiny_multi30k / "tfds2"), "vocab_size": 60})  # fmt: skip
+
+
+def test_the_prepared_copy_follows_the_source_files(tiny_multi30k):
+    """One shared tfds directory: other contents, another folder or broken files are never read from a stale copy."""
+    folder = tiny_multi30k / "src" / "multi30k"
+    opts = {"name": "multi30k", "batch_size": 4, "data_dir": str(tiny_multi30k / "src"),
+            "tfds_dir": str(tiny_multi30k / "tfds"), "vocab_size": 40}  # fmt: skip
+    assert len(make_dataset(opts).pairs["train"]) == 40
+    for lang in ("en", "de"):  # the training files cut to 10 lines
+        lines = (folder / f"train.{lang}").read_text(encoding="utf-8").splitlines()[:10]
+        (folder / f"train.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert len(make_dataset(opts).pairs["train"]) == 10
+    (folder / "val.de").write_text("nur eine Zeile\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"val.en has 4 lines but val.de has 1"):
+        make_dataset(opts)
 
 
 def test_packed_pairs_do_not_see_each_other(tiny_multi30k):

@@ -103,11 +103,23 @@ def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
         record = json.loads((tmp_path / "eval_test.json").read_text())
         assert record["metrics"]["examples"] == 32 and 0.0 <= record["metrics"]["bleu"] <= 100.0
         assert record["metrics"]["bleu_signature"].startswith("nrefs:1|case:mixed")
-        p = subprocess.run([sys.executable, "-m", "tfm.translate", "--workdir", str(tmp_path), "--beam_size", "2",
-                            "--max_len", "24"], input="A man rides a bike.\nTwo dogs.\n", env=env(),
+        # translate the same 32 test sources: sacreBLEU of its output is evaluate's BLEU. The prepared
+        # tfds copy is removed first, so loading rebuilds it: its progress output must stay off stdout.
+        import shutil
+
+        import sacrebleu
+
+        shutil.rmtree(tmp_path / "tfds" / "multi30k_text")
+        sources = (open(os.path.join(DATA, "multi30k", "test_2016_flickr.en"), encoding="utf-8").read().splitlines())[:32]
+        refs = (open(os.path.join(DATA, "multi30k", "test_2016_flickr.de"), encoding="utf-8").read().splitlines())[:32]
+        p = subprocess.run([sys.executable, "-m", "tfm.translate", "--workdir", str(tmp_path), "--beam_size", "2"],
+                           input="\n".join(sources + [""]) + "\n", env=env(),
                            capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
         assert p.returncode == 0, p.stderr[-2000:]
-        assert len(p.stdout.splitlines()) == 2
+        hyps = p.stdout.split("\n")
+        assert len(hyps) == 34 and hyps[32] == "" and hyps[33] == ""  # a line per input line, the blank one empty
+        hyps = hyps[:32]
+        assert sacrebleu.corpus_bleu(hyps, [refs]).score == pytest.approx(record["metrics"]["bleu"], abs=1e-9)
     else:
         p = run([sys.executable, "-m", "tfm.generate", "--workdir", str(tmp_path), "--prompt", "ROMEO:",
                  "--max_new_tokens", "80", "--seed", "3"])  # fmt: skip
@@ -149,12 +161,14 @@ def test_sigkill_and_restart_ends_bitwise_identical(tmp_path, kill_at):
         np.testing.assert_array_equal(x, y)
 
 
-def test_sigterm_saves_at_the_current_step_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_at_the_current_step_and_exits_zero(tmp_path, sig):
     args = ["--config.train.steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1",
             "--config.train.eval_steps=0"]  # fmt: skip
-    rc, out, err = _kill_when_logged(cli("copy.py:tiny", tmp_path, *args), tmp_path, 3, signal.SIGTERM)
+    rc, out, err = _kill_when_logged(cli("copy.py:tiny", tmp_path, *args), tmp_path, 3, sig)
     assert rc == 0, err[-2000:]
-    assert "SIGTERM: saved a checkpoint at step" in err and "preempted: step" in out
+    assert f"{sig.name}: saved a checkpoint at step" in err and "preempted: step" in out
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
     step = int(out.split("preempted: step ")[1].split()[0])
     assert Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps() == [step]
     # ... and the next run resumes from it.

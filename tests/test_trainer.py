@@ -218,7 +218,7 @@ def test_a_different_model_in_the_same_workdir_needs_the_flag(tmp_path):
         copy_config(*base, "model.d_model=48"), workdir, devices=jax.devices()[:1], allow_model_change=True
     ).train()
     assert s["start_step"] == 0
-    assert glob.glob(os.path.join(workdir, "checkpoints.replaced-*", "3"))
+    assert glob.glob(os.path.join(workdir, "replaced-*", "checkpoints", "3"))
 
 
 def test_checkpointer_keeps_the_latest_k_and_the_best(tmp_path):

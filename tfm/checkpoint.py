@@ -13,6 +13,12 @@ one restores, the damaged newer ones are moved aside into ``<directory>/../corru
 the error says so.
 Restoring onto a different mesh works: the target shardings come from the
 caller's abstract state.
+
+Readers (``read_only=True``: evaluation, generation, export) never write, move
+or delete anything, so they can watch a live run: orbax's clean-up of
+unfinished temporary directories, which would delete the save a trainer has
+in flight, runs only in the trainer's own manager. A step that a live trainer
+deletes (``keep``) while a reader restores it is retried from the then newest.
 """
 
 from __future__ import annotations
@@ -29,6 +35,17 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 log = logging.getLogger("tfm")
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint in the directory can be restored; the message names the steps and the first error."""
+
+
+def _brief(e: Exception, limit: int = 160) -> str:
+    """``Type: first line of the message`` (orbax errors can run to pages)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -38,8 +55,12 @@ class Checkpointer:
         best_metric: str = "",
         best_mode: str = "min",
         async_save: bool = True,
+        read_only: bool = False,
     ):
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"no checkpoints: {self.directory} does not exist")
         policies = [pp.LatestN(n=keep)]
         if best_metric:
             policies.append(
@@ -53,9 +74,24 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            # Only the writer may clean up: a reader's clean-up would delete the writer's save in flight.
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
+            create=not read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self.manager = self._retry_while_live(
+            lambda: ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        )
+
+    def _retry_while_live(self, fn, attempts: int = 5):
+        """``fn()``; a reader retries when a live trainer deletes a step while it is being listed."""
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except FileNotFoundError:
+                if not self.read_only or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -78,37 +114,49 @@ class Checkpointer:
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with the
         target shardings (``sharding=``), so a checkpoint saved on one mesh lands
-        on another.
+        on another. Raises ``CheckpointError`` when checkpoints exist but none restores.
         """
-        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
-        failed: list[tuple[int, Exception]] = []
-        for s in steps:
-            try:
-                restored = self.manager.restore(
-                    s,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-                    ),
-                )
-            except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
-                if step is not None:
-                    raise
-                log.warning("checkpoint at step %d cannot be restored (%s: %s); trying the previous one",
-                            s, type(e).__name__, e)  # fmt: skip
-                failed.append((s, e))
+        for _ in range(5):  # a live trainer may delete the step a reader picked; then look again
+            steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+            failed: list[tuple[int, Exception]] = []
+            vanished = False
+            for s in steps:
+                try:
+                    restored = self._restore_step(s, abstract_state)
+                except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
+                    if self.read_only and not os.path.isdir(os.path.join(self.directory, str(s))):
+                        if step is not None:
+                            raise CheckpointError(f"checkpoint {self.directory}/{s} was deleted while being read") from e
+                        vanished = True  # deleted under us by the run's keep policy, not damaged
+                        break
+                    if step is not None:
+                        raise CheckpointError(f"checkpoint {self.directory}/{s} cannot be restored: {_brief(e)}") from e
+                    failed.append((s, e))
+                    continue
+                if failed:
+                    for bad, err in failed:
+                        log.warning("checkpoint at step %d cannot be restored (%s); using step %d", bad, _brief(err), s)
+                # An older checkpoint restored, so the newer ones are damaged, not the target:
+                # move them aside, or the run would later refuse to save over their step numbers.
+                if not self.read_only:
+                    for bad, _ in failed:
+                        self._move_aside(bad)
+                return s, restored["state"], restored["data"]
+            if vanished:
+                self._retry_while_live(self.manager.reload)
                 continue
-            # An older checkpoint restored, so the newer ones are damaged, not the target:
-            # move them aside, or the run would later refuse to save over their step numbers.
-            for bad, _ in failed:
-                self._move_aside(bad)
-            return s, restored["state"], restored["data"]
-        if failed:
-            first, err = failed[0]
-            raise RuntimeError(
-                f"none of the checkpoints {[f for f, _ in failed]} in {self.directory} can be restored; "
-                f"nothing was moved or deleted. The newest failed with {type(err).__name__}: {err}"
-            ) from err
-        return None
+            if failed:
+                first, err = failed[0]
+                raise CheckpointError(
+                    f"none of the checkpoints {[f for f, _ in failed]} in {self.directory} can be restored "
+                    f"(nothing was moved or deleted); step {first}: {_brief(err)}"
+                ) from err
+            return None
+        raise CheckpointError(f"{self.directory}: checkpoints kept disappearing while being read")
+
+    def _restore_step(self, s: int, abstract_state):
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        return self.manager.restore(s, args=args)
 
     def _move_aside(self, step: int) -> None:
         src = os.path.join(self.directory, str(step))

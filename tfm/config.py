@@ -24,6 +24,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -108,17 +109,32 @@ def load_config(spec: str) -> ConfigDict:
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r}")
     module_spec = importlib.util.spec_from_file_location(f"tfm_recipe_{abs(hash(path))}", path)
+    if module_spec is None:
+        raise ConfigError(f"--config: {path!r} is not a Python file")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"--config: {path}, line {e.lineno}: {e.msg}") from e
+    except Exception as e:  # noqa: BLE001 - any error in the user's recipe file
+        raise ConfigError(f"--config: {path} fails to load: {_where(e, path)}{type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config: {path} defines no get_config(arg)")
     try:
         config = module.get_config(arg or None)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"--config: {path}:{arg} — {e}") from e
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"--config: {path}:{arg or ''} — get_config fails: {_where(e, path)}{type(e).__name__}: {e}") from e
     if not isinstance(config, ConfigDict):
         raise ConfigError(f"--config: {path}.get_config returned {type(config).__name__}, not a ConfigDict")
     return config
+
+
+def _where(e: Exception, path: str) -> str:
+    """``line N: `` of the innermost frame of ``e`` in ``path``, if there is one."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+    return f"line {frames[-1].lineno}: " if frames else ""
 
 
 def _parse_value(text: str) -> Any:
@@ -126,6 +142,8 @@ def _parse_value(text: str) -> Any:
         return text.lower() == "true"
     if text in ("None", "none", "null"):
         return None
+    if text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(text)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -237,6 +255,36 @@ def model_config(config: ConfigDict):
         raise ConfigError(f"model: {e}") from e
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict) -> None:
+    """Settings that make the first update non-finite or meaningless are refused before anything runs."""
+
+    def finite(key, value, low=None, high=None, low_open=False, high_open=False):
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+            hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+            where = f" in {lo}, {hi}" if lo and hi else (f" >{'' if low_open else '='} {low}" if lo else "")
+            raise ConfigError(f"{key}={value!r}: must be a finite float32 number{where}")
+
+    finite("optim.learning_rate", o.learning_rate, low=0.0)
+    finite("optim.noam_scale", o.noam_scale, low=0.0, low_open=True)
+    finite("optim.end_fraction", o.end_fraction, low=0.0, high=1.0)
+    finite("optim.b1", o.b1, low=0.0, high=1.0, high_open=True)
+    finite("optim.b2", o.b2, low=0.0, high=1.0, high_open=True)
+    finite("optim.eps", o.eps, low=0.0)
+    finite("optim.weight_decay", o.weight_decay, low=0.0)
+    finite("optim.clip_norm", o.clip_norm)
+    finite("train.z_loss", t.z_loss, low=0.0)
+    finite("train.aux_loss_weight", t.aux_loss_weight, low=0.0)
+
+
 def validate(config: ConfigDict, num_devices: int | None = None, num_processes: int = 1):
     """Check ``config`` against the schema, the preset, the mesh and the batch; raise ``ConfigError``.
 
@@ -251,6 +299,7 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_processes: 
         raise ConfigError(f"optim.name={o.name!r}: choose 'adam' or 'adamw'")
     if o.name == "adam" and o.weight_decay:
         raise ConfigError(f"optim.weight_decay={o.weight_decay}: needs optim.name='adamw'")
+    _check_optimizer_numbers(o, t)
     if t.steps < 1:
         raise ConfigError(f"train.steps={t.steps}: must be >= 1")
     if o.warmup_steps < 0:

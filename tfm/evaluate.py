@@ -2,52 +2,85 @@
 
 Loads the newest checkpoint and reports teacher-forced loss / accuracy /
 perplexity and, for sequence-to-sequence runs, the exact match of decoded
-outputs (greedy, or beam search with ``--beam_size``). The JSON result goes to
-``DIR/eval_<split>.json`` and, with ``--out``, to that file too.
+outputs or, where the data has reference translations, sacreBLEU of the full
+source sentences decoded as ``tfm.translate`` does (greedy, or beam search with
+``--beam_size``). The result is printed as one JSON line on stdout, then
+written to ``DIR/eval_<split>.json`` and, with ``--out``, to that file too.
+
+Exit status: 0 done; 2 bad arguments or workdir (nothing computed, nothing
+written); 1 the result was printed but a file could not be written.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from tfm import cli
+
 
 def write_json(path: str, record: dict) -> None:
+    """Write ``record`` whole or not at all (``OSError`` if it cannot be written)."""
+    from tfm.workdir import write_atomic
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)  # never a half-written result
+    write_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _check_out(path: str) -> str | None:
+    """Why ``--out`` cannot be written, checked before any work ('' if it can)."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        return f"--out {path}: is a directory"
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"--out {path}: cannot be created, {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {path}: {parent} is not writable"
+    return ""
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tfm.evaluate", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m tfm.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="validation")
-    p.add_argument("--batches", type=int, default=8, help="batches of the run's batch size")
-    p.add_argument("--beam_size", type=int, default=0, help="0: greedy decoding")
-    p.add_argument("--average", type=int, default=1, help="average the parameters of the newest N checkpoints")
-    p.add_argument("--alpha", type=float, default=0.6, help="beam search length penalty")
+    p.add_argument("--batches", type=cli.int_at_least(0, "0: the whole split"), default=8,
+                   help="batches of the run's batch size; 0: the whole split")
+    p.add_argument("--beam_size", type=cli.int_at_least(0, "0: greedy"), default=0, help="0: greedy decoding")
+    p.add_argument("--average", type=cli.int_at_least(1), default=1,
+                   help="average the parameters of the newest N checkpoints")
+    p.add_argument("--alpha", type=cli.float_at_least(0.0), default=0.6, help="beam search length penalty")
+    p.add_argument("--max_len", type=cli.int_at_least(1), default=128, help="decoded tokens at most (as tfm.translate)")
+    p.add_argument("--batch_size", type=cli.int_at_least(1), default=32, help="sentences per decoding batch")
     p.add_argument("--out", default="", help="also write the result here (e.g. results/<recipe>.json)")
     args = p.parse_args(argv)
+    if args.out and (why := _check_out(args.out)):
+        return cli.fail("evaluate", why)
+    cli.quiet_libraries()
 
     from tfm import inference
 
     try:
-        run = inference.load(args.workdir, average=args.average)
-        metrics = inference.evaluate_run(run, args.split, args.batches, args.beam_size, args.alpha)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"evaluate: {e}", file=sys.stderr)
-        return 2
+        with cli.stdout_to_stderr():
+            run = inference.load(args.workdir, average=args.average)
+            if args.split not in run.dataset.SPLITS:
+                raise ValueError(f"--split {args.split}: {args.workdir}'s data has splits {list(run.dataset.SPLITS)}")
+            metrics = inference.evaluate_run(run, args.split, args.batches, args.beam_size, args.alpha,
+                                             args.max_len, args.batch_size)  # fmt: skip
+    except inference.USER_ERRORS as e:
+        return cli.fail("evaluate", e)
     record = inference.result_record(run, metrics, split=args.split, batches=args.batches)
-    write_json(os.path.join(args.workdir, f"eval_{args.split}.json"), record)
-    if args.out:
-        write_json(args.out, record)
-    print(json.dumps({"step": run.step, "split": args.split, **metrics}))
-    return 0
+    print(json.dumps({"step": run.step, "split": args.split, **metrics}), flush=True)
+    status = 0
+    for path in [os.path.join(args.workdir, f"eval_{args.split}.json")] + ([args.out] if args.out else []):
+        try:
+            write_json(path, record)
+        except OSError as e:
+            status = cli.fail("evaluate", f"could not write {path} ({e.strerror or e}); the result is printed above", 1)
+    return status
 
 
 if __name__ == "__main__":

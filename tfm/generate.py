@@ -1,27 +1,29 @@
 """``python -m tfm.generate --workdir DIR --prompt "..." [--max_new_tokens 200] [--temperature 0.8] [--top_k 0] [--top_p 1.0] [--seed 0] [--num_samples 1]``.
 
 Continues a prompt with a trained decoder-only run, using the KV cache.
-``--temperature 0`` is greedy. The dataset's tokenizer encodes the prompt and
-decodes the output.
+``--temperature 0`` is greedy. The run's own tokenizer encodes the prompt and
+decodes the output. Exit status: 0 done, 2 bad arguments, prompt or workdir.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from tfm import cli
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tfm.generate", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m tfm.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--max_new_tokens", type=cli.int_at_least(0), default=200)
+    p.add_argument("--temperature", type=cli.float_at_least(0.0, "0: greedy"), default=0.8)
+    p.add_argument("--top_k", type=cli.int_at_least(0, "0: off"), default=0)
+    p.add_argument("--top_p", type=cli.float_at_least(0.0, "1: off", high=1.0, open_low=True), default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--num_samples", type=cli.int_at_least(1), default=1)
     args = p.parse_args(argv)
+    cli.quiet_libraries()
 
     import jax
     import jax.numpy as jnp
@@ -30,20 +32,24 @@ def main(argv=None) -> int:
     from tfm import decode, inference
 
     try:
-        run = inference.load(args.workdir)
+        with cli.stdout_to_stderr():
+            run = inference.load(args.workdir)
         if run.trainer.task != "lm":
             raise ValueError(f"{args.workdir} holds a {run.trainer.task} model; generate needs a decoder-only LM")
         ids = run.dataset.encode(args.prompt)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        msg = f"character {e} is not in the vocabulary" if isinstance(e, KeyError) else str(e)
-        print(f"generate: {msg}", file=sys.stderr)
-        return 2
+    except KeyError as e:
+        return cli.fail("generate", f"the prompt's character {e} is not in the run's vocabulary")
+    except inference.USER_ERRORS as e:
+        return cli.fail("generate", e)
     if ids.size == 0:
-        print("generate: the prompt is empty", file=sys.stderr)
-        return 2
+        return cli.fail("generate", "the prompt is empty")
     cfg = run.model.config
+    if args.top_k > cfg.vocab_size:
+        return cli.fail("generate", f"--top_k {args.top_k}: the vocabulary has only {cfg.vocab_size} tokens")
     window = cfg.max_len if cfg.position == "learned" else None
     if window is not None and ids.size >= window:
+        print(f"generate: the prompt has {ids.size} tokens but the model sees at most {window}; "
+              f"continuing from its last {window // 2}", file=sys.stderr)  # fmt: skip
         ids = ids[-(window // 2) :]  # keep the prompt's end, as the model can only see `window` tokens
     seq = np.tile(ids[None], (args.num_samples, 1))
     key = jax.random.key(args.seed)

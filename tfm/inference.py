@@ -1,8 +1,9 @@
 """A trained run, loaded back from its workdir, and the evaluations the CLIs report.
 
 ``load(workdir)`` rebuilds the model and dataset from the workdir's
-``config.json`` and restores the newest checkpoint's parameters (read-only:
-nothing in the workdir changes); ``load(workdir, average=N)`` averages the
+``config.json`` and tokenizer and restores the newest checkpoint's parameters.
+Loading only reads: nothing in the workdir is written, moved or deleted, so a
+run can be evaluated while it trains; ``load(workdir, average=N)`` averages the
 parameters of the newest N checkpoints, as the paper does for its base models
 ("a single model obtained by averaging the last 5 checkpoints", section 6.1). ``tfm.evaluate``, ``tfm.generate`` and
 ``tfm.translate`` are thin shells over this module.
@@ -22,8 +23,14 @@ import ml_collections
 import numpy as np
 
 from tfm import decode
-from tfm.checkpoint import Checkpointer
+from tfm.checkpoint import CheckpointError, Checkpointer
 from tfm.data import DATASETS
+from tfm.workdir import ARTIFACTS, read_config
+
+
+# What a reader command reports as one line (exit 2) instead of a traceback: a missing or
+# unreadable workdir or file, a bad config or data, checkpoints that cannot be restored.
+USER_ERRORS = (OSError, ValueError, CheckpointError)
 
 
 @dataclasses.dataclass
@@ -53,24 +60,26 @@ def load(workdir: str, step: int | None = None, average: int = 1) -> Run:
         raise ValueError(f"average={average}: must be >= 1")
     from tfm.trainer import Trainer
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    saved = read_config(workdir)
+    if saved is None:
         raise FileNotFoundError(f"{workdir} is not a tfm workdir: it has no config.json")
-    with open(path, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(saved)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     # Inference runs on whatever devices this host has: one data-parallel mesh.
     with config.unlocked():
         for axis in ("fsdp", "tensor", "expert"):
             config.mesh[axis] = 1
         config.mesh.data = 1
         config.distributed.enabled = False
-        # The tokenizer saved beside the checkpoints, not whatever a cache holds now.
-        saved_tokenizer = os.path.join(workdir, "tokenizer.model")
+        # The tokenizer saved beside the checkpoints, not whatever the data or a cache holds now.
         options = getattr(DATASETS.get(config.data.get("name")), "OPTIONS", {})
-        if os.path.isfile(saved_tokenizer) and "tokenizer_path" in options:
-            config.data.tokenizer_path = saved_tokenizer
+        for name in ARTIFACTS:
+            if os.path.isfile(os.path.join(workdir, name)) and "tokenizer_path" in options:
+                config.data.tokenizer_path = os.path.join(workdir, name)
     trainer = Trainer(config, devices=jax.devices()[:1])
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt = Checkpointer(ckpt_dir, read_only=True)  # never cleans up: that would delete a live run's save
     try:
         restored = ckpt.restore(trainer.abstract_state, step=step)
         if restored is None:
@@ -99,13 +108,19 @@ def exact_match(pred: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> n
     return ok.all(axis=1) & (weights[:, width:] == 0).all(axis=1)
 
 
-def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_size: int = 0, alpha: float = 0.6) -> dict:
+def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_size: int = 0, alpha: float = 0.6,
+                 max_len: int = 128, batch_size: int = 32) -> dict:
     """Loss/accuracy (teacher-forced) on ``batches`` batches (0: the whole split, where the dataset
-    is finite); for seq2seq also decoded exact match."""
+    is finite); for seq2seq also decoded exact match, or sacreBLEU where the dataset has references.
+
+    BLEU decodes the full source sentences exactly as ``tfm.translate`` does (``max_len``
+    output tokens, ``batch_size`` sentences per decoding batch), so it equals scoring
+    ``tfm.translate``'s output with sacreBLEU.
+    """
     trainer = run.trainer
     result = {k.replace("eval/", ""): v for k, v in trainer.evaluate(run.params, batches or -1, split).items()}
     if trainer.task == "seq2seq" and hasattr(run.dataset, "references"):
-        result.update(bleu(run, split, batches, beam_size or 0, alpha))
+        result.update(bleu(run, split, batches, beam_size or 0, alpha, max_len, batch_size))
     elif trainer.task == "seq2seq":
         ds = run.dataset
         it = ds.iterator(split)
@@ -132,29 +147,72 @@ def translate_ids(run: Run, src: np.ndarray, beam_size: int, alpha: float, max_l
     return np.asarray(out)
 
 
-def bleu(run: Run, split: str, batches: int, beam_size: int, alpha: float) -> dict:
-    """sacreBLEU (cased and lowercased) of decoded, detokenized outputs against the raw references."""
+def translate_texts(run: Run, texts, *, beam_size: int = 4, alpha: float = 0.6, max_len: int = 128,
+                    batch_size: int = 32, warn=None):
+    """Yield one translation per text, in order: what ``tfm.translate`` prints.
+
+    Sources are decoded whole (a model with learned positions sees at most its
+    ``max_len`` source tokens; ``warn`` is called once with what was cut). A
+    blank text, or one the vocabulary cannot encode (``warn`` names its line),
+    gives an empty line. Rows and the batch are padded to fixed
+    shapes (widths in multiples of 16), so few programs are compiled.
+    """
+    ds, cfg = run.dataset, run.model.config
+    limit = cfg.max_len if getattr(cfg, "position", "") == "learned" else None
+    max_len = min(max_len, limit) if limit else max_len
+    texts = list(texts)
+    cut = 0
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        encoded = []
+        for i, text in enumerate(chunk, start=start + 1):
+            try:
+                encoded.append(ds.encode(text) if text.strip() else None)
+            except (KeyError, ValueError) as e:  # a symbol the vocabulary lacks
+                encoded.append(None)
+                if warn is not None:
+                    warn(f"input line {i} cannot be encoded ({type(e).__name__}: {e}); its output line is left empty")
+        if limit:
+            cut += sum(1 for x in encoded if x is not None and len(x) > limit)
+            encoded = [x if x is None else x[:limit] for x in encoded]
+        width = max([len(x) for x in encoded if x is not None] + [1])
+        width = -(-width // 16) * 16
+        src = np.full((batch_size, width), ds.pad_id, np.int32)
+        for i, x in enumerate(encoded):
+            if x is not None:
+                src[i, : len(x)] = x
+        out = translate_ids(run, src, beam_size, alpha, max_len) if any(x is not None for x in encoded) else None
+        for i, x in enumerate(encoded):
+            yield "" if x is None else ds.decode(out[i])
+    if cut and warn is not None:
+        warn(f"{cut} source(s) longer than the model's {limit} positions were cut to {limit} tokens")
+
+
+def bleu(run: Run, split: str, batches: int, beam_size: int, alpha: float, max_len: int = 128,
+         batch_size: int = 32) -> dict:
+    """sacreBLEU (cased and lowercased) of the detokenized translations of the first ``batches`` x
+    ``data.batch_size`` source sentences of ``split`` (0: all of them) against the raw references."""
     import sacrebleu
 
     ds = run.dataset
-    n_batches = batches or ds.num_batches(split)
-    refs = ds.references(split)
-    hyps = []
-    for i in range(n_batches):
-        batch = ds.batch(split, i)
-        out = translate_ids(run, batch["inputs"], beam_size, alpha, ds.max_len)
-        hyps += [ds.decode(row) for row, w in zip(out, batch["weights"][:, 0]) if w > 0]
-    refs = refs[: len(hyps)]
+    sources, refs = ds.sources(split), ds.references(split)
+    if batches:
+        sources, refs = sources[: batches * ds.batch_size], refs[: batches * ds.batch_size]
+    notes = []
+    hyps = list(translate_texts(run, sources, beam_size=beam_size, alpha=alpha, max_len=max_len,
+                                batch_size=batch_size, warn=notes.append))  # fmt: skip
     cased_metric, lower_metric = sacrebleu.BLEU(), sacrebleu.BLEU(lowercase=True)
     cased = cased_metric.corpus_score(hyps, [refs])
     lower = lower_metric.corpus_score(hyps, [refs])
+    decoding = f"beam {beam_size}, alpha {alpha}" if beam_size else "greedy"
     return {
         "bleu": cased.score,
         "bleu_lowercase": lower.score,
         "bleu_signature": str(cased_metric.get_signature()),
         "bleu_lowercase_signature": str(lower_metric.get_signature()),
-        "decoding": f"beam {beam_size}, alpha {alpha}" if beam_size else "greedy",
+        "decoding": f"{decoding}, at most {max_len} tokens, full sources",
         "examples": len(hyps),
+        **({"notes": notes} if notes else {}),
         "samples": [{"hyp": h, "ref": r} for h, r in list(zip(hyps, refs))[:3]],
     }
 

@@ -2,20 +2,23 @@
 
 A thin shell over ``tfm.trainer.Trainer``: parse, start multi-process JAX if
 asked, validate (nothing is written before the config is known to be good),
-train, print one summary line. Exit status: 0 when done or preempted (SIGTERM,
-after saving), 2 for a bad config, 1 when training fails.
+train, print one summary line. Exit status: 0 when done or stopped by
+SIGTERM / SIGINT (after saving), 2 for a bad config or workdir (nothing is
+written), 1 when training fails (the last good checkpoint is kept), 130 when
+interrupted before training began.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m tfm.train", description=__doc__.split("\n\n")[0])
+    from tfm.cli import Parser
+
+    parser = Parser(prog="python -m tfm.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/<recipe>.py[:arg]")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics and the resolved config go here")
     parser.add_argument(
@@ -62,19 +65,26 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    maybe_initialize_distributed(config)
-    from tfm.trainer import Trainer, TrainingError, format_summary
+    try:
+        maybe_initialize_distributed(config)
+        from tfm.checkpoint import CheckpointError
+        from tfm.trainer import Trainer, TrainingError, format_summary
 
-    try:
-        trainer = Trainer(config, args.workdir, allow_model_change=args.allow_model_change)
-    except config_lib.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = trainer.train()
-    except TrainingError as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return 1
+        from tfm.cli import stdout_to_stderr
+
+        try:
+            with stdout_to_stderr():  # stdout carries only the summary line
+                trainer = Trainer(config, args.workdir, allow_model_change=args.allow_model_change)
+                summary = trainer.train()
+        except config_lib.ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        except (TrainingError, CheckpointError) as e:
+            print(f"training stopped: {e}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        print("interrupted; the checkpoints already on disk are kept", file=sys.stderr)
+        return 130
     print(format_summary(summary), flush=True)
     return 0
 

@@ -14,12 +14,17 @@ in/out shardings and the state donated → orbax checkpoints.
 
 Failure handling:
 
-* SIGTERM (preemption): the step in flight finishes, a checkpoint is written at
-  that step, ``train()`` returns with ``preempted=True`` (the CLI exits 0).
-* A non-finite loss or gradient norm: the step leaves the state unchanged (so
-  nothing NaN can be saved) and the loop raises ``TrainingError`` naming the
-  step and the metric; checkpoints already on disk are untouched.
+* SIGTERM (preemption) or SIGINT (Ctrl-C): the step in flight finishes, a
+  checkpoint is written at that step, ``train()`` returns with
+  ``preempted=True`` (the CLI exits 0).
+* A non-finite loss, gradient norm or updated parameter: the step leaves the
+  state unchanged (so nothing NaN can be saved) and the loop raises
+  ``TrainingError`` naming the step and the metric; checkpoints already on disk
+  are untouched.
+* An evaluation that fails: the state of that step is saved first, then the
+  error is raised as ``TrainingError``.
 * A checkpoint that cannot be restored: see ``tfm.checkpoint``.
+* One trainer per workdir: a second one is refused (``tfm.workdir.Lock``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -44,6 +50,7 @@ from tfm import config as config_lib
 from tfm import data as data_lib
 from tfm import metrics as metrics_lib
 from tfm import sharding as sh
+from tfm import workdir as workdir_lib
 from tfm.checkpoint import Checkpointer
 from tfm.models import GPT, T5, Transformer, ViT
 from tfm.optim import cross_entropy, make_optimizer, noam_schedule, warmup_schedule
@@ -163,6 +170,10 @@ class Trainer:
         self.preset, self.model_config, sizes, self.rules = config_lib.validate(
             config, len(devices), jax.process_count()
         )
+        if self.workdir:  # before any data is prepared: a workdir that cannot be used is refused at once
+            workdir_lib.check_writable(self.workdir)
+            if jax.process_index() == 0:
+                workdir_lib.Lock(self.workdir).check()
         self.family = FAMILIES.get(self.preset.model_cls)
         if self.family is None:
             raise config_lib.ConfigError(
@@ -175,6 +186,7 @@ class Trainer:
         except data_lib.DataError as e:
             raise config_lib.ConfigError(str(e)) from e
         self._check_data_fits_model()
+        self.artifacts = getattr(self.dataset, "artifacts", dict)()
         self._replace_previous_run = False
         if self.workdir:
             self._check_workdir(allow_model_change)
@@ -189,7 +201,7 @@ class Trainer:
         )  # fmt: skip
         self.batch_sharding = NamedSharding(self.mesh, P(sh.batch_axes(self.rules)))
         self.replicated = NamedSharding(self.mesh, P())
-        example = self.dataset.batch("train", 0, batch_size=1)
+        example = self._example_batch()
         self._example = {k: np.asarray(v) for k, v in example.items()}
         with self._context():
             self.abstract_state = jax.eval_shape(self._init_boxed, jax.random.key(0))
@@ -231,23 +243,33 @@ class Trainer:
             raise config_lib.ConfigError(
                 f"model.vocab_size={vocab} is smaller than the {ds.vocab_size} ids of data.name={self.config.data.name!r}"
             )
+        # Learned position tables have max_len rows: a longer row would fail inside the first step.
+        if getattr(mc, "position", "") == "learned" and hasattr(mc, "max_len"):
+            length = max(np.shape(v)[1] for k, v in self._example_batch().items() if k in ("inputs", "decoder_inputs"))
+            if length > mc.max_len:
+                key = next((k for k in ("block_size", "max_len", "seq_len") if k in ds.OPTIONS), "length")
+                raise config_lib.ConfigError(
+                    f"data.{key}={self.config.data.get(key, length)}: rows of {length} tokens exceed "
+                    f"model.max_len={mc.max_len} (the learned position table)"
+                )
+        if self.config.train.eval_steps == -1 and not hasattr(ds, "num_batches"):
+            raise config_lib.ConfigError(
+                f"train.eval_steps=-1: data.name={self.config.data.name!r} has no finite validation split; "
+                f"give a number of batches"
+            )
+
+    def _example_batch(self) -> dict:
+        return self.dataset.batch("train", 0, batch_size=1)
 
     def _check_workdir(self, allow_model_change: bool):
-        path = os.path.join(self.workdir, "config.json")
-        self._replace_previous_run = False
-        if not os.path.exists(path):
-            return
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = workdir_lib.read_config(self.workdir)
         new = json.loads(config_lib.to_json(self.config))
-        self._replace_previous_run = saved.get("model") != new["model"]
-        if self._replace_previous_run and not allow_model_change:
-            old_m, new_m = saved.get("model", {}), new["model"]
-            diff = sorted(k for k in set(old_m) | set(new_m) if old_m.get(k) != new_m.get(k))
+        why = workdir_lib.conflict(self.workdir, saved, new, self.artifacts)
+        self._replace_previous_run = bool(why)
+        if why and not allow_model_change:
             raise config_lib.ConfigError(
-                f"workdir {self.workdir} holds a run of a different model (model.{diff[0]}: "
-                f"{old_m.get(diff[0])!r} there, {new_m.get(diff[0])!r} now); use another --workdir "
-                f"or pass --allow_model_change to start this model there"
+                f"workdir {self.workdir} holds a run with {why}; its checkpoints would not mean the same; "
+                f"use another --workdir or pass --allow_model_change to start this run there"
             )
 
     # The pure functions ----------------------------------------------------
@@ -324,7 +346,9 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         loss = sums["loss_sum"] / sums["weight_sum"]
         loss_ok, grads_ok = jnp.isfinite(loss) & jnp.isfinite(aux), jnp.isfinite(grad_norm)
-        ok = loss_ok & grads_ok
+        # Finite gradients can still give non-finite parameters (an overflowing learning rate or decay).
+        params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        ok = loss_ok & grads_ok & params_ok
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
         # A non-finite step changes nothing, so no NaN can reach a checkpoint.
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
@@ -337,6 +361,7 @@ class Trainer:
             "weight": sums["weight_sum"],
             "loss_finite": loss_ok,
             "grads_finite": grads_ok,
+            "params_finite": params_ok,
             **stats,  # MoE router statistics, if the model has MoE layers
         }
         return new, metrics
@@ -408,32 +433,44 @@ class Trainer:
 
     # The loop ------------------------------------------------------------------
 
-    def _on_sigterm(self, signum, frame):
+    def _on_stop_signal(self, signum, frame):
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the final save
         self._stop_signal = signum
 
     def train(self) -> dict:
-        """Train to ``train.steps`` (resuming from the workdir) and return the summary."""
+        """Train to ``train.steps`` (resuming from the workdir) and return the summary.
+
+        Holds the workdir's lock while it runs; a second trainer there gets ``ConfigError``.
+        """
         if not self.workdir:
             raise ValueError("Trainer.train() needs a workdir")
+        lock = workdir_lib.Lock(self.workdir)
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            if jax.process_index() == 0:
+                lock.acquire()
+        except OSError as e:
+            raise config_lib.ConfigError(f"--workdir {self.workdir}: cannot be written ({e.strerror or e})") from e
+        try:
+            return self._train()
+        finally:
+            lock.release()
+
+    def _train(self) -> dict:
         cfg, t = self.config, self.config.train
-        os.makedirs(self.workdir, exist_ok=True)
         ckpt_dir = os.path.join(self.workdir, "checkpoints")
-        if self._replace_previous_run and jax.process_index() == 0 and os.path.isdir(ckpt_dir):
-            # --allow_model_change: the other model's checkpoints are kept, out of the way.
-            aside = f"{ckpt_dir}.replaced-{int(time.time())}"
-            os.replace(ckpt_dir, aside)
-            log.warning("the workdir held another model; its checkpoints are now in %s", aside)
         if jax.process_index() == 0:
-            tmp = os.path.join(self.workdir, "config.json.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(config_lib.to_json(cfg))
-            os.replace(tmp, os.path.join(self.workdir, "config.json"))
-            # Files the model needs beside its checkpoints (a tokenizer), copied whole or not at all.
-            for name, content in getattr(self.dataset, "artifacts", dict)().items():
-                dest = os.path.join(self.workdir, name)
-                with open(dest + ".tmp", "wb") as f:
-                    f.write(content)
-                os.replace(dest + ".tmp", dest)
+            if self._replace_previous_run:
+                # --allow_model_change: the other run's checkpoints and tokenizer are kept, out of the way.
+                aside = workdir_lib.move_previous_run_aside(self.workdir)
+                log.warning("the workdir held another run; its checkpoints are now in %s", aside)
+            # Files the model needs beside its checkpoints (a tokenizer), each written whole or not at all.
+            workdir_lib.write_run_files(self.workdir, config_lib.to_json(cfg), self.artifacts)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("tfm_workdir_ready")
         ckpt = Checkpointer(
             ckpt_dir, keep=t.keep_checkpoints, best_metric=t.best_metric,
             best_mode=t.best_mode, async_save=t.async_checkpoint,
@@ -452,13 +489,17 @@ class Trainer:
         progress = metrics_lib.Progress(t.steps, start, t.progress, unit=unit)
         if restored is not None:
             progress.message(f"resumed from {ckpt.directory}/{start}")
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._stop_signal = None
+        in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+        stop_signals = (signal.SIGTERM, signal.SIGINT) if in_main_thread else ()
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in stop_signals}
         t_begin = time.perf_counter()
         summary: dict[str, Any] = {"start_step": start, "preempted": False}
         try:
             summary.update(self._loop(state, start, data_it, ckpt, writer, progress))
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             progress.close()
             ckpt.close()
             writer.close()
@@ -513,6 +554,9 @@ class Trainer:
             if not m["grads_finite"]:
                 raise TrainingError(f"step {s}: the gradient norm is {float(m['grad_norm'])}; stopped, "
                                     f"the last checkpoint on disk is kept")  # fmt: skip
+            if not m["params_finite"]:
+                raise TrainingError(f"step {s}: the updated parameters are not finite (learning rate {float(m['lr']):g}); "
+                                    f"stopped, the step was not applied and the last checkpoint on disk is kept")  # fmt: skip
             interval["loss"] += float(m["loss"])
             interval["n"] += 1
             scalars = {"train/lr": float(m["lr"]), "train/grad_norm": float(m["grad_norm"])}
@@ -561,7 +605,14 @@ class Trainer:
                 flush()
             paused = time.perf_counter()  # evaluation and saving do not count as step time
             if do_eval and t.eval_steps != 0:
-                last_eval = self.evaluate(state.params)
+                try:
+                    last_eval = self.evaluate(state.params)
+                except Exception as e:
+                    # The trained state outlives a failed evaluation: save it, then report.
+                    ckpt.save(step, state, data_it.get_state())
+                    ckpt.wait()
+                    raise TrainingError(f"step {step}: evaluation failed ({type(e).__name__}: {e}); "
+                                        f"the state of step {step} is saved in {ckpt.directory}") from e  # fmt: skip
                 writer.write(step, last_eval)
                 progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if step % t.checkpoint_every == 0 or step == t.steps or stop:
@@ -570,7 +621,7 @@ class Trainer:
             interval["t0"] += time.perf_counter() - paused
             if stop:
                 ckpt.wait()
-                progress.message(f"SIGTERM: saved a checkpoint at step {step}; exiting")
+                progress.message(f"{signal.Signals(self._stop_signal).name}: saved a checkpoint at step {step}; exiting")
                 return {"step": step, "preempted": True, **{f"final/{k}": v for k, v in last.items()}}
         flush()
         ckpt.wait()

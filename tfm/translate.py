@@ -1,54 +1,68 @@
 """``python -m tfm.translate --workdir DIR [--beam_size 4] [--alpha 0.6] [--max_len 128] < input.txt > output.txt``.
 
 One source sentence per input line, one output line each, in order, with a
-trained encoder-decoder run. Beam search by default (the paper's beam 4,
-alpha 0.6); ``--beam_size 0`` decodes greedily.
+trained encoder-decoder run: a blank line gives an empty line. Beam search by
+default (the paper's beam 4, alpha 0.6); ``--beam_size 0`` decodes greedily.
+Input that is not UTF-8, or holds symbols the vocabulary lacks, is reported by
+line number on stderr and gives an empty output line; the other lines are
+translated, and the exit status is 2.
+Exit status: 0 done, 2 bad arguments, workdir or input.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from tfm import cli
+
+
+def read_lines(stream) -> tuple[list[str], list[int]]:
+    """The lines of a binary stream as text, and the (1-based) numbers of those that are not UTF-8 ('' there)."""
+    lines, bad = [], []
+    for number, raw in enumerate(stream, start=1):
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError:
+            lines.append("")
+            bad.append(number)
+    return lines, bad
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tfm.translate", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m tfm.translate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--beam_size", type=int, default=4)
-    p.add_argument("--average", type=int, default=1, help="average the parameters of the newest N checkpoints")
-    p.add_argument("--alpha", type=float, default=0.6)
-    p.add_argument("--max_len", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--beam_size", type=cli.int_at_least(0, "0: greedy"), default=4)
+    p.add_argument("--average", type=cli.int_at_least(1), default=1,
+                   help="average the parameters of the newest N checkpoints")
+    p.add_argument("--alpha", type=cli.float_at_least(0.0), default=0.6)
+    p.add_argument("--max_len", type=cli.int_at_least(1), default=128, help="output tokens at most")
+    p.add_argument("--batch_size", type=cli.int_at_least(1), default=32)
     args = p.parse_args(argv)
-
-    import numpy as np
+    cli.quiet_libraries()
 
     from tfm import inference
 
     try:
-        run = inference.load(args.workdir, average=args.average)
+        with cli.stdout_to_stderr():
+            run = inference.load(args.workdir, average=args.average)
         if run.trainer.task != "seq2seq":
             raise ValueError(f"{args.workdir} holds a {run.trainer.task} model; translate needs an encoder-decoder")
-        lines = [line.rstrip("\n") for line in sys.stdin]
-        encoded = [run.dataset.encode(line) for line in lines]
-    except (FileNotFoundError, ValueError) as e:
-        print(f"translate: {e}", file=sys.stderr)
-        return 2
-    ds = run.dataset
-    for start in range(0, len(encoded), args.batch_size):
-        chunk = encoded[start : start + args.batch_size]
-        n = len(chunk)
-        # Pad rows and the batch to fixed shapes so one compiled program serves every chunk.
-        width = max(max((len(x) for x in chunk), default=1), 1)
-        width = -(-width // 16) * 16
-        src = np.full((args.batch_size, width), ds.pad_id, np.int32)
-        for i, x in enumerate(chunk):
-            src[i, : len(x)] = x
-        out = inference.translate_ids(run, src, args.beam_size, args.alpha, args.max_len)
-        for row in out[:n]:
-            print(ds.decode(row), flush=True)
-    return 0
+    except inference.USER_ERRORS as e:
+        return cli.fail("translate", e)
+    lines, bad = read_lines(getattr(sys.stdin, "buffer", sys.stdin))
+    for number in bad:
+        cli.fail("translate", f"input line {number} is not UTF-8; its output line is left empty")
+    problems = []
 
+    def warn(message):
+        problems.append(message)
+        cli.fail("translate", message)
+
+    outputs = inference.translate_texts(run, lines, beam_size=args.beam_size, alpha=args.alpha,
+                                        max_len=args.max_len, batch_size=args.batch_size, warn=warn)  # fmt: skip
+    for text in outputs:
+        print(text, flush=True)
+    return 2 if bad or any("cannot be encoded" in p for p in problems) else 0
 
 if __name__ == "__main__":
     sys.exit(main())

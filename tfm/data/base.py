@@ -12,6 +12,33 @@ class DataError(ValueError):
     """A dataset that cannot be built: a missing file, a bad option; names the path or key."""
 
 
+def load_sentencepiece(path: str):
+    """The sentencepiece model at ``path``; ``DataError`` naming the file if it is missing or not a model."""
+    import sentencepiece as spm
+
+    if not os.path.isfile(path):
+        raise DataError(f"data.tokenizer_path={path!r}: no sentencepiece model there")
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path!r} is not a sentencepiece model ({first})") from e
+
+
+def train_sentencepiece(*, model_prefix: str, vocab_size: int, **options) -> None:
+    """``SentencePieceTrainer.train``; ``DataError`` naming ``data.vocab_size`` when it cannot be met."""
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceTrainer.train(model_prefix=model_prefix, vocab_size=vocab_size, **options)
+    except (OSError, RuntimeError) as e:
+        for suffix in (".model", ".vocab"):
+            if os.path.exists(model_prefix + suffix):
+                os.remove(model_prefix + suffix)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"data.vocab_size={vocab_size}: sentencepiece cannot train this vocabulary ({first})") from e
+
+
 def data_dir(option: str = "") -> str:
     """Where local data lives: the option, else ``$TFM_DATA_DIR``, else ``./data``."""
     return option or os.environ.get("TFM_DATA_DIR", "data")

@@ -1,7 +1,10 @@
 """tensorflow-datasets builders that prepare offline from local files, in ``array_record`` format.
 
-Prepared once into ``<data_dir>/tfds`` and then read with ``as_data_source()``
-(random access, no TensorFlow). Where the tfds catalog has the same data
+Prepared once into the tfds directory and then read with ``as_data_source()``
+(random access, no TensorFlow). Each prepared copy is named after the SHA-256 of
+its source files (``src_<digest>``), so editing, truncating or replacing a
+file, or pointing ``data_dir`` elsewhere, prepares a new copy instead of
+silently reading a stale one, and runs can share one tfds directory. Where the tfds catalog has the same data
 (``fashion_mnist``), a user with internet can use the catalog name instead;
 these builders exist so that tests, CI and air-gapped machines need nothing
 but the original files.
@@ -10,6 +13,7 @@ but the original files.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 
 import numpy as np
@@ -83,10 +87,23 @@ def check_sources(folder: str, files) -> None:
         raise DataError(f"{folder!r} lacks {missing}; expected the files {sorted(files)} there")
 
 
+def sources_digest(folder: str, files) -> str:
+    """SHA-256 over the names and contents of ``files`` in ``folder`` (first 16 hex digits)."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(folder, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
 def prepare(builder_cls, source_dir: str, tfds_dir: str = "", files=()):
-    """Prepare (once) into ``tfds_dir`` (default: tfds's own, ``$TFDS_DATA_DIR`` or ~/tensorflow_datasets)
-    and return the builder; later calls reuse the prepared files."""
+    """Prepare (once per content of ``files``) into ``tfds_dir`` (default: tfds's own, ``$TFDS_DATA_DIR``
+    or ~/tensorflow_datasets) and return the builder; later calls with the same files reuse the copy."""
     check_sources(source_dir, files)
-    builder = builder_cls(data_dir=tfds_dir or None, file_format="array_record")
+    config = tfds.core.BuilderConfig(name=f"src_{sources_digest(source_dir, files)}")
+    builder = builder_cls(config=config, data_dir=tfds_dir or None, file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=source_dir))
     return builder

@@ -5,7 +5,10 @@ holding the whole text; the prepared copy is named after the file's content hash
 and read back with ``as_data_source()``. ``tokenizer="char"``: the vocabulary is
 the sorted set of characters in the whole file (65 for tiny Shakespeare).
 ``tokenizer="bpe"`` / ``"unigram"``: a sentencepiece model of ``vocab_size``
-pieces trained on the training split's lines. The first ``train_fraction`` (90 %)
+pieces trained on the training split's lines. Either is saved with the run
+(``vocab.json``, a JSON list of the characters in id order, or
+``tokenizer.model``) and read back from there through ``tokenizer_path``, so a
+trained run decodes with its own vocabulary whatever the corpus holds now. The first ``train_fraction`` (90 %)
 of the text is the training split, the rest validation, as in nanoGPT's
 ``prepare.py``. A batch is ``batch_size`` windows of ``block_size + 1`` tokens at
 random offsets drawn from ``(seed, split, batch index)``.
@@ -14,12 +17,13 @@ random offsets drawn from ``(seed, split, batch index)``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfm.data.base import DataError, Dataset
+from tfm.data.base import DataError, Dataset, load_sentencepiece, train_sentencepiece
 from tfm.data.base import data_dir as data_dir_
 
 SPLIT_IDS = {"train": 0, "validation": 1}
@@ -67,6 +71,20 @@ def read_corpus(path: str, tfds_dir: str = "") -> str:
     return text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
 
+def load_char_vocab(path: str) -> list[str]:
+    """A character vocabulary saved as ``vocab.json`` (a JSON list of single characters, in id order)."""
+    if not os.path.isfile(path):
+        raise DataError(f"data.tokenizer_path={path!r}: no character vocabulary (vocab.json) there")
+    try:
+        with open(path, encoding="utf-8") as f:
+            chars = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"data.tokenizer_path={path!r} is not a character vocabulary ({type(e).__name__}: {e})") from e
+    if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
+        raise DataError(f"data.tokenizer_path={path!r}: expected a JSON list of distinct single characters")
+    return chars
+
+
 class CharLM(Dataset):
     task = "lm"
     OPTIONS = dict(data_dir="", path="tinyshakespeare/input.txt", tfds_dir="", block_size=64, train_fraction=0.9,
@@ -79,12 +97,18 @@ class CharLM(Dataset):
             raise DataError(f"data.train_fraction={train_fraction}: must be in (0, 1)")
         if tokenizer not in ("char", "bpe", "unigram"):
             raise DataError(f"data.tokenizer={tokenizer!r}: choose 'char', 'bpe' or 'unigram'")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise DataError(f"data.block_size={block_size!r}: must be >= 1")
         text = read_corpus(full, tfds_dir)
         cut = int(len(text) * train_fraction)
         self.sp = None
         if tokenizer == "char":
-            self.chars = sorted(set(text))
+            self.chars = load_char_vocab(tokenizer_path) if tokenizer_path else sorted(set(text))
             self.stoi = {c: i for i, c in enumerate(self.chars)}
+            missing = sorted(set(text) - set(self.stoi))
+            if missing:
+                raise DataError(f"data.path={full!r} has characters that the vocabulary {tokenizer_path!r} lacks: "
+                                f"{''.join(missing[:20])!r}")  # fmt: skip
             self.vocab_size = len(self.chars)
             ids = np.array([self.stoi[c] for c in text], dtype=np.int32)
             n = cut
@@ -102,18 +126,16 @@ class CharLM(Dataset):
                 )
         self.batch_size, self.block_size, self.seed, self.path = batch_size, block_size, seed, full
 
-    def artifacts(self) -> dict[str, str]:
-        """A subword model's tokenizer, saved beside its checkpoints."""
-        return {"tokenizer.model": self.sp.serialized_model_proto()} if self.sp is not None else {}
+    def artifacts(self) -> dict[str, bytes]:
+        """The tokenizer, saved beside the checkpoints: the sentencepiece model or the character list."""
+        if self.sp is not None:
+            return {"tokenizer.model": self.sp.serialized_model_proto()}
+        return {"vocab.json": json.dumps(self.chars, ensure_ascii=False).encode("utf-8")}
 
     @staticmethod
     def _subword(train_text: str, tfds_dir: str, model_type: str, vocab_size: int, tokenizer_path: str):
-        import sentencepiece as spm
-
         if tokenizer_path:
-            if not os.path.isfile(tokenizer_path):
-                raise DataError(f"data.tokenizer_path={tokenizer_path!r}: no sentencepiece model there")
-            return spm.SentencePieceProcessor(model_file=tokenizer_path)
+            return load_sentencepiece(tokenizer_path)
         cache = os.path.join(tfds_dir or os.path.expanduser("~/tensorflow_datasets"), "tfm_tokenizers")
         os.makedirs(cache, exist_ok=True)
         digest = hashlib.sha256(train_text.encode()).hexdigest()[:12]
@@ -121,14 +143,14 @@ class CharLM(Dataset):
         if not os.path.isfile(prefix + ".model"):
             tmp = f"{prefix}.{os.getpid()}.tmp"
             lines = [line for line in train_text.split("\n") if line.strip()]
-            spm.SentencePieceTrainer.train(
+            train_sentencepiece(
                 sentence_iterator=iter(lines), model_prefix=tmp, vocab_size=vocab_size, model_type=model_type,
                 character_coverage=1.0, bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2,
                 remove_extra_whitespaces=False, normalization_rule_name="identity", user_defined_symbols=["\n"],
             )  # fmt: skip
             os.replace(tmp + ".model", prefix + ".model")
             os.replace(tmp + ".vocab", prefix + ".vocab")
-        return spm.SentencePieceProcessor(model_file=prefix + ".model")
+        return load_sentencepiece(prefix + ".model")
 
     def encode(self, text: str) -> np.ndarray:
         if self.sp is not None:

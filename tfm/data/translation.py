@@ -37,7 +37,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfm.data.base import DataError, RowReadingDataset
+from tfm.data.base import DataError, RowReadingDataset, load_sentencepiece, train_sentencepiece
 from tfm.data.base import data_dir as data_dir_
 from tfm.data.builders import prepare
 
@@ -87,14 +87,16 @@ class Translation(RowReadingDataset):
 
     def __init__(self, *, batch_size, data_dir, path, tfds_dir, source_lang, target_lang, vocab_size, model_type,
                  tokenizer_path, max_len, pack, bucket, seed):  # fmt: skip
-        import sentencepiece as spm
-
         if {source_lang, target_lang} != {"en", "de"}:
             raise DataError(f"data.source_lang={source_lang!r}, data.target_lang={target_lang!r}: Multi30k has en and de")
         if pack and bucket:
             raise DataError("data.pack and data.bucket: choose one (packed rows have no padding to bucket)")
         if model_type not in ("bpe", "unigram"):
             raise DataError(f"data.model_type={model_type!r}: choose 'bpe' or 'unigram'")
+        if not isinstance(max_len, int) or max_len < 2:
+            raise DataError(f"data.max_len={max_len!r}: must be >= 2 (a target row holds at least BOS/EOS and a token)")
+        if not isinstance(vocab_size, int) or vocab_size < 5:
+            raise DataError(f"data.vocab_size={vocab_size!r}: must be >= 5 (4 special ids and at least one piece)")
         folder = os.path.join(data_dir_(data_dir), path)
         files = [f"{stem}.{lang}" for stem in FILES.values() for lang in ("en", "de")]
         builder = prepare(Multi30kText, folder, tfds_dir, files)
@@ -103,12 +105,10 @@ class Translation(RowReadingDataset):
             split: [(_text(ex[source_lang]), _text(ex[target_lang])) for ex in sources[split]] for split in self.SPLITS
         }
         if tokenizer_path:
-            if not os.path.isfile(tokenizer_path):
-                raise DataError(f"data.tokenizer_path={tokenizer_path!r}: no sentencepiece model there")
             self.tokenizer_path = tokenizer_path
         else:
-            self.tokenizer_path = self._train_tokenizer(spm, builder.data_dir, vocab_size, model_type)
-        self.sp = spm.SentencePieceProcessor(model_file=self.tokenizer_path)
+            self.tokenizer_path = self._train_tokenizer(builder.data_dir, vocab_size, model_type)
+        self.sp = load_sentencepiece(self.tokenizer_path)
         self.vocab_size = self.sp.get_piece_size()
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
         self.pad_id, self.bos_id, self.eos_id = PAD, BOS, EOS
@@ -119,13 +119,13 @@ class Translation(RowReadingDataset):
         self._epoch_rows: list[list[list[int]]] = []  # packed rows of each epoch, computed on demand
         self._epoch_buckets: list[list[tuple[list[int], int]]] = []  # (pair ids, width) of each bucketed batch
 
-    def _train_tokenizer(self, spm, cache_dir, vocab_size, model_type) -> str:
+    def _train_tokenizer(self, cache_dir, vocab_size, model_type) -> str:
         sentences = [s for pair in self.pairs["train"] for s in pair]
         digest = hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:12]
         prefix = os.path.join(cache_dir, f"spm_{model_type}_{vocab_size}_{digest}")
         if not os.path.isfile(prefix + ".model"):
             tmp = f"{prefix}.{os.getpid()}.tmp"
-            spm.SentencePieceTrainer.train(
+            train_sentencepiece(
                 sentence_iterator=iter(sentences), model_prefix=tmp, vocab_size=vocab_size, model_type=model_type,
                 character_coverage=1.0, pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK, num_threads=2,
                 minloglevel=2,

@@ -1,0 +1,180 @@
+"""A run's workdir: its files, who may write them, and what may change between runs in it.
+
+::
+
+    W/config.json          the resolved run config (written whole, by the trainer)
+    W/lock                 held by the one trainer of W (names its pid and host)
+    W/tokenizer.model      what the dataset needs to read and write text: a sentencepiece
+    W/vocab.json           model, or the character vocabulary (written whole)
+    W/checkpoints/         orbax steps (tfm.checkpoint)
+    W/metrics.jsonl, W/tensorboard/
+    W/eval_<split>.json    written by tfm.evaluate
+    W/corrupt/             damaged checkpoints, moved aside
+    W/replaced-<time>/     a previous run of another model or tokenizer (--allow_model_change)
+
+Only the trainer holding the lock writes checkpoints; readers (evaluate,
+generate, translate) never write, move or delete anything but their own result
+file. Nothing here is ever deleted: what no longer belongs is moved aside.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+import time
+
+from tfm.config import ConfigError
+
+CONFIG = "config.json"
+LOCK = "lock"
+# Files that give the checkpoints their meaning, written by the dataset (``Dataset.artifacts()``).
+ARTIFACTS = ("tokenizer.model", "vocab.json")
+
+
+def write_atomic(path: str, content: bytes | str) -> None:
+    """``path`` holds all of ``content`` or keeps what it held: write a temporary file, then rename."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_writable(workdir: str) -> None:
+    """``ConfigError`` if ``workdir`` is a file, or neither it nor its nearest existing parent is writable."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--workdir {workdir}: cannot be created, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir}: {existing} is not writable")
+
+
+def read_config(workdir: str) -> dict | None:
+    """The saved run config, or None if ``workdir`` holds no run; ``ConfigError`` if it is unreadable."""
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} does not hold a run config (a JSON object)")
+    return saved
+
+
+class Lock:
+    """An exclusive ``flock`` on ``W/lock`` for one trainer; the kernel drops it when the process dies."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, LOCK)
+        self._file = None
+
+    def _holder(self, f) -> str:
+        f.seek(0)
+        return f.read().strip() or "an unknown process"
+
+    def _refuse(self, holder: str):
+        return ConfigError(
+            f"--workdir {self.workdir} is in use by another trainer ({holder}); wait for it to end or use another --workdir"
+        )
+
+    def check(self) -> None:
+        """Refuse now if another trainer holds the lock (writes nothing)."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._refuse(self._holder(f)) from None
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+    def acquire(self) -> None:
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(f)
+            f.close()
+            raise self._refuse(holder) from None
+        since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.truncate(0)
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def _first_difference(old: dict, new: dict, section: str) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not keys:
+        return ""
+    k = keys[0]
+    return f"{section}.{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+
+
+def conflict(workdir: str, saved: dict | None, new: dict, artifacts: dict[str, bytes]) -> str:
+    """Why the checkpoints in ``workdir`` would mean something else under the new config ('' if they would not).
+
+    A different model section, or a tokenizer / vocabulary that differs from the
+    one saved with the run (another ``data.vocab_size``, other data files).
+    """
+    if saved is None:
+        return ""
+    if saved.get("model") != new.get("model"):
+        return f"a different model ({_first_difference(saved.get('model', {}), new['model'], 'model')})"
+    for name, content in artifacts.items():
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read() != content:
+                    why = _first_difference(saved.get("data", {}), new.get("data", {}), "data")
+                    return f"another {name} ({why or 'the data files changed'})"
+    return ""
+
+
+def move_previous_run_aside(workdir: str) -> str | None:
+    """Move the checkpoints, config and tokenizer of the run in ``workdir`` into ``replaced-<time>/``."""
+    names = [n for n in ("checkpoints", CONFIG, *ARTIFACTS) if os.path.exists(os.path.join(workdir, n))]
+    if not names:
+        return None
+    stamp = int(time.time())
+    while os.path.exists(aside := os.path.join(workdir, f"replaced-{stamp}")):
+        stamp += 1
+    os.makedirs(aside)
+    for name in names:
+        os.replace(os.path.join(workdir, name), os.path.join(aside, name))
+    return aside
+
+
+def write_run_files(workdir: str, config_json: str, artifacts: dict[str, bytes]) -> None:
+    """The resolved config and the dataset's artifacts, each complete or not at all."""
+    write_atomic(os.path.join(workdir, CONFIG), config_json)
+    for name, content in artifacts.items():
+        write_atomic(os.path.join(workdir, name), content)
+
+
+__all__ = ["ARTIFACTS", "Lock", "check_writable", "conflict", "move_previous_run_aside", "read_config",
+           "write_atomic", "write_run_files"]  # fmt: skip

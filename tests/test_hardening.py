@@ -344,6 +344,15 @@ def test_bad_inference_input_is_one_line_and_changes_nothing(copy_run, char_run,
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, (args, err)
 
 
+def test_a_prompt_longer_than_the_context_is_cut_and_says_so(char_run, capsys):
+    prompt = ("To be, or not to be, that is the question" * 2)[:40]
+    code, out, err = call(generate.main, ["--workdir", char_run[0], "--prompt", prompt, "--max_new_tokens", "3",
+                                          "--temperature", "0"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert err.strip() == "generate: the prompt has 40 tokens but the model sees at most 32; continuing from its last 16"
+    assert out.rstrip("\n").startswith(prompt) and len(out.rstrip("\n")) == 43
+
+
 def test_damaged_files_in_a_workdir_are_one_line(char_run, tmp_path, capsys):
     import shutil
 

@@ -79,9 +79,16 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
         )
-        self.manager = self._retry_while_live(
-            lambda: ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
-        )
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        if read_only:
+            absl_log.setLevel(logging.ERROR)  # orbax announces "directory is read only" as a warning
+        try:
+            self.manager = self._retry_while_live(
+                lambda: ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+            )
+        finally:
+            absl_log.setLevel(level)
 
     def _retry_while_live(self, fn, attempts: int = 5):
         """``fn()``; a reader retries when a live trainer deletes a step while it is being listed."""

@@ -47,10 +47,12 @@ def main(argv=None) -> int:
     if args.top_k > cfg.vocab_size:
         return cli.fail("generate", f"--top_k {args.top_k}: the vocabulary has only {cfg.vocab_size} tokens")
     window = cfg.max_len if cfg.position == "learned" else None
+    dropped = ids[:0]
     if window is not None and ids.size >= window:
         print(f"generate: the prompt has {ids.size} tokens but the model sees at most {window}; "
               f"continuing from its last {window // 2}", file=sys.stderr)  # fmt: skip
-        ids = ids[-(window // 2) :]  # keep the prompt's end, as the model can only see `window` tokens
+        # Keep the prompt's end, as the model can only see `window` tokens; the output still shows all of it.
+        dropped, ids = ids[: -(window // 2)], ids[-(window // 2) :]
     seq = np.tile(ids[None], (args.num_samples, 1))
     key = jax.random.key(args.seed)
     remaining = args.max_new_tokens
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
         seq = np.concatenate([seq, np.asarray(out)[:, context.shape[1] :]], axis=1)
         remaining -= n
     for row in seq:
-        print(run.dataset.decode(row))
+        print(run.dataset.decode(np.concatenate([dropped, row])))
         if args.num_samples > 1:
             print("---")
     return 0

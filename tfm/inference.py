@@ -217,6 +217,14 @@ def bleu(run: Run, split: str, batches: int, beam_size: int, alpha: float, max_l
     }
 
 
+def _portable(data: dict) -> dict:
+    """The data options without this machine's folders (a result must not depend on where files lay)."""
+    out = {k: v for k, v in data.items() if not k.endswith("_dir")}
+    if out.get("tokenizer_path"):
+        out["tokenizer_path"] = os.path.basename(out["tokenizer_path"])
+    return out
+
+
 def result_record(run: Run, metrics: dict, **extra) -> dict:
     """What ``tfm.evaluate`` writes: the metrics plus enough to know where they came from."""
     with open(os.path.join(run.workdir, "config.json"), encoding="utf-8") as f:
@@ -227,7 +235,7 @@ def result_record(run: Run, metrics: dict, **extra) -> dict:
         "checkpoint_step": run.step,
         **({"averaged_checkpoints": list(run.averaged_steps)} if run.averaged_steps else {}),
         "model": cfg["model"],
-        "data": cfg["data"],
+        "data": _portable(cfg["data"]),
         "device": f"{dev.platform}: {dev.device_kind}",
         "host": platform.machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

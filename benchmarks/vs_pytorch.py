@@ -1,0 +1,238 @@
+"""tfm's training step against a plain PyTorch GPT of the same shape, weights and optimizer, side by side.
+
+    python benchmarks/vs_pytorch.py [--shapes shakespeare,wide] [--rounds 3] [--steps 200] [--out results/vs_pytorch.json]
+
+The PyTorch model is written from the equations the way people write one:
+``nn.Embedding``, ``nn.Linear`` (a fused QKV projection, as nanoGPT), ``nn.LayerNorm``,
+``F.scaled_dot_product_attention(is_causal=True)``, exact GELU, a tied output
+projection, ``torch.optim.AdamW`` with decay on the matrices and embeddings only,
+global-norm clipping, float32, eager (no ``torch.compile``). It starts from a
+copy of tfm's initial parameters and follows tfm's learning-rate schedule, and
+both sides see the same batches, so their losses at step 1 agree to float32
+rounding: the same computation.
+
+tfm runs through its ``Trainer`` (the jitted, donated step the CLI uses; the
+batch placed from numpy each step). The sides alternate, A B A B, for
+``--rounds`` rounds of ``--steps`` steps after a warm-up; a round's time is its
+wall time over its steps (tfm's steps are dispatched asynchronously, as in
+training, and the round waits for the last one). The medians over rounds are
+printed and written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tfm import config as config_lib  # noqa: E402
+from tfm.optim import decay_mask  # noqa: E402
+from tfm.trainer import Trainer  # noqa: E402
+
+# The shakespeare_char recipe's model and optimizer, and a wider model.
+SHAPES = {
+    "shakespeare": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, vocab=65, seq=64, batch=12),
+    "wide": dict(d_model=512, num_heads=8, num_layers=8, d_ff=2048, vocab=65, seq=256, batch=8),
+}
+
+
+def tfm_config(shape: dict):
+    c = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "shakespeare_char.py"))
+    s = shape
+    overrides = [f"model.{k}={s[k]}" for k in ("d_model", "num_heads", "num_layers", "d_ff")]
+    overrides += [f"model.vocab_size={s['vocab']}", f"model.max_len={s['seq']}", "data.name=synthetic_lm",
+                  f"data.batch_size={s['batch']}", "mesh.data=1", "train.progress=none", "train.tensorboard=false"]  # fmt: skip
+    c = config_lib.apply_overrides(c, overrides)
+    with c.data.unlocked():
+        for key in ("data_dir", "path", "tfds_dir", "block_size", "train_fraction", "tokenizer", "tokenizer_path"):
+            c.data.pop(key, None)
+        c.data.vocab_size, c.data.seq_len = s["vocab"], s["seq"]
+    return c
+
+
+def torch_gpt(shape: dict, params, torch):
+    """The PyTorch GPT, its weights copied from tfm's ``params``."""
+    nn, F = torch.nn, torch.nn.functional
+    d, h, layers, f = shape["d_model"], shape["num_heads"], shape["num_layers"], shape["d_ff"]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.c_attn, self.c_proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+            self.fc, self.proj = nn.Linear(d, f, bias=False), nn.Linear(f, d, bias=False)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+            q, k, v = (z.view(b, t, h, d // h).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+            x = x + self.c_proj(y)
+            return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(shape["vocab"], d), nn.Embedding(shape["seq"], d)
+            self.blocks = nn.ModuleList(Block() for _ in range(layers))
+            self.ln_f = nn.LayerNorm(d)
+
+        def forward(self, idx):
+            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+            for block in self.blocks:
+                x = block(x)
+            return self.ln_f(x) @ self.wte.weight.T  # tied output projection
+
+    model = GPT()
+    p = jax.tree.map(np.asarray, params)
+    t = lambda a: torch.tensor(np.ascontiguousarray(a))  # noqa: E731
+    L = p["decoder"]["layers"]
+    with torch.no_grad():
+        model.wte.weight.copy_(t(p["embed"]["embedding"]))
+        model.wpe.weight.copy_(t(p["pos_embed"]["embedding"]))
+        model.ln_f.weight.copy_(t(p["decoder"]["final_norm"]["scale"]))
+        model.ln_f.bias.copy_(t(p["decoder"]["final_norm"]["bias"]))
+        for i, block in enumerate(model.blocks):
+            a = L["self_attention"]
+            qkv = [a[n]["kernel"][i].reshape(d, d).T for n in ("query", "key", "value")]  # [D, N, H] -> [NH, D]
+            block.c_attn.weight.copy_(t(np.concatenate(qkv, 0)))
+            block.c_proj.weight.copy_(t(a["out"]["kernel"][i].reshape(d, d).T))  # [N, H, D] -> [D, NH]
+            block.fc.weight.copy_(t(L["mlp"]["wi"]["kernel"][i].T))
+            block.proj.weight.copy_(t(L["mlp"]["wo"]["kernel"][i].T))
+            for ln, name in ((block.ln_1, "attention_norm"), (block.ln_2, "mlp_norm")):
+                ln.weight.copy_(t(L[name]["scale"][i]))
+                ln.bias.copy_(t(L[name]["bias"][i]))
+    return model
+
+
+def torch_optimizer(model, config, schedule, torch):
+    o = config.optim
+    decayed = [p for n, p in model.named_parameters() if n.endswith("weight") and ("ln" not in n)]
+    others = [p for n, p in model.named_parameters() if not (n.endswith("weight") and "ln" not in n)]
+    opt = torch.optim.AdamW([{"params": decayed, "weight_decay": o.weight_decay}, {"params": others, "weight_decay": 0.0}],
+                            lr=1.0, betas=(o.b1, o.b2), eps=o.eps)  # fmt: skip
+    lr_at = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: float(schedule(step)))  # tfm's schedule, exactly
+    return opt, lr_at
+
+
+def check_decay_groups(params):
+    """tfm decays exactly the kernels and embeddings; the PyTorch groups above mirror that."""
+    mask = jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]
+    decayed = {"/".join(str(k.key) for k in path) for path, on in mask if on}
+    assert all(name.endswith(("kernel", "embedding")) for name in decayed), decayed
+    return len(decayed)
+
+
+def run_torch(model, opt, lr_at, batches, clip, torch):
+    losses = []
+    for batch in batches:
+        x, y = torch.from_numpy(batch["inputs"]).long(), torch.from_numpy(batch["targets"]).long()
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        lr_at.step()
+        losses.append(loss)
+    return [float(v) for v in losses]
+
+
+def run_tfm(trainer, step_fn, state, batches):
+    metrics = []
+    for batch in batches:
+        state, m = step_fn(state, batch)
+        metrics.append(m["loss"])
+    return state, [float(v) for v in jax.device_get(metrics)]
+
+
+def bench(name, shape, rounds, steps, torch):
+    config = tfm_config(shape)
+    trainer = Trainer(config, devices=jax.devices()[:1])
+    state = trainer.init_state()
+    check_decay_groups(state.params)
+    model = torch_gpt(shape, state.params, torch)
+    opt, lr_at = torch_optimizer(model, config, trainer.schedule, torch)
+    clip = config.optim.clip_norm
+    it = trainer.dataset.iterator("train")
+    warm = 5
+    total = warm + rounds * steps
+    batches = [next(it) for _ in range(total)]
+    with trainer._context():
+        step = trainer._train_step.lower(state, trainer.place(batches[0])).compile()
+    mem = step.memory_analysis()
+
+    def tfm_steps(state, chunk):
+        with trainer._context():
+            return run_tfm(trainer, lambda s, b: step(s, trainer.place(b)), state, chunk)
+
+    state, tfm_losses = tfm_steps(state, batches[:warm])
+    torch_losses = run_torch(model, opt, lr_at, batches[:warm], clip, torch)
+    times = {"tfm": [], "pytorch": []}
+    for r in range(rounds):
+        chunk = batches[warm + r * steps : warm + (r + 1) * steps]
+        t0 = time.perf_counter()
+        state, losses = tfm_steps(state, chunk)  # waits for the last step's loss
+        times["tfm"].append((time.perf_counter() - t0) / steps)
+        tfm_losses += losses
+        t0 = time.perf_counter()
+        torch_losses += run_torch(model, opt, lr_at, chunk, clip, torch)
+        times["pytorch"].append((time.perf_counter() - t0) / steps)
+    tokens = shape["batch"] * shape["seq"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "shape": name, **shape,
+        "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "steps_per_round": steps, "rounds": rounds,
+        "tfm_ms_per_step": med["tfm"] * 1e3, "pytorch_ms_per_step": med["pytorch"] * 1e3,
+        "tfm_tokens_per_s": tokens / med["tfm"], "pytorch_tokens_per_s": tokens / med["pytorch"],
+        "speed_ratio_tfm_over_pytorch": med["pytorch"] / med["tfm"],
+        "round_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
+        "loss_step1": {"tfm": tfm_losses[0], "pytorch": torch_losses[0], "abs_diff": abs(tfm_losses[0] - torch_losses[0])},
+        "loss_final": {"step": total, "tfm": tfm_losses[-1], "pytorch": torch_losses[-1]},
+        "tfm_xla_bytes": {"temp": getattr(mem, "temp_size_in_bytes", None),
+                          "arguments": getattr(mem, "argument_size_in_bytes", None)},
+    }  # fmt: skip
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="shakespeare,wide")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--out", default="results/vs_pytorch.json")
+    args = p.parse_args()
+    import torch
+
+    dev = jax.devices()[0]
+    machine = f"{dev.platform}: {dev.device_kind}; {os.cpu_count()} cores; torch {torch.__version__} " \
+              f"({torch.get_num_threads()} threads), jax {jax.__version__}"  # fmt: skip
+    print(f"machine: {machine}")
+    print("| shape | params | batch x seq | PyTorch ms/step | tfm ms/step | tfm / PyTorch speed | loss step 1 (tfm, PyTorch) | loss last step (tfm, PyTorch) |")
+    print("|---|---:|---|---:|---:|---:|---|---|")
+    results = []
+    for name in args.shapes.split(","):
+        r = bench(name, SHAPES[name], args.rounds, args.steps, torch)
+        results.append(r)
+        print(f"| {name} | {r['params'] / 1e6:.2f} M | {r['batch']} x {r['seq']} | {r['pytorch_ms_per_step']:.1f} | "
+              f"{r['tfm_ms_per_step']:.1f} | {r['speed_ratio_tfm_over_pytorch']:.2f}x | "
+              f"{r['loss_step1']['tfm']:.6f}, {r['loss_step1']['pytorch']:.6f} | "
+              f"{r['loss_final']['tfm']:.4f}, {r['loss_final']['pytorch']:.4f} |", flush=True)  # fmt: skip
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"machine": machine, "host": platform.machine(), "results": results}, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -45,17 +45,17 @@ SHAPES = {
 }
 
 
-def tfm_config(shape: dict):
+def tfm_config(shape: dict, extra=()):
     c = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "shakespeare_char.py"))
     s = shape
     overrides = [f"model.{k}={s[k]}" for k in ("d_model", "num_heads", "num_layers", "d_ff")]
-    overrides += [f"model.vocab_size={s['vocab']}", f"model.max_len={s['seq']}", "data.name=synthetic_lm",
-                  f"data.batch_size={s['batch']}", "mesh.data=1", "train.progress=none", "train.tensorboard=false"]  # fmt: skip
-    c = config_lib.apply_overrides(c, overrides)
-    with c.data.unlocked():
-        for key in ("data_dir", "path", "tfds_dir", "block_size", "train_fraction", "tokenizer", "tokenizer_path"):
-            c.data.pop(key, None)
-        c.data.vocab_size, c.data.seq_len = s["vocab"], s["seq"]
+    overrides += [f"model.vocab_size={s['vocab']}", f"model.max_len={s['seq']}", "mesh.data=1",
+                  "train.progress=none", "train.tensorboard=false"]  # fmt: skip
+    c = config_lib.apply_overrides(c, overrides + list(extra))
+    # Random tokens of the same shapes instead of the corpus: the step's cost does not depend on the text.
+    c.data = config_lib.ml_collections.ConfigDict(
+        dict(name="synthetic_lm", batch_size=s["batch"], vocab_size=s["vocab"], seq_len=s["seq"])
+    )
     return c
 
 
@@ -95,22 +95,26 @@ def torch_gpt(shape: dict, params, torch):
     model = GPT()
     p = jax.tree.map(np.asarray, params)
     t = lambda a: torch.tensor(np.ascontiguousarray(a))  # noqa: E731
-    L = p["decoder"]["layers"]
+    dec = p["decoder"]
+    if "layers" in dec:  # scanned: every leaf has a leading layer axis
+        per_layer = [jax.tree.map(lambda a, i=i: a[i], dec["layers"]) for i in range(layers)]
+    else:
+        per_layer = [dec[f"layers_{i}"] for i in range(layers)]
     with torch.no_grad():
         model.wte.weight.copy_(t(p["embed"]["embedding"]))
         model.wpe.weight.copy_(t(p["pos_embed"]["embedding"]))
         model.ln_f.weight.copy_(t(p["decoder"]["final_norm"]["scale"]))
         model.ln_f.bias.copy_(t(p["decoder"]["final_norm"]["bias"]))
-        for i, block in enumerate(model.blocks):
+        for block, L in zip(model.blocks, per_layer):
             a = L["self_attention"]
-            qkv = [a[n]["kernel"][i].reshape(d, d).T for n in ("query", "key", "value")]  # [D, N, H] -> [NH, D]
+            qkv = [a[n]["kernel"].reshape(d, d).T for n in ("query", "key", "value")]  # [D, N, H] -> [NH, D]
             block.c_attn.weight.copy_(t(np.concatenate(qkv, 0)))
-            block.c_proj.weight.copy_(t(a["out"]["kernel"][i].reshape(d, d).T))  # [N, H, D] -> [D, NH]
-            block.fc.weight.copy_(t(L["mlp"]["wi"]["kernel"][i].T))
-            block.proj.weight.copy_(t(L["mlp"]["wo"]["kernel"][i].T))
+            block.c_proj.weight.copy_(t(a["out"]["kernel"].reshape(d, d).T))  # [N, H, D] -> [D, NH]
+            block.fc.weight.copy_(t(L["mlp"]["wi"]["kernel"].T))
+            block.proj.weight.copy_(t(L["mlp"]["wo"]["kernel"].T))
             for ln, name in ((block.ln_1, "attention_norm"), (block.ln_2, "mlp_norm")):
-                ln.weight.copy_(t(L[name]["scale"][i]))
-                ln.bias.copy_(t(L[name]["bias"][i]))
+                ln.weight.copy_(t(L[name]["scale"]))
+                ln.bias.copy_(t(L[name]["bias"]))
     return model
 
 
@@ -143,7 +147,7 @@ def run_torch(model, opt, lr_at, batches, clip, torch):
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         lr_at.step()
-        losses.append(loss)
+        losses.append(loss.detach())
     return [float(v) for v in losses]
 
 
@@ -155,8 +159,8 @@ def run_tfm(trainer, step_fn, state, batches):
     return state, [float(v) for v in jax.device_get(metrics)]
 
 
-def bench(name, shape, rounds, steps, torch):
-    config = tfm_config(shape)
+def bench(name, shape, rounds, steps, torch, extra=()):
+    config = tfm_config(shape, extra)
     trainer = Trainer(config, devices=jax.devices()[:1])
     state = trainer.init_state()
     check_decay_groups(state.params)
@@ -210,6 +214,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default="results/vs_pytorch.json")
+    p.add_argument("--set", action="append", default=[], help="a tfm config override, e.g. model.scan_layers=false")
     args = p.parse_args()
     import torch
 
@@ -221,7 +226,7 @@ def main():
     print("|---|---:|---|---:|---:|---:|---|---|")
     results = []
     for name in args.shapes.split(","):
-        r = bench(name, SHAPES[name], args.rounds, args.steps, torch)
+        r = bench(name, SHAPES[name], args.rounds, args.steps, torch, args.set)
         results.append(r)
         print(f"| {name} | {r['params'] / 1e6:.2f} M | {r['batch']} x {r['seq']} | {r['pytorch_ms_per_step']:.1f} | "
               f"{r['tfm_ms_per_step']:.1f} | {r['speed_ratio_tfm_over_pytorch']:.2f}x | "

@@ -28,19 +28,14 @@ def write_json(path: str, record: dict) -> None:
     write_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def _check_out(path: str) -> str | None:
+def _check_out(path: str) -> str:
     """Why ``--out`` cannot be written, checked before any work ('' if it can)."""
-    full = os.path.abspath(path)
-    if os.path.isdir(full):
+    from tfm.workdir import unwritable
+
+    if os.path.isdir(path):
         return f"--out {path}: is a directory"
-    parent = os.path.dirname(full)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"--out {path}: cannot be created, {parent} is a file"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"--out {path}: {parent} is not writable"
-    return ""
+    why = unwritable(path)
+    return f"--out {path}: {why}" if why else ""
 
 
 def main(argv=None) -> int:

@@ -185,6 +185,7 @@ class Trainer:
             self.dataset = data_lib.make_dataset(config.data.to_dict())
         except data_lib.DataError as e:
             raise config_lib.ConfigError(str(e)) from e
+        self._example = {k: np.asarray(v) for k, v in self.dataset.batch("train", 0, batch_size=1).items()}
         self._check_data_fits_model()
         self.artifacts = getattr(self.dataset, "artifacts", dict)()
         self._replace_previous_run = False
@@ -201,8 +202,6 @@ class Trainer:
         )  # fmt: skip
         self.batch_sharding = NamedSharding(self.mesh, P(sh.batch_axes(self.rules)))
         self.replicated = NamedSharding(self.mesh, P())
-        example = self._example_batch()
-        self._example = {k: np.asarray(v) for k, v in example.items()}
         with self._context():
             self.abstract_state = jax.eval_shape(self._init_boxed, jax.random.key(0))
             specs = nn.get_partition_spec(self.abstract_state)
@@ -245,7 +244,7 @@ class Trainer:
             )
         # Learned position tables have max_len rows: a longer row would fail inside the first step.
         if getattr(mc, "position", "") == "learned" and hasattr(mc, "max_len"):
-            length = max(np.shape(v)[1] for k, v in self._example_batch().items() if k in ("inputs", "decoder_inputs"))
+            length = max(v.shape[1] for k, v in self._example.items() if k in ("inputs", "decoder_inputs"))
             if length > mc.max_len:
                 key = next((k for k in ("block_size", "max_len", "seq_len") if k in ds.OPTIONS), "length")
                 raise config_lib.ConfigError(
@@ -257,9 +256,6 @@ class Trainer:
                 f"train.eval_steps=-1: data.name={self.config.data.name!r} has no finite validation split; "
                 f"give a number of batches"
             )
-
-    def _example_batch(self) -> dict:
-        return self.dataset.batch("train", 0, batch_size=1)
 
     def _check_workdir(self, allow_model_change: bool):
         saved = workdir_lib.read_config(self.workdir)

@@ -47,18 +47,26 @@ def write_atomic(path: str, content: bytes | str) -> None:
         raise
 
 
-def check_writable(workdir: str) -> None:
-    """``ConfigError`` if ``workdir`` is a file, or neither it nor its nearest existing parent is writable."""
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
-    existing = path
+def unwritable(path: str) -> str:
+    """Why ``path`` (a file or folder to create) cannot be written, or '' if it can."""
+    full = os.path.abspath(path)
+    existing = full
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(f"--workdir {workdir}: cannot be created, {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--workdir {workdir}: {existing} is not writable")
+    if existing != full and not os.path.isdir(existing):
+        return f"cannot be created, {existing} is a file"
+    parent = existing if os.path.isdir(existing) else os.path.dirname(existing)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return ""
+
+
+def check_writable(workdir: str) -> None:
+    """``ConfigError`` if ``workdir`` is a file, or neither it nor its nearest existing parent is writable."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
+    if why := unwritable(workdir):
+        raise ConfigError(f"--workdir {workdir}: {why}")
 
 
 def read_config(workdir: str) -> dict | None:
@@ -177,4 +185,4 @@ def write_run_files(workdir: str, config_json: str, artifacts: dict[str, bytes])
 
 
 __all__ = ["ARTIFACTS", "Lock", "check_writable", "conflict", "move_previous_run_aside", "read_config",
-           "write_atomic", "write_run_files"]  # fmt: skip
+           "unwritable", "write_atomic", "write_run_files"]  # fmt: skip

@@ -12,6 +12,10 @@ class DataError(ValueError):
     """A dataset that cannot be built: a missing file, a bad option; names the path or key."""
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def load_sentencepiece(path: str):
     """The sentencepiece model at ``path``; ``DataError`` naming the file if it is missing or not a model."""
     import sentencepiece as spm
@@ -21,8 +25,7 @@ def load_sentencepiece(path: str):
     try:
         return spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path!r} is not a sentencepiece model ({first})") from e
+        raise DataError(f"{path!r} is not a sentencepiece model ({_first_line(e)})") from e
 
 
 def train_sentencepiece(*, model_prefix: str, vocab_size: int, **options) -> None:
@@ -35,8 +38,7 @@ def train_sentencepiece(*, model_prefix: str, vocab_size: int, **options) -> Non
         for suffix in (".model", ".vocab"):
             if os.path.exists(model_prefix + suffix):
                 os.remove(model_prefix + suffix)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"data.vocab_size={vocab_size}: sentencepiece cannot train this vocabulary ({first})") from e
+        raise DataError(f"data.vocab_size={vocab_size}: sentencepiece cannot train this vocabulary ({_first_line(e)})") from e
 
 
 def data_dir(option: str = "") -> str:

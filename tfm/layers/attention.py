@@ -17,6 +17,7 @@ K = N is MHA).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers.linear import Einsum, Initializer
+from tfm.layers import tuning
+from tfm.layers.linear import Einsum, Initializer, einsum_matmul
 from tfm.layers.masks import and_masks, block_sparse_mask_at, local_mask_at
 from tfm.layers.position import apply_rope
 
@@ -123,6 +125,22 @@ def _xla_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_r
     probs = weights.astype(value.dtype).reshape(b, k, g, t, s)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
     return out, weights
+
+
+def fused_projection(x: Array, projections, dtype) -> tuple[Array, ...]:
+    """``x [B, T, D]`` through several ``[D, heads, H]`` projections with one matmul.
+
+    The kernels (and biases) are concatenated on their output axes, so the
+    parameters stay those of the separate projections and the result is theirs.
+    """
+    d = x.shape[-1]
+    kernels = [p.kernel.astype(dtype) for p in projections]
+    widths = [math.prod(w.shape[1:]) for w in kernels]
+    y = einsum_matmul("BTD,DF->BTF", x.astype(dtype), jnp.concatenate([w.reshape(d, -1) for w in kernels], axis=1))
+    if projections[0].use_bias:
+        y = y + jnp.concatenate([p.bias.astype(dtype).reshape(-1) for p in projections])
+    parts = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
+    return tuple(part.reshape(x.shape[:-1] + w.shape[1:]) for part, w in zip(parts, kernels))
 
 
 def dot_product_attention(
@@ -240,6 +258,7 @@ class MultiHeadAttention(nn.Module):
     global_stride: int = 0
     sow_weights: bool = False
     kernel_init: Initializer | None = None
+    out_kernel_init: Initializer | None = None  # None: kernel_init
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -278,9 +297,13 @@ class MultiHeadAttention(nn.Module):
                 param_dtype=self.param_dtype, name=name,
             )  # fmt: skip
 
-        query = proj("query", n, sh.HEADS)("BTD,DNH->BTNH", inputs_q)
-        key = proj("key", k, sh.KV_HEADS)("BSD,DKH->BSKH", inputs_kv)
-        value = proj("value", k, sh.KV_HEADS)("BSD,DKH->BSKH", inputs_kv)
+        projections = proj("query", n, sh.HEADS), proj("key", k, sh.KV_HEADS), proj("value", k, sh.KV_HEADS)
+        if self_attention and tuning.fused_qkv():
+            query, key, value = fused_projection(inputs_q, projections, self.dtype)
+        else:
+            query = projections[0]("BTD,DNH->BTNH", inputs_q)
+            key = projections[1]("BSD,DKH->BSKH", inputs_kv)
+            value = projections[2]("BSD,DKH->BSKH", inputs_kv)
         query = nn.with_logical_constraint(query, (sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM))
         key = nn.with_logical_constraint(key, (sh.BATCH, sh.KV_LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
         value = nn.with_logical_constraint(value, (sh.BATCH, sh.KV_LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
@@ -360,7 +383,7 @@ class MultiHeadAttention(nn.Module):
     def _out(self, result: Array, n: int, h: int, d: int) -> Array:
         out = Einsum(
             (n, h, self.out_features or d), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), in_axis=(0, 1), out_axis=2,
-            use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype,
+            use_bias=self.use_bias, kernel_init=self.out_kernel_init or self.kernel_init, dtype=self.dtype,
             param_dtype=self.param_dtype, name="out",
         )("BTNH,NHD->BTD", result)  # fmt: skip
         return nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.EMBED))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
+from tfm.layers import tuning
 from tfm.layers.attention import IMPLEMENTATIONS, AttentionOptions, MultiHeadAttention
 from tfm.layers.feedforward import ACTIVATIONS, GATED, MLP
 from tfm.layers.moe import MoE, MoEOptions
@@ -68,6 +69,7 @@ class BlockConfig(MoEOptions, AttentionOptions):
     attention_scale: float | None = None  # None: 1/sqrt(head_dim)
     attention_impl: str | None = None
     kernel_init_std: float | None = None  # None: Glorot uniform; else N(0, std^2)
+    out_init_std: float | None = None  # the residual branches' output projections; None: as kernel_init_std
     decode: bool = False
     causal: bool = False
     dtype: jnp.dtype = jnp.float32
@@ -109,6 +111,10 @@ class BlockConfig(MoEOptions, AttentionOptions):
     def kernel_init(self):
         return None if self.kernel_init_std is None else nn.initializers.normal(stddev=self.kernel_init_std)
 
+    def out_kernel_init(self):
+        """The init of the projections that write into the residual stream (attention ``out``, MLP ``wo``)."""
+        return self.kernel_init() if self.out_init_std is None else nn.initializers.normal(stddev=self.out_init_std)
+
 
 def _attention(cfg: BlockConfig, name: str, decode: bool) -> MultiHeadAttention:
     return MultiHeadAttention(
@@ -128,6 +134,7 @@ def _attention(cfg: BlockConfig, name: str, decode: bool) -> MultiHeadAttention:
         global_tokens=cfg.attention_global_tokens,
         global_stride=cfg.attention_global_stride,
         kernel_init=cfg.kernel_init(),
+        out_kernel_init=cfg.out_kernel_init(),
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         name=name,
@@ -160,6 +167,7 @@ def _mlp(cfg: BlockConfig) -> nn.Module:
         use_bias=cfg.mlp_bias,
         dropout_rate=cfg.activation_dropout_rate,
         kernel_init=cfg.kernel_init(),
+        out_kernel_init=cfg.out_kernel_init(),
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         name="mlp",
@@ -288,6 +296,7 @@ class Stack(nn.Module):
     num_layers: int
     scan: bool = True
     remat_policy: str = "none"
+    unroll: int | None = None
 
     @nn.compact
     def __call__(self, x: Array, *args, deterministic: bool = True) -> Array:
@@ -327,6 +336,7 @@ class Stack(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=self.num_layers // k,
+                unroll=tuning.scan_unroll(self.num_layers // k) if self.unroll is None else self.unroll,
                 metadata_params={nn.PARTITION_NAME: sh.LAYERS},
             )
             x, _ = scanned(unit, x, *args, deterministic)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers.linear import Initializer
+from tfm.layers.linear import Initializer, einsum_matmul
 
 
 class Embed(nn.Module):
@@ -49,6 +49,6 @@ class Embed(nn.Module):
 
     def attend(self, x: Array) -> Array:
         """Logits against every token: ``[B, T, D] -> [B, T, V]`` (float32 accumulation)."""
-        return jnp.einsum(
+        return einsum_matmul(
             "BTD,VD->BTV", x.astype(self.dtype), self.embedding.astype(self.dtype), preferred_element_type=jnp.float32
         )

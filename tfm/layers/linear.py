@@ -7,13 +7,53 @@ documentation and lets every kernel carry its logical axis names.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import Array
 
+from tfm.layers import tuning
+
 Initializer = nn.initializers.Initializer
+
+
+def _matmul_plan(equation: str, x_ndim: int, k_ndim: int):
+    """``(batch, contracted, free, kernel_transposed)`` letters if the einsum is a plain matmul, else None.
+
+    A plain matmul: ``x = batch + contracted``, ``out = batch + free`` and the kernel
+    is ``contracted + free`` (or ``free + contracted``, a transposed kernel such as a
+    tied embedding table).
+    """
+    lhs, out = equation.replace(" ", "").split("->")
+    xs, ks = lhs.split(",")
+    if len(xs) != x_ndim or len(ks) != k_ndim:
+        return None
+    contracted = "".join(c for c in ks if c in xs and c not in out)
+    free = "".join(c for c in ks if c not in xs)
+    batch = xs[: len(xs) - len(contracted)]
+    if not contracted or xs != batch + contracted or out != batch + free or any(c in ks for c in batch):
+        return None
+    if ks == contracted + free:
+        return batch, contracted, free, False
+    if ks == free + contracted:
+        return batch, contracted, free, True
+    return None
+
+
+def einsum_matmul(equation: str, x: Array, kernel: Array, **kwargs) -> Array:
+    """``jnp.einsum(equation, x, kernel)``, run as one 2-D matmul where ``tuning.fold_to_matmul()`` says so."""
+    plan = _matmul_plan(equation, x.ndim, kernel.ndim) if tuning.fold_to_matmul() else None
+    if plan is None:
+        return jnp.einsum(equation, x, kernel, **kwargs)
+    batch, contracted, free, transposed = plan
+    lead, nb = x.shape[: len(batch)], len(batch)
+    free_shape = kernel.shape[: len(free)] if transposed else kernel.shape[len(contracted) :]
+    k = math.prod(x.shape[nb:])
+    kernel2 = kernel.reshape((-1, k) if transposed else (k, -1))
+    y = jnp.einsum("MK,NK->MN" if transposed else "MK,KN->MN", x.reshape(-1, k), kernel2, **kwargs)
+    return y.reshape(lead + tuple(free_shape))
 
 
 def default_kernel_init(in_axis: int | Sequence[int], out_axis: int | Sequence[int]) -> Initializer:
@@ -39,20 +79,21 @@ class Einsum(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, equation: str, x: Array) -> Array:
+    def setup(self):
         if len(self.shape) != len(self.axes):
             raise ValueError(f"kernel shape {self.shape} and logical axes {self.axes} differ in rank")
         init = self.kernel_init or default_kernel_init(self.in_axis, self.out_axis)
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape, self.param_dtype)
-        y = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        self.kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape, self.param_dtype)
         if self.use_bias:
             out = (self.out_axis,) if isinstance(self.out_axis, int) else tuple(self.out_axis)
             out = tuple(a % len(self.shape) for a in out)
             bias_shape = tuple(self.shape[a] for a in out)
             bias_axes = tuple(self.axes[a] for a in out)
-            bias = self.param(
-                "bias", nn.with_logical_partitioning(self.bias_init, bias_axes), bias_shape, self.param_dtype
-            )
-            y = y + bias.astype(self.dtype)
+            init = nn.with_logical_partitioning(self.bias_init, bias_axes)
+            self.bias = self.param("bias", init, bias_shape, self.param_dtype)
+
+    def __call__(self, equation: str, x: Array) -> Array:
+        y = einsum_matmul(equation, x.astype(self.dtype), self.kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.bias.astype(self.dtype)
         return y

@@ -11,6 +11,7 @@ head tied to the token embedding. The same class covers Llama-style models
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -51,6 +52,9 @@ class GPTConfig(MoEOptions, AttentionOptions):
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     init_std: float = 0.02
+    # GPT-2 §2.3: the residual branches' output projections start at init_std / sqrt(2 * num_layers)
+    # (two residual additions per layer), so the residual stream's variance does not grow with depth.
+    scale_residual_init: bool = True
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str | None = None
@@ -81,6 +85,7 @@ class GPTConfig(MoEOptions, AttentionOptions):
             rope_base=self.rope_base,
             attention_impl=self.attention_impl,
             kernel_init_std=self.init_std,
+            out_init_std=self.init_std / math.sqrt(2 * self.num_layers) if self.scale_residual_init else None,
             decode=self.decode,
             causal=True,
             dtype=self.dtype,

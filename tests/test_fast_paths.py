@@ -1,0 +1,180 @@
+"""The fast paths of the training step compute what the plain forms compute.
+
+``tfm.layers.tuning`` picks each by backend; here every one is forced on and off
+and the two results (values and gradients) are compared. Also: the exact GELU,
+the GPT-2 initialisation and the non-finite step guard.
+"""
+
+import contextlib
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _helpers import maxerr, random_params, randn
+
+from tfm import config as config_lib
+from tfm.layers import tuning
+from tfm.layers.attention import MultiHeadAttention
+from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
+from tfm.layers.feedforward import ACTIVATIONS
+from tfm.layers.linear import _matmul_plan, einsum_matmul
+from tfm.layers.masks import causal_mask
+from tfm.models.gpt import GPT, GPTConfig
+from tfm.optim import decay_mask
+from tfm.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 2e-5
+
+
+@contextlib.contextmanager
+def forced(**settings):
+    saved = {k: getattr(tuning, k) for k in settings}
+    for k, v in settings.items():
+        setattr(tuning, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(tuning, k, v)
+
+
+def value_and_grads(f, *args):
+    """f's value and its gradients with respect to every argument (eager: the settings are read at trace time)."""
+    return f(*args), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=tuple(range(len(args))))(*args)
+
+
+def assert_close(a, b, tol=TOL):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.shape == y.shape
+        assert maxerr(x, y) <= tol, maxerr(x, y)
+
+
+@pytest.mark.parametrize(
+    "equation, x_shape, k_shape",
+    [
+        ("BTD,DNH->BTNH", (2, 5, 8), (8, 2, 3)),  # query projection
+        ("BTNH,NHD->BTD", (2, 5, 2, 3), (2, 3, 8)),  # attention output
+        ("BTD,VD->BTV", (2, 5, 8), (11, 8)),  # tied embedding, transposed kernel
+        ("BTPQC,PQCD->BTD", (2, 3, 2, 2, 3), (2, 2, 3, 8)),  # ViT patches
+        ("BD,DC->BC", (4, 8), (8, 5)),
+    ],
+)
+def test_matmul_fold_equals_einsum(equation, x_shape, k_shape):
+    rng = np.random.default_rng(0)
+    x, k = randn(rng, *x_shape), randn(rng, *k_shape)
+    assert _matmul_plan(equation, x.ndim, k.ndim) is not None
+    with forced(FOLD_TO_MATMUL=True):
+        folded = value_and_grads(lambda a, b: einsum_matmul(equation, a, b), x, k)
+    plain = value_and_grads(lambda a, b: jnp.einsum(equation, a, b), x, k)
+    assert_close(folded, plain)
+
+
+@pytest.mark.parametrize("equation", ["BTKGH,BSKH->BKGTS", "EGCD,EDF->EGCF", "BTD,DT->BT"])
+def test_einsums_that_are_not_one_matmul_keep_the_einsum(equation):
+    lhs = equation.split("->")[0].split(",")
+    assert _matmul_plan(equation, len(lhs[0]), len(lhs[1])) is None
+
+
+@pytest.mark.parametrize("num_kv_heads, use_bias", [(None, False), (None, True), (2, True), (1, False)])
+def test_fused_qkv_equals_separate_projections(num_kv_heads, use_bias):
+    rng = np.random.default_rng(1)
+    x = randn(rng, 2, 6, 16)
+    mha = MultiHeadAttention(num_heads=4, head_dim=5, num_kv_heads=num_kv_heads, use_bias=use_bias)
+    mask = causal_mask(6)
+    params = random_params(mha, x, mask=mask)
+    assert set(params) == {"query", "key", "value", "out"}  # the parameters stay separate
+    run = lambda p, a: mha.apply({"params": p}, a, mask=mask)  # noqa: E731
+    with forced(FUSED_QKV=True):
+        fused = value_and_grads(run, params, x)
+    with forced(FUSED_QKV=False):
+        separate = value_and_grads(run, params, x)
+    assert_close(fused, separate)
+
+
+def test_unrolled_layer_scan_equals_the_loop():
+    rng = np.random.default_rng(2)
+    x = randn(rng, 2, 6, 16)
+    cfg = BlockConfig(d_model=16, num_heads=4, d_ff=32, norm_position="pre", dropout_rate=0.0)
+    args = (x, causal_mask(6))
+    rolled, unrolled = Stack(EncoderBlock, cfg, 3, unroll=1), Stack(EncoderBlock, cfg, 3, unroll=3)
+    params = random_params(rolled, *args)
+    results = [value_and_grads(lambda p, a: s.apply({"params": p}, a, args[1]), params, x) for s in (rolled, unrolled)]
+    assert_close(*results)
+
+
+def test_the_backend_choices():
+    with forced(UNROLL_LAYERS=8):
+        assert tuning.scan_unroll(4) == 4 and tuning.scan_unroll(8) == 8 and tuning.scan_unroll(48) == 1
+    with forced(UNROLL_LAYERS=0):
+        assert tuning.scan_unroll(4) == 1
+    with forced(FOLD_TO_MATMUL=False, FUSED_QKV=False):
+        assert not tuning.fold_to_matmul() and not tuning.fused_qkv()
+    on_cpu = jax.default_backend() == "cpu"
+    assert tuning.fold_to_matmul() == on_cpu and tuning.fused_qkv() == on_cpu
+
+
+def test_exact_gelu_matches_jax_nn_gelu():
+    x = jnp.linspace(-8.0, 8.0, 4001)
+    ours, ref = ACTIVATIONS["gelu"], lambda v: jax.nn.gelu(v, approximate=False)
+    assert maxerr(ours(x), ref(x)) <= 1e-6
+    grad = lambda f: jax.vmap(jax.grad(f))(x)  # noqa: E731
+    assert maxerr(grad(ours), grad(ref)) <= 1e-6
+
+
+def test_gpt_init_has_gpt2_statistics():
+    layers, d = 4, 256
+    cfg = GPTConfig(vocab_size=512, max_len=128, d_model=d, num_heads=4, num_layers=layers, d_ff=4 * d,
+                    use_bias=True, scan_layers=False)  # fmt: skip
+    params = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nn.unbox(params)
+    residual = 0.02 / math.sqrt(2 * layers)
+
+    def check_std(a, std):
+        a = np.asarray(a)
+        assert abs(a.mean()) < 3 * std / math.sqrt(a.size)
+        assert abs(a.std() / std - 1) < 0.03, (a.std(), std)
+
+    check_std(params["embed"]["embedding"], 0.02)
+    check_std(params["pos_embed"]["embedding"], 0.02)
+    for i in range(layers):
+        block = params["decoder"][f"layers_{i}"]
+        attn, mlp = block["self_attention"], block["mlp"]
+        for name in ("query", "key", "value"):
+            check_std(attn[name]["kernel"], 0.02)
+        check_std(mlp["wi"]["kernel"], 0.02)
+        check_std(attn["out"]["kernel"], residual)  # written into the residual stream: scaled down
+        check_std(mlp["wo"]["kernel"], residual)
+        for leaf in jax.tree.leaves({k: v["bias"] for k, v in {**attn, **mlp}.items()}):
+            assert not np.any(np.asarray(leaf))
+        assert np.all(np.asarray(block["attention_norm"]["scale"]) == 1)
+    # Weight decay reaches the matrices and embeddings only.
+    flat = jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]
+    for path, decayed in flat:
+        name = path[-1].key
+        assert decayed == (name in ("kernel", "embedding")), (path, decayed)
+    unscaled = GPT(GPTConfig(**{**cfg.__dict__, "scale_residual_init": False}))
+    p = nn.unbox(unscaled.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    check_std(p["decoder"]["layers_0"]["mlp"]["wo"]["kernel"], 0.02)
+
+
+def test_a_non_finite_step_leaves_the_whole_state_unchanged():
+    c = config_lib.load_config(os.path.join(ROOT, "configs", "copy.py:tiny"))
+    c = config_lib.apply_overrides(c, ["mesh.data=1", "train.progress=none", "train.tensorboard=false"])
+    trainer = Trainer(c, devices=jax.devices()[:1])
+    it = trainer.dataset.iterator("train")
+    state, _ = trainer.train_step(trainer.init_state(), next(it))  # Adam moments are non-zero from here on
+    before = jax.tree.map(np.array, state)
+    batch = next(it)
+    batch["weights"] = batch["weights"] * np.float32("nan")
+    after, metrics = trainer.train_step(state, batch)
+    assert not bool(metrics["loss_finite"])
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.tree.map(np.array, after))):
+        np.testing.assert_array_equal(a, b)
+    # A finite step from there moves on.
+    state, metrics = trainer.train_step(after, next(it))
+    assert bool(metrics["loss_finite"]) and int(state.step) == 2

@@ -1,0 +1,49 @@
+"""Choices that make the training step faster on one backend and change no result.
+
+Each is picked by ``jax.default_backend()`` when left at ``None``, and can be
+forced (``tuning.FUSED_QKV = False``) to compare both sides or to test that
+they agree. Measured on the CPU backend with ``benchmarks/vs_pytorch.py``:
+
+* ``FOLD_TO_MATMUL``: projections run as one 2-D matmul (``[B*T, D] @ [D, F]``)
+  instead of the einsum over ``[B, T, D]``. On CPU the weight gradient of the
+  3-D einsum makes XLA materialise transposed copies of the activations (a third
+  of a small GPT's step); the 2-D form does not. GPU and TPU compile both forms
+  to the same kernels.
+* ``FUSED_QKV``: self-attention computes query, key and value with one matmul
+  over the three kernels concatenated (the parameters stay separate). One wide
+  matmul instead of three narrow ones, and one input gradient instead of a sum
+  of three.
+* ``UNROLL_LAYERS``: a scanned stack of at most this many layers is unrolled
+  (``nn.scan(unroll=L)``): the same stacked parameters, but no loop. On CPU the
+  loop's stacked residuals (written with dynamic-update-slice, read back with
+  dynamic-slice) cost a fifth of a small model's step. Deeper stacks stay
+  rolled, so compile time stays flat in depth.
+"""
+
+from __future__ import annotations
+
+import jax
+
+FOLD_TO_MATMUL: bool | None = None
+FUSED_QKV: bool | None = None
+UNROLL_LAYERS: int | None = None
+
+_CPU_UNROLL_LAYERS = 8
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def fold_to_matmul() -> bool:
+    return _on_cpu() if FOLD_TO_MATMUL is None else FOLD_TO_MATMUL
+
+
+def fused_qkv() -> bool:
+    return _on_cpu() if FUSED_QKV is None else FUSED_QKV
+
+
+def scan_unroll(length: int) -> int:
+    """The ``unroll`` of a layer scan of ``length`` steps: all of them for a shallow stack on CPU, else 1."""
+    limit = (_CPU_UNROLL_LAYERS if _on_cpu() else 0) if UNROLL_LAYERS is None else UNROLL_LAYERS
+    return length if length <= limit else 1

@@ -16,7 +16,12 @@ batch placed from numpy each step). The sides alternate, A B A B, for
 ``--rounds`` rounds of ``--steps`` steps after a warm-up; a round's time is its
 wall time over its steps (tfm's steps are dispatched asynchronously, as in
 training, and the round waits for the last one). The medians over rounds are
-printed and written to ``--out``.
+printed and written to ``--out``, with each side's peak memory: the growth of
+the process's resident memory during its rounds (sampled every millisecond),
+and XLA's plan for tfm's compiled step.
+
+``--plain`` turns off the fast paths that ``tfm.layers.tuning`` picks by backend,
+to measure what each costs or saves on the machine at hand.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tfm import config as config_lib  # noqa: E402
+from tfm.layers import tuning  # noqa: E402
 from tfm.optim import decay_mask  # noqa: E402
 from tfm.trainer import Trainer  # noqa: E402
 
@@ -151,6 +157,47 @@ def run_torch(model, opt, lr_at, batches, clip, torch):
     return [float(v) for v in losses]
 
 
+class PeakRSS:
+    """The peak growth of this process's resident memory while the block runs (sampled every ms).
+
+    Both sides run in one process: freed memory is first returned to the OS
+    (glibc ``malloc_trim``), so each side's working set for a step shows as the
+    growth over the memory resident before its round (parameters and optimizer
+    state, already resident, are not counted).
+    """
+
+    def __enter__(self):
+        import ctypes
+        import threading
+
+        try:  # hand memory freed by earlier steps back to the OS, so that this block's working set shows as growth
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def run_tfm(trainer, step_fn, state, batches):
     metrics = []
     for batch in batches:
@@ -182,15 +229,20 @@ def bench(name, shape, rounds, steps, torch, extra=()):
     state, tfm_losses = tfm_steps(state, batches[:warm])
     torch_losses = run_torch(model, opt, lr_at, batches[:warm], clip, torch)
     times = {"tfm": [], "pytorch": []}
+    peak = {"tfm": 0.0, "pytorch": 0.0}
     for r in range(rounds):
         chunk = batches[warm + r * steps : warm + (r + 1) * steps]
-        t0 = time.perf_counter()
-        state, losses = tfm_steps(state, chunk)  # waits for the last step's loss
-        times["tfm"].append((time.perf_counter() - t0) / steps)
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            state, losses = tfm_steps(state, chunk)  # waits for the last step's loss
+            times["tfm"].append((time.perf_counter() - t0) / steps)
+        peak["tfm"] = max(peak["tfm"], rss.growth_mib)
         tfm_losses += losses
-        t0 = time.perf_counter()
-        torch_losses += run_torch(model, opt, lr_at, chunk, clip, torch)
-        times["pytorch"].append((time.perf_counter() - t0) / steps)
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            torch_losses += run_torch(model, opt, lr_at, chunk, clip, torch)
+            times["pytorch"].append((time.perf_counter() - t0) / steps)
+        peak["pytorch"] = max(peak["pytorch"], rss.growth_mib)
     tokens = shape["batch"] * shape["seq"]
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
@@ -203,6 +255,7 @@ def bench(name, shape, rounds, steps, torch, extra=()):
         "round_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
         "loss_step1": {"tfm": tfm_losses[0], "pytorch": torch_losses[0], "abs_diff": abs(tfm_losses[0] - torch_losses[0])},
         "loss_final": {"step": total, "tfm": tfm_losses[-1], "pytorch": torch_losses[-1]},
+        "peak_rss_growth_mib": peak,
         "tfm_xla_bytes": {"temp": getattr(mem, "temp_size_in_bytes", None),
                           "arguments": getattr(mem, "argument_size_in_bytes", None)},
     }  # fmt: skip
@@ -212,30 +265,43 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="shakespeare,wide")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--out", default="results/vs_pytorch.json")
+    p.add_argument("--steps", type=int, default=200, help="steps per round")
+    p.add_argument("--out", default="results/vs_pytorch.json",
+                   help="JSON of the results; entries of shapes not run now are kept ('' writes nothing)")
     p.add_argument("--set", action="append", default=[], help="a tfm config override, e.g. model.scan_layers=false")
+    p.add_argument("--plain", action="store_true",
+                   help="turn off tfm's backend-picked fast paths (tfm.layers.tuning): the step as written")
     args = p.parse_args()
     import torch
 
+    if args.plain:
+        tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV, tuning.UNROLL_LAYERS = False, False, 0
     dev = jax.devices()[0]
     machine = f"{dev.platform}: {dev.device_kind}; {os.cpu_count()} cores; torch {torch.__version__} " \
               f"({torch.get_num_threads()} threads), jax {jax.__version__}"  # fmt: skip
     print(f"machine: {machine}")
-    print("| shape | params | batch x seq | PyTorch ms/step | tfm ms/step | tfm / PyTorch speed | loss step 1 (tfm, PyTorch) | loss last step (tfm, PyTorch) |")
-    print("|---|---:|---|---:|---:|---:|---|---|")
+    print("| shape | params | batch x seq | PyTorch ms/step | tfm ms/step | tfm / PyTorch speed | "
+          "loss step 1 (tfm, PyTorch) | loss last step (tfm, PyTorch) | peak RSS growth MiB (tfm, PyTorch) |")
+    print("|---|---:|---|---:|---:|---:|---|---|---|")
     results = []
     for name in args.shapes.split(","):
         r = bench(name, SHAPES[name], args.rounds, args.steps, torch, args.set)
+        r["fast_paths"] = not args.plain
         results.append(r)
+        m = r["peak_rss_growth_mib"]
         print(f"| {name} | {r['params'] / 1e6:.2f} M | {r['batch']} x {r['seq']} | {r['pytorch_ms_per_step']:.1f} | "
               f"{r['tfm_ms_per_step']:.1f} | {r['speed_ratio_tfm_over_pytorch']:.2f}x | "
               f"{r['loss_step1']['tfm']:.6f}, {r['loss_step1']['pytorch']:.6f} | "
-              f"{r['loss_final']['tfm']:.4f}, {r['loss_final']['pytorch']:.4f} |", flush=True)  # fmt: skip
+              f"{r['loss_final']['tfm']:.4f}, {r['loss_final']['pytorch']:.4f} | {m['tfm']:.0f}, {m['pytorch']:.0f} |",
+              flush=True)  # fmt: skip
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        kept = []
+        if os.path.exists(args.out):
+            with open(args.out, encoding="utf-8") as f:
+                kept = [r for r in json.load(f).get("results", []) if r.get("shape") not in args.shapes.split(",")]
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"machine": machine, "host": platform.machine(), "results": results}, f, indent=2)
+            json.dump({"machine": machine, "host": platform.machine(), "results": kept + results}, f, indent=2)
             f.write("\n")
 
 

@@ -3,7 +3,8 @@
     tokens -> Embed + positions -> dropout -> L x pre-LN EncoderBlock (causal) -> LN -> logits
 
 The GPT-2 preset: learned positions, GELU (tanh), LayerNorm, biases, output
-head tied to the token embedding. The same class covers Llama-style models
+head tied to the token embedding; weights drawn from N(0, 0.02), the residual
+branches' output projections from N(0, 0.02 / sqrt(2 L)) (GPT-2 §2.3). The same class covers Llama-style models
 (``position="rope"``, ``norm="rmsnorm"``, ``activation="swiglu"``,
 ``num_kv_heads`` for GQA, no biases) and ALiBi.
 """

@@ -17,7 +17,6 @@ K = N is MHA).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 
@@ -28,7 +27,7 @@ from jax import Array
 
 from tfm import sharding as sh
 from tfm.layers import tuning
-from tfm.layers.linear import Einsum, Initializer, einsum_matmul
+from tfm.layers.linear import Einsum, Initializer, fused_projection
 from tfm.layers.masks import and_masks, block_sparse_mask_at, local_mask_at
 from tfm.layers.position import apply_rope
 
@@ -125,22 +124,6 @@ def _xla_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_r
     probs = weights.astype(value.dtype).reshape(b, k, g, t, s)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, n, h)
     return out, weights
-
-
-def fused_projection(x: Array, projections, dtype) -> tuple[Array, ...]:
-    """``x [B, T, D]`` through several ``[D, heads, H]`` projections with one matmul.
-
-    The kernels (and biases) are concatenated on their output axes, so the
-    parameters stay those of the separate projections and the result is theirs.
-    """
-    d = x.shape[-1]
-    kernels = [p.kernel.astype(dtype) for p in projections]
-    widths = [math.prod(w.shape[1:]) for w in kernels]
-    y = einsum_matmul("BTD,DF->BTF", x.astype(dtype), jnp.concatenate([w.reshape(d, -1) for w in kernels], axis=1))
-    if projections[0].use_bias:
-        y = y + jnp.concatenate([p.bias.astype(dtype).reshape(-1) for p in projections])
-    parts = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
-    return tuple(part.reshape(x.shape[:-1] + w.shape[1:]) for part, w in zip(parts, kernels))
 
 
 def dot_product_attention(

@@ -7,6 +7,7 @@ documentation and lets every kernel carry its logical axis names.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Sequence
 
@@ -54,6 +55,22 @@ def einsum_matmul(equation: str, x: Array, kernel: Array, **kwargs) -> Array:
     kernel2 = kernel.reshape((-1, k) if transposed else (k, -1))
     y = jnp.einsum("MK,NK->MN" if transposed else "MK,KN->MN", x.reshape(-1, k), kernel2, **kwargs)
     return y.reshape(lead + tuple(free_shape))
+
+
+def fused_projection(x: Array, projections, dtype) -> tuple[Array, ...]:
+    """``x [B, T, D]`` through several ``[D, heads, H]`` projections with one matmul.
+
+    The kernels (and biases) are concatenated on their output axes, so the
+    parameters stay those of the separate projections and the result is theirs.
+    """
+    d = x.shape[-1]
+    kernels = [p.kernel.astype(dtype) for p in projections]
+    widths = [math.prod(w.shape[1:]) for w in kernels]
+    y = einsum_matmul("BTD,DF->BTF", x.astype(dtype), jnp.concatenate([w.reshape(d, -1) for w in kernels], axis=1))
+    if projections[0].use_bias:
+        y = y + jnp.concatenate([p.bias.astype(dtype).reshape(-1) for p in projections])
+    parts = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
+    return tuple(part.reshape(x.shape[:-1] + w.shape[1:]) for part, w in zip(parts, kernels))
 
 
 def default_kernel_init(in_axis: int | Sequence[int], out_axis: int | Sequence[int]) -> Initializer:

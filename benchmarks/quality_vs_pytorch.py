@@ -77,9 +77,8 @@ def run(data_dir: str, lr: float, steps: int, torch, seed: int = 0) -> dict:
 
     t0 = time.perf_counter()
     state = trainer.init_state()
-    with trainer._context():
-        for b in batches:
-            state, m = trainer._train_step(state, trainer.place(b))
+    for b in batches:
+        state, m = trainer.train_step(state, b)
     jax.block_until_ready(state)
     tfm_s = time.perf_counter() - t0
     tfm_val = trainer.evaluate(state.params, steps=EVAL_BATCHES)["eval/loss"]

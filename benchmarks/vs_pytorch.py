@@ -20,8 +20,12 @@ printed and written to ``--out``, with each side's peak memory: the growth of
 the process's resident memory during its rounds (sampled every millisecond),
 and XLA's plan for tfm's compiled step.
 
-``--plain`` turns off the fast paths that ``tfm.layers.tuning`` picks by backend,
-to measure what each costs or saves on the machine at hand.
+``--plain`` turns off the fast paths that tfm picks by backend
+(``tfm.layers.tuning``, and ``tfm.host_memory``, which keeps the step's freed
+buffer mapped between steps), to measure what they save on the machine at hand.
+The heap that ``tfm.host_memory`` keeps is the process's, so the PyTorch side,
+measured in the same process, runs with it too (``--plain`` measures both
+without it).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tfm import config as config_lib  # noqa: E402
+from tfm import host_memory  # noqa: E402
 from tfm.layers import tuning  # noqa: E402
 from tfm.optim import decay_mask  # noqa: E402
 from tfm.trainer import Trainer  # noqa: E402
@@ -218,13 +223,11 @@ def bench(name, shape, rounds, steps, torch, extra=()):
     warm = 5
     total = warm + rounds * steps
     batches = [next(it) for _ in range(total)]
-    with trainer._context():
-        step = trainer._train_step.lower(state, trainer.place(batches[0])).compile()
+    step = trainer.compile_step(state, trainer.place(batches[0]))
     mem = step.memory_analysis()
 
     def tfm_steps(state, chunk):
-        with trainer._context():
-            return run_tfm(trainer, lambda s, b: step(s, trainer.place(b)), state, chunk)
+        return run_tfm(trainer, lambda s, b: step(s, trainer.place(b)), state, chunk)
 
     state, tfm_losses = tfm_steps(state, batches[:warm])
     torch_losses = run_torch(model, opt, lr_at, batches[:warm], clip, torch)
@@ -276,6 +279,7 @@ def main():
 
     if args.plain:
         tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV, tuning.UNROLL_LAYERS = False, False, 0
+        host_memory.RESERVE = False
     dev = jax.devices()[0]
     machine = f"{dev.platform}: {dev.device_kind}; {os.cpu_count()} cores; torch {torch.__version__} " \
               f"({torch.get_num_threads()} threads), jax {jax.__version__}"  # fmt: skip

@@ -48,6 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from tfm import config as config_lib
 from tfm import data as data_lib
+from tfm import host_memory
 from tfm import metrics as metrics_lib
 from tfm import sharding as sh
 from tfm import workdir as workdir_lib
@@ -218,6 +219,7 @@ class Trainer:
             out_shardings=(self.state_sharding, self.replicated),
             donate_argnums=0,
         )
+        self._compiled_steps: dict = {}  # batch shapes -> the compiled train step
         self._eval_step = jax.jit(
             self._eval, in_shardings=(self.state_sharding.params, self.batch_sharding), out_shardings=self.replicated
         )
@@ -401,10 +403,24 @@ class Trainer:
         """The rows of each global batch this process reads (all of them on one process)."""
         return self._rows(self.config.data.batch_size)
 
+    def compile_step(self, state: TrainState, batch: dict):
+        """The train step compiled for the shapes of ``batch`` (placed), cached: what ``train_step`` and the loop run.
+
+        On the CPU backend it also keeps the step's temporary buffer mapped
+        between steps (``tfm.host_memory``).
+        """
+        key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+        if key not in self._compiled_steps:
+            with self._context():
+                fn = self._train_step.lower(state, batch).compile()
+            host_memory.reserve_for(fn)
+            self._compiled_steps[key] = fn
+        return self._compiled_steps[key]
+
     def train_step(self, state: TrainState, batch: dict):
-        """One jitted update on a numpy global batch -> ``(state, metrics)`` (device scalars)."""
-        with self._context():
-            return self._train_step(state, self.place(batch))
+        """One update on a numpy global batch -> ``(state, metrics)`` (device scalars)."""
+        batch = self.place(batch)
+        return self.compile_step(state, batch)(state, batch)
 
     def evaluate(self, params, steps: int | None = None, split: str = "validation") -> dict:
         """Mean loss (no label smoothing), accuracy and perplexity over ``steps`` batches of ``split``."""
@@ -520,10 +536,9 @@ class Trainer:
             key = tuple(sorted((k, v.shape) for k, v in batch.items()))
             if key not in compiled:
                 shapes = {k: v.shape for k, v in batch.items()}
-                with self._context():
-                    t0 = time.perf_counter()
-                    fn = self._train_step.lower(state, batch).compile()
-                    compile_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                fn = self.compile_step(state, batch)
+                compile_s = time.perf_counter() - t0
                 interval["t0"] += compile_s  # compiling is not step time
                 compile_total += compile_s
                 writer.write(step, {"compile_time_s": compile_s})

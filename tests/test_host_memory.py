@@ -1,0 +1,74 @@
+"""tfm.host_memory: a freed step-sized block is reused without faulting its pages in again."""
+
+import ctypes
+import os
+import resource
+
+import jax
+import pytest
+
+from tfm import config as config_lib
+from tfm import host_memory
+from tfm.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK = 48 * 2**20  # the shakespeare_char step's temporary buffer
+
+
+def write_a_block():
+    """malloc, write and free a BLOCK, as XLA's CPU runtime does with a step's temporary buffer."""
+    libc = host_memory._libc()
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    p = libc.malloc(BLOCK)
+    ctypes.memset(p, 1, BLOCK)
+    libc.free(p)
+
+
+def faults_of_two_blocks() -> int:
+    """Minor page faults of the second of two blocks written one after the other."""
+    write_a_block()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    write_a_block()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.fixture
+def glibc_defaults():
+    if host_memory._libc() is None:
+        pytest.skip("not glibc: tfm.host_memory leaves the allocator alone")
+    host_memory.restore()
+    yield
+    host_memory.restore()
+
+
+def test_reserving_the_heap_stops_the_step_buffer_refaulting(glibc_defaults):
+    pages = BLOCK // os.sysconf("SC_PAGE_SIZE")
+    mapped_each_time = faults_of_two_blocks()
+    if mapped_each_time < pages // 2:
+        pytest.skip(f"this kernel maps {BLOCK >> 20} MiB with {mapped_each_time} faults (huge pages): nothing to save")
+    assert host_memory.reserve(BLOCK) >= BLOCK
+    faults_of_two_blocks()  # the first block after the reservation grows the heap
+    assert faults_of_two_blocks() < pages // 20, "a freed block was unmapped and had to be faulted in again"
+
+
+def test_reserve_only_grows_and_can_be_switched_off(glibc_defaults, monkeypatch):
+    first = host_memory.reserve(BLOCK)
+    assert host_memory.reserve(BLOCK // 2) == first  # a smaller step keeps the larger pad
+    assert host_memory.reserve(2 * BLOCK) > first
+    host_memory.restore()
+    monkeypatch.setattr(host_memory, "RESERVE", False)
+    assert host_memory.reserve(BLOCK) == 0
+
+
+def test_the_trainer_reserves_its_compiled_step(glibc_defaults):
+    c = config_lib.load_config(os.path.join(ROOT, "configs", "shakespeare_char.py:tiny"))
+    c = config_lib.apply_overrides(c, ["mesh.data=1", "train.progress=none", "train.tensorboard=false"])
+    c.data = config_lib.ml_collections.ConfigDict(dict(name="synthetic_lm", batch_size=8, vocab_size=65, seq_len=32))
+    trainer = Trainer(c, devices=jax.devices()[:1])
+    state, batch = trainer.init_state(), trainer.place(next(trainer.dataset.iterator("train")))
+    step = trainer.compile_step(state, batch)
+    assert trainer.compile_step(state, batch) is step  # compiled once per batch shape
+    temp = step.memory_analysis().temp_size_in_bytes
+    expected = jax.default_backend() == "cpu"
+    assert (host_memory._reserved >= temp) == expected

@@ -19,6 +19,15 @@ trade every caching allocator (tcmalloc, jemalloc) makes. ``restore()`` puts
 glibc's defaults back. It applies on the CPU backend with glibc (elsewhere
 device memory holds the step and it does nothing); ``RESERVE`` forces it on or
 off.
+
+A limit: glibc serves a thread that has its own arena (XLA's worker threads
+do) from that arena's heaps, which hold at most 64 MiB; a larger block there is
+still mapped on its own each step. For the d 512 × 8-layer model above (a
+1.3 GiB buffer) that leaves 340,000 faults per step. Making every thread share
+the main arena (``M_ARENA_MAX = 1``, set before XLA starts) removed them, but
+did not make that 5-second step measurably faster and slowed the shakespeare
+step from about 60 to 75 ms, so tfm does not do it. ``TFM_HOST_HEAP=0`` in the environment switches
+all of this off.
 """
 
 from __future__ import annotations
@@ -26,12 +35,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 
 import jax
 
 log = logging.getLogger(__name__)
 
-RESERVE: bool | None = None  # None: on for the CPU backend
+RESERVE: bool | None = None if os.environ.get("TFM_HOST_HEAP", "1") != "0" else False  # None: on for CPU
 
 _M_TOP_PAD, _M_MMAP_MAX = -2, -4  # glibc's mallopt parameter numbers
 _DEFAULT_MMAP_MAX, _DEFAULT_TOP_PAD = 65536, 128 * 1024

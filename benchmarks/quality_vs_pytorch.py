@@ -1,15 +1,17 @@
 """Validation loss of tfm and of a plain PyTorch GPT trained the same way on tiny Shakespeare.
 
-    python benchmarks/quality_vs_pytorch.py --data_dir D [--lrs 1e-3,2e-3] [--steps 2000] \
-        [--out results/quality_vs_pytorch.json]
+    python benchmarks/quality_vs_pytorch.py --data_dir D [--lrs 1e-3,2e-3] [--seeds 0] [--steps 2000] \
+        [--set model.scale_residual_init=true] [--out results/quality_vs_pytorch.json]
 
 Both sides train the ``shakespeare_char`` recipe's model (4 layers, 4 heads, d 128,
 block 64, batch 12) for ``--steps`` steps on the same batches with the same
 schedule (linear warmup 100 steps, cosine to a tenth), AdamW (0.9, 0.99), weight
 decay 0.1 on matrices and embeddings, clipping at 1.0. Each starts from its own
-initialisation, drawn the usual way: tfm's GPT-2 init (N(0, 0.02), the
-residual output projections at 0.02 / sqrt(2 * layers)), and nanoGPT's in
-PyTorch (the same distributions, PyTorch's generator). The validation loss is
+initialisation from the same distributions, each with its own generator: N(0, 0.02)
+for every matrix and embedding, and the residual output projections at
+0.02 / sqrt(2 * layers) when the tfm config scales them (``model.scale_residual_init``;
+the recipe does not, nanoGPT does: ``--set model.scale_residual_init=true``
+compares at nanoGPT's init). The validation loss is
 nanoGPT's CPU-baseline protocol: the mean over 20 batches of the validation split
 (the same 20 batches for both sides).
 """
@@ -37,21 +39,22 @@ from tfm.trainer import Trainer  # noqa: E402
 EVAL_BATCHES = 20
 
 
-def recipe(data_dir: str, lr: float, steps: int):
+def recipe(data_dir: str, lr: float, steps: int, seed: int = 0, extra=()):
     c = config_lib.load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "shakespeare_char.py"))
     return config_lib.apply_overrides(c, [
-        f"data.data_dir={data_dir}", f"optim.learning_rate={lr}", f"train.steps={steps}", "mesh.data=1",
-        "train.progress=none", "train.tensorboard=false",
+        f"data.data_dir={data_dir}", f"optim.learning_rate={lr}", f"train.steps={steps}", f"seed={seed}",
+        "mesh.data=1", "train.progress=none", "train.tensorboard=false", *extra,
     ])  # fmt: skip
 
 
-def nanogpt_init(model, layers: int, torch):
-    """nanoGPT's ``_init_weights``: N(0, 0.02) for linears and embeddings, c_proj-style outputs scaled."""
+def nanogpt_init(model, layers: int, torch, scale_residual: bool = True):
+    """nanoGPT's ``_init_weights``: N(0, 0.02) for linears and embeddings, c_proj-style outputs scaled (if asked)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "ln" in name:
                 continue
-            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("c_proj.weight", ".proj.weight")) else 0.02
+            residual = scale_residual and name.endswith(("c_proj.weight", ".proj.weight"))
+            std = 0.02 / math.sqrt(2 * layers) if residual else 0.02
             torch.nn.init.normal_(p, mean=0.0, std=std)
 
 
@@ -67,8 +70,8 @@ def torch_validation_loss(model, batches, torch):
     return total / len(batches)
 
 
-def run(data_dir: str, lr: float, steps: int, torch, seed: int = 0) -> dict:
-    config = recipe(data_dir, lr, steps)
+def run(data_dir: str, lr: float, steps: int, torch, seed: int = 0, extra=()) -> dict:
+    config = recipe(data_dir, lr, steps, seed, extra)
     trainer = Trainer(config, devices=jax.devices()[:1])
     it = trainer.dataset.iterator("train")
     batches = [next(it) for _ in range(steps)]
@@ -86,13 +89,14 @@ def run(data_dir: str, lr: float, steps: int, torch, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     shape = SHAPES["shakespeare"]
     model = torch_gpt(shape, trainer.init_state().params, torch)  # the architecture; weights drawn anew below
-    nanogpt_init(model, shape["num_layers"], torch)
+    nanogpt_init(model, shape["num_layers"], torch, scale_residual=config.model.get("scale_residual_init", True))
     opt, lr_at = torch_optimizer(model, config, trainer.schedule, torch)
     t0 = time.perf_counter()
     run_torch(model, opt, lr_at, batches, config.optim.clip_norm, torch)
     torch_s = time.perf_counter() - t0
     return {
-        "lr": lr, "steps": steps, "eval_batches": EVAL_BATCHES,
+        "lr": lr, "seed": seed, "steps": steps, "eval_batches": EVAL_BATCHES,
+        "scale_residual_init": bool(config.model.get("scale_residual_init", True)),
         "tfm_validation_loss": tfm_val, "pytorch_validation_loss": torch_validation_loss(model, val, torch),
         "tfm_train_s": tfm_s, "pytorch_train_s": torch_s,
     }  # fmt: skip
@@ -102,19 +106,23 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", required=True, help="holds tinyshakespeare/input.txt")
     p.add_argument("--lrs", default="1e-3,2e-3")
+    p.add_argument("--seeds", default="0", help="comma-separated; each seed draws both sides' initial weights")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--set", action="append", default=[], help="a tfm config override, e.g. model.scale_residual_init=true")
     p.add_argument("--out", default="results/quality_vs_pytorch.json")
     args = p.parse_args()
     import torch
 
-    print("| peak lr | steps | tfm validation loss | PyTorch validation loss | tfm train s | PyTorch train s |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| peak lr | seed | steps | tfm validation loss | PyTorch validation loss | tfm train s | PyTorch train s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     results = []
     for lr in (float(v) for v in args.lrs.split(",")):
-        r = run(args.data_dir, lr, args.steps, torch)
-        results.append(r)
-        print(f"| {lr:g} | {r['steps']} | {r['tfm_validation_loss']:.4f} | {r['pytorch_validation_loss']:.4f} | "
-              f"{r['tfm_train_s']:.0f} | {r['pytorch_train_s']:.0f} |", flush=True)  # fmt: skip
+        for seed in (int(v) for v in args.seeds.split(",")):
+            r = run(args.data_dir, lr, args.steps, torch, seed, args.set)
+            results.append(r)
+            print(f"| {lr:g} | {seed} | {r['steps']} | {r['tfm_validation_loss']:.4f} | "
+                  f"{r['pytorch_validation_loss']:.4f} | {r['tfm_train_s']:.0f} | {r['pytorch_train_s']:.0f} |",
+                  flush=True)  # fmt: skip
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"results": results}, f, indent=2)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -50,6 +51,7 @@ _MARGIN = 64 * 2**20  # room for what is allocated next to the step buffer (batc
 _reserved = 0
 
 
+@functools.cache
 def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

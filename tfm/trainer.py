@@ -142,6 +142,11 @@ def _moe_stats(mutated) -> dict:
     }
 
 
+def _shape_key(batch: dict) -> tuple:
+    """What a compiled step depends on in a batch: each array's name, shape and dtype."""
+    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+
 def _split_micro(batch: dict, n: int) -> dict:
     """``[n*b, ...] -> [n, b, ...]`` with micro-batch ``a`` = rows ``a, a+n, a+2n, ...``.
 
@@ -409,7 +414,7 @@ class Trainer:
         On the CPU backend it also keeps the step's temporary buffer mapped
         between steps (``tfm.host_memory``).
         """
-        key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+        key = _shape_key(batch)
         if key not in self._compiled_steps:
             with self._context():
                 fn = self._train_step.lower(state, batch).compile()
@@ -533,7 +538,7 @@ class Trainer:
         def step_for(state, batch):
             """The train step compiled for this batch's shapes (one per length bucket; usually just one)."""
             nonlocal compile_total
-            key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+            key = _shape_key(batch)
             if key not in compiled:
                 shapes = {k: v.shape for k, v in batch.items()}
                 t0 = time.perf_counter()

@@ -80,7 +80,7 @@ def bench_speed(name, dims, *, dtype, steps, peak, batch=None, seq=None):
     trainer = Trainer(decoder_config(d, h, L, f, v, s, b, dtype=dtype))
     n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
     _, state, compile_s, t = compiled_step_time(trainer, steps)
-    flops = metrics_lib.model_flops_per_step("gpt", trainer.model_config, state.params, {"inputs": (b, s)})
+    flops = trainer.task.flops_per_step(trainer.model_config, state.params, {"inputs": (b, s)})
     n_dev = len(jax.devices())
     peak = peak or metrics_lib.peak_flops()
     mfu = f"{flops / t / (peak * n_dev):.1%}" if peak else "n/a"

@@ -243,7 +243,7 @@ def test_aux_losses_sown_by_scanned_layers_are_summed():
     import jax.numpy as jnp
 
     from tfm.layers.blocks import BlockConfig, Stack
-    from tfm.trainer import _aux_loss
+    from tfm.step import _aux_loss
 
     class SowingBlock(nn.Module):
         config: BlockConfig

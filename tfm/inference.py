@@ -119,9 +119,9 @@ def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_siz
     """
     trainer = run.trainer
     result = {k.replace("eval/", ""): v for k, v in trainer.evaluate(run.params, batches or -1, split).items()}
-    if trainer.task == "seq2seq" and hasattr(run.dataset, "references"):
+    if trainer.task.name == "seq2seq" and hasattr(run.dataset, "references"):
         result.update(bleu(run, split, batches, beam_size or 0, alpha, max_len, batch_size))
-    elif trainer.task == "seq2seq":
+    elif trainer.task.name == "seq2seq":
         ds = run.dataset
         it = ds.iterator(split)
         matches, n = 0, 0

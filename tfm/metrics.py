@@ -4,9 +4,8 @@
   event files under ``tensorboard/`` (written with tensorboardX, which needs no
   TensorFlow). Only process 0 writes.
 * ``Progress``: a tqdm bar on a terminal; a compact line per log interval otherwise.
-* ``model_flops_per_step`` / ``peak_flops``: the MFU estimate — model FLOPs per
-  step (6 N per token for the matmuls plus the attention scores, PaLM appendix B)
-  times steps/s, divided by the peak FLOP/s of the devices.
+* ``peak_flops``: the devices' peak FLOP/s, the denominator of MFU (model FLOPs
+  per step come from the task: ``tfm.tasks.Task.flops_per_step``).
 """
 
 from __future__ import annotations
@@ -46,44 +45,6 @@ def peak_flops(device=None) -> float | None:
         if name.lower() in kind.lower():
             return PEAK_FLOPS[name]
     return None
-
-
-def _stack_params(params, name: str) -> int:
-    sub = params.get(name, {})
-    return sum(int(x.size) for x in jax.tree.leaves(sub))
-
-
-def model_flops_per_step(family: str, mcfg, params, batch_shapes: dict) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of one step on a batch of these shapes.
-
-    Per token: 2 FLOPs per multiply-accumulate of every weight matrix the token
-    meets, plus ``4 T D`` per attention layer for the score and value products
-    (counted over the full ``T`` as PaLM does); the output projection counts as a
-    matmul even when it is tied to the embedding.
-    """
-    if family == "gpt":
-        b, t = batch_shapes["inputs"]
-        n = _stack_params(params, "decoder") + mcfg.vocab_size * mcfg.d_model
-        fwd = 2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t
-    elif family in ("transformer", "t5"):
-        b, s = batch_shapes["inputs"]
-        _, t = batch_shapes["decoder_inputs"]
-        vocab = getattr(mcfg, "tgt_vocab", mcfg.vocab_size)
-        n_enc, n_dec = _stack_params(params, "encoder"), _stack_params(params, "decoder")
-        le = getattr(mcfg, "num_encoder_layers", None) or mcfg.num_layers
-        ld = getattr(mcfg, "num_decoder_layers", None) or mcfg.num_layers
-        d = mcfg.d_model
-        fwd = 2 * n_enc * b * s + 4 * le * s * d * b * s
-        fwd += 2 * (n_dec + vocab * d) * b * t + 4 * ld * (t + s) * d * b * t
-    elif family == "vit":
-        b = batch_shapes["inputs"][0]
-        t = (mcfg.image_size // mcfg.patch_size) ** 2 + 1
-        n = _stack_params(params, "encoder") + mcfg.patch_size**2 * mcfg.num_channels * mcfg.d_model
-        n += mcfg.d_model * mcfg.num_classes
-        fwd = 2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t
-    else:
-        return float("nan")
-    return 3.0 * fwd
 
 
 def host_peak_rss_bytes() -> int:

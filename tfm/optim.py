@@ -66,6 +66,15 @@ def warmup_schedule(
     return optax.join_schedules([warmup, after], [warmup_steps])
 
 
+def make_schedule(optim_cfg, d_model: int, total_steps: int) -> optax.Schedule:
+    """The learning-rate schedule the ``optim`` config section names."""
+    o = optim_cfg
+    if o.schedule == "noam":
+        return noam_schedule(d_model, o.warmup_steps, o.noam_scale)
+    # A run shorter than its warmup (a quick check of a recipe) simply ends during the warmup.
+    return warmup_schedule(o.learning_rate, o.warmup_steps, max(total_steps, o.warmup_steps), o.schedule, o.end_fraction)
+
+
 def decay_mask(params) -> object:
     """True for weight matrices and embeddings, False for biases and norm scales.
 

@@ -22,11 +22,14 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
 
 from tfm.config import ConfigError
+
+log = logging.getLogger("tfm")
 
 CONFIG = "config.json"
 LOCK = "lock"
@@ -184,5 +187,24 @@ def write_run_files(workdir: str, config_json: str, artifacts: dict[str, bytes])
         write_atomic(os.path.join(workdir, name), content)
 
 
-__all__ = ["ARTIFACTS", "Lock", "check_writable", "conflict", "move_previous_run_aside", "read_config",
+def prepare_run(workdir: str, config_json: str, artifacts: dict[str, bytes], replace_previous: bool) -> None:
+    """Before the first step: put a replaced run aside (``--allow_model_change``), write the run files.
+
+    Only process 0 writes; all processes wait until the files are there.
+    """
+    import jax
+
+    if jax.process_index() == 0:
+        if replace_previous:
+            # The other run's checkpoints and tokenizer are kept, out of the way.
+            aside = move_previous_run_aside(workdir)
+            log.warning("the workdir held another run; its checkpoints are now in %s", aside)
+        write_run_files(workdir, config_json, artifacts)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("tfm_workdir_ready")
+
+
+__all__ = ["ARTIFACTS", "Lock", "check_writable", "conflict", "move_previous_run_aside", "prepare_run", "read_config",
            "unwritable", "write_atomic", "write_run_files"]  # fmt: skip

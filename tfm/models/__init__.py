@@ -30,6 +30,7 @@ class Preset:
     config: Any
     model_cls: type[nn.Module]
     example_inputs: Callable[[Any], tuple]  # config -> positional args of init/apply
+    task: str | None = None  # the name in ``tfm.tasks.TASKS`` that trains it; None: not trainable yet
 
     def model(self, **overrides) -> nn.Module:
         return self.model_cls(dataclasses.replace(self.config, **overrides))
@@ -59,21 +60,21 @@ def _images(cfg):
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("transformer_base", transformer_base, Transformer, _pair(8)),
-        Preset("transformer_big", transformer_big, Transformer, _pair(8)),
-        Preset("transformer_tiny", transformer_tiny, Transformer, _pair(8)),
-        Preset("transformer_moe_tiny", transformer_moe_tiny, Transformer, _pair(8)),
+        Preset("transformer_base", transformer_base, Transformer, _pair(8), "seq2seq"),
+        Preset("transformer_big", transformer_big, Transformer, _pair(8), "seq2seq"),
+        Preset("transformer_tiny", transformer_tiny, Transformer, _pair(8), "seq2seq"),
+        Preset("transformer_moe_tiny", transformer_moe_tiny, Transformer, _pair(8), "seq2seq"),
         Preset("bert_base", bert_base, BertModel, _tokens(8)),
         Preset("bert_tiny", bert_tiny, BertModel, _tokens(8)),
-        Preset("gpt2_small", gpt2_small, GPT, _tokens(8)),
-        Preset("gpt_tiny", gpt_tiny, GPT, _tokens(8)),
-        Preset("llama_tiny", llama_tiny, GPT, _tokens(8)),
-        Preset("gpt_moe_tiny", gpt_moe_tiny, GPT, _tokens(8)),
-        Preset("mixtral_8x7b", mixtral_8x7b, GPT, _tokens(8)),
-        Preset("t5_small", t5_small, T5, _pair(8)),
-        Preset("t5_tiny", t5_tiny, T5, _pair(8)),
-        Preset("vit_b16", vit_b16, ViT, _images),
-        Preset("vit_tiny", vit_tiny, ViT, _images),
+        Preset("gpt2_small", gpt2_small, GPT, _tokens(8), "lm"),
+        Preset("gpt_tiny", gpt_tiny, GPT, _tokens(8), "lm"),
+        Preset("llama_tiny", llama_tiny, GPT, _tokens(8), "lm"),
+        Preset("gpt_moe_tiny", gpt_moe_tiny, GPT, _tokens(8), "lm"),
+        Preset("mixtral_8x7b", mixtral_8x7b, GPT, _tokens(8), "lm"),
+        Preset("t5_small", t5_small, T5, _pair(8), "seq2seq"),
+        Preset("t5_tiny", t5_tiny, T5, _pair(8), "seq2seq"),
+        Preset("vit_b16", vit_b16, ViT, _images, "classify"),
+        Preset("vit_tiny", vit_tiny, ViT, _images, "classify"),
     ]
 }
 

@@ -125,6 +125,12 @@ class T5(nn.Module):
             return self.embed.attend(y * cfg.d_model**-0.5)
         return self.lm_head("BTD,DV->BTV", y).astype(jnp.float32)
 
-    def __call__(self, src: Array, tgt_in: Array, *, deterministic: bool = True) -> Array:
+    def __call__(self, src: Array, tgt_in: Array, *, src_segment_ids=None, tgt_segment_ids=None,
+                 src_positions=None, tgt_positions=None, deterministic: bool = True) -> Array:
+        packing = {"src_segment_ids": src_segment_ids, "tgt_segment_ids": tgt_segment_ids,
+                   "src_positions": src_positions, "tgt_positions": tgt_positions}  # fmt: skip
+        given = sorted(k for k, v in packing.items() if v is not None)
+        if given:  # relative position buckets per packed segment are not implemented
+            raise ValueError(f"T5 takes unpacked batches only; got {given} (set the data's packing off)")
         encoded = self.encode(src, deterministic=deterministic)
         return self.decode(tgt_in, encoded, src, deterministic=deterministic)

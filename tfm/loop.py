@@ -1,0 +1,231 @@
+"""The training loop: steps, logging, evaluation and checkpoint cadence, stop signals.
+
+``Loop(...).run(state, start, data_it)`` drives compiled steps until
+``train.steps``; it owns no model code. What it guarantees:
+
+* The metrics of step ``s`` are fetched while step ``s + 1`` runs, so the host
+  never waits on the device except to log, evaluate or save.
+* A non-finite loss, gradient norm or updated parameter raises ``TrainingError``
+  naming the step and the metric (the step itself changed nothing; see ``tfm.step``).
+* SIGTERM (preemption) or SIGINT: the step in flight finishes, a checkpoint is
+  written at that step and ``run`` returns with ``preempted=True``; a second
+  Ctrl-C stops at once, without the final save.
+* An evaluation that fails: the state of that step is saved first, then the
+  error is raised as ``TrainingError``.
+* Compiling, evaluating and saving do not count as step time.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from tfm import host_memory
+from tfm import metrics as metrics_lib
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); the message names the step and metric."""
+
+
+def shape_key(batch: dict) -> tuple:
+    """What a compiled step depends on in a batch: each array's name, shape and dtype."""
+    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+
+class StepCache:
+    """A jitted step compiled once per batch shape (one per length bucket; usually just one).
+
+    On the CPU backend it also keeps each compiled step's temporary buffer mapped
+    between steps (``tfm.host_memory``).
+    """
+
+    def __init__(self, jitted, context: Callable):
+        self.jitted, self.context = jitted, context
+        self.compiled: dict = {}
+
+    def __contains__(self, batch: dict) -> bool:
+        return shape_key(batch) in self.compiled
+
+    def __call__(self, state, batch: dict):
+        key = shape_key(batch)
+        if key not in self.compiled:
+            with self.context():
+                fn = self.jitted.lower(state, batch).compile()
+            host_memory.reserve_for(fn)
+            self.compiled[key] = fn
+        return self.compiled[key]
+
+
+class StopSignals:
+    """While entered, SIGTERM and SIGINT (main thread only) set ``received`` instead of killing the run."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _on_signal(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the final save
+        self.received = signum
+
+    def __enter__(self):
+        self.received = None
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def check_finite(step: int, m: dict) -> None:
+    """Raise ``TrainingError`` if the fetched metrics of ``step`` say it was refused as non-finite."""
+    if not m["loss_finite"]:
+        raise TrainingError(f"step {step}: train/loss is {float(m['loss'])} (aux_loss {float(m['aux_loss'])}); "
+                            f"stopped, the last checkpoint on disk is kept")  # fmt: skip
+    if not m["grads_finite"]:
+        raise TrainingError(f"step {step}: the gradient norm is {float(m['grad_norm'])}; stopped, "
+                            f"the last checkpoint on disk is kept")  # fmt: skip
+    if not m["params_finite"]:
+        raise TrainingError(f"step {step}: the updated parameters are not finite (learning rate {float(m['lr']):g}); "
+                            f"stopped, the step was not applied and the last checkpoint on disk is kept")  # fmt: skip
+
+
+def _moe_scalars(m: dict) -> dict:
+    """The expert load histogram (share of assignments) and the drop rate."""
+    if "moe_load" not in m:
+        return {}
+    load = np.asarray(m["moe_load"])
+    out = {"moe/drop_fraction": float(m["moe_drop_fraction"]), "moe/load_max_over_mean": float(load.max() * len(load))}
+    out.update({f"moe/load/expert_{i}": float(x) for i, x in enumerate(load)})
+    return out
+
+
+class Loop:
+    """One training run's cadence. ``flops_and_units(batch) -> (model FLOPs, units)`` per step."""
+
+    def __init__(self, train_cfg, *, steps: StepCache, place: Callable, evaluate: Callable, flops_and_units: Callable,
+                 unit: str, ckpt, writer, progress, n_devices: int, stop: StopSignals):  # fmt: skip
+        self.t, self.steps, self.place, self.evaluate = train_cfg, steps, place, evaluate
+        self.flops_and_units, self.unit = flops_and_units, unit
+        self.ckpt, self.writer, self.progress, self.stop = ckpt, writer, progress, stop
+        self.peak = (train_cfg.peak_flops or metrics_lib.peak_flops() or 0.0) * n_devices
+        self.pending: tuple[int, Any] | None = None  # (step, device metrics) not fetched yet
+        self.last: dict = {}
+        self.compile_total = 0.0
+        self.costs: dict = {}  # batch shapes -> (FLOPs, units) per step
+
+    def _reset_interval(self, step: int) -> None:
+        self.interval = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "s0": step, "units": 0.0, "flops": 0.0}
+
+    def _step_fn(self, state, batch: dict, step: int):
+        if batch not in self.steps:
+            t0 = time.perf_counter()
+            self.steps(state, batch)
+            compile_s = time.perf_counter() - t0
+            self.interval["t0"] += compile_s  # compiling is not step time
+            self.compile_total += compile_s
+            self.writer.write(step, {"compile_time_s": compile_s})
+            self.costs[shape_key(batch)] = self.flops_and_units(batch)
+            shape = next(v.shape for k, v in batch.items() if k in ("targets", "labels"))
+            self.progress.message(f"compiled the train step for batch {tuple(shape)} in {compile_s:.1f} s")
+        return self.steps(state, batch), self.costs[shape_key(batch)]
+
+    def _flush(self) -> None:
+        """Fetch the metrics of the step in ``pending`` (blocks until it ran); check them; log."""
+        if self.pending is None:
+            return
+        s, m = self.pending
+        self.pending = None
+        m = jax.device_get(m)
+        check_finite(s, m)
+        iv, t = self.interval, self.t
+        iv["loss"] += float(m["loss"])
+        iv["n"] += 1
+        scalars = {"train/lr": float(m["lr"]), "train/grad_norm": float(m["grad_norm"])}
+        log_now = s % t.log_every == 0 or s == t.steps
+        if log_now:
+            elapsed = time.perf_counter() - iv["t0"]
+            scalars["train/loss"] = iv["loss"] / max(iv["n"], 1)
+            scalars["train/accuracy"] = float(m["accuracy"])
+            if float(m["aux_loss"]):
+                scalars["train/aux_loss"] = float(m["aux_loss"])
+            scalars.update(_moe_scalars(m))
+            if s - iv["s0"] > 0 and elapsed > 0:
+                scalars["train/step_time_ms"] = 1000.0 * elapsed / (s - iv["s0"])
+                scalars[f"train/{self.unit}_per_sec"] = iv["units"] / elapsed
+                if self.peak:
+                    scalars["train/mfu"] = iv["flops"] / elapsed / self.peak
+            scalars["memory/host_peak_rss_mb"] = metrics_lib.host_peak_rss_bytes() / 2**20
+            mem = metrics_lib.device_peak_bytes()
+            if mem is not None:
+                scalars["memory/device_peak_mb"] = mem / 2**20
+            self.writer.write(s, scalars)
+            self._reset_interval(s)
+        else:
+            scalars["train/loss"] = float(m["loss"])
+        self.last = scalars
+        self.progress.update(s, scalars, log_now)
+
+    def _evaluate(self, step: int, state, data_it) -> dict:
+        try:
+            result = self.evaluate(state.params)
+        except Exception as e:
+            # The trained state outlives a failed evaluation: save it, then report.
+            self.ckpt.save(step, state, data_it.get_state())
+            self.ckpt.wait()
+            raise TrainingError(f"step {step}: evaluation failed ({type(e).__name__}: {e}); "
+                                f"the state of step {step} is saved in {self.ckpt.directory}") from e  # fmt: skip
+        self.writer.write(step, result)
+        self.progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result
+
+    def run(self, state, start: int, data_it) -> dict:
+        """Train from step ``start`` to ``train.steps``; the summary of the run."""
+        t = self.t
+        if start >= t.steps:
+            self.progress.message(f"already at step {start} of {t.steps}; nothing to do")
+            return {"step": start}
+        step, last_eval = start, {}
+        self._reset_interval(start)
+        while step < t.steps:
+            batch = self.place(next(data_it), local=True)
+            step_fn, (flops, units) = self._step_fn(state, batch, step)
+            state, metrics = step_fn(state, batch)
+            self.interval["units"] += units
+            self.interval["flops"] += flops
+            self._flush()  # the previous step's metrics; this step runs meanwhile
+            step += 1
+            self.pending = (step, metrics)
+            stop = self.stop.received is not None
+            do_eval = bool(t.eval_every and step % t.eval_every == 0) or step == t.steps
+            save = step % t.checkpoint_every == 0 or step == t.steps or stop
+            if do_eval or save:
+                self._flush()
+            paused = time.perf_counter()  # evaluation and saving do not count as step time
+            if do_eval and t.eval_steps != 0:
+                last_eval = self._evaluate(step, state, data_it)
+            if save:
+                best = {t.best_metric: last_eval[t.best_metric]} if do_eval and t.best_metric in last_eval else None
+                self.ckpt.save(step, state, data_it.get_state(), metrics=best)
+            self.interval["t0"] += time.perf_counter() - paused
+            if stop:
+                self.ckpt.wait()
+                name = signal.Signals(self.stop.received).name
+                self.progress.message(f"{name}: saved a checkpoint at step {step}; exiting")
+                return {"step": step, "preempted": True, **{f"final/{k}": v for k, v in self.last.items()}}
+        self._flush()
+        self.ckpt.wait()
+        return {"step": step, "train_loss": self.last.get("train/loss"), "compile_time_s": self.compile_total,
+                **last_eval}  # fmt: skip
+
+
+__all__ = ["Loop", "StepCache", "StopSignals", "TrainingError", "check_finite", "shape_key"]

@@ -1,0 +1,196 @@
+"""The train and eval steps as free, jittable functions of ``(state, batch)``.
+
+``make_train_step`` and ``make_eval_step`` close over the model, the task and
+the optimizer only; they need no workdir, mesh or trainer, so a notebook or a
+test can train with them directly::
+
+    step = jax.jit(make_train_step(model, tasks.get_task("lm"), tx, schedule))
+    state, metrics = step(state, batch)
+
+The train step:
+
+1. derives this step's dropout key as ``fold_in(state.rng, state.step)`` (so a
+   resumed run draws the same keys);
+2. computes the loss and its gradient, over ``grad_accum_steps`` micro-batches
+   (a ``lax.scan``) when asked, normalised by the whole batch's weight so the
+   sum equals the full-batch mean;
+3. adds the auxiliary losses the layers sow (MoE load balancing, router z-loss);
+4. applies the optimizer update, and keeps the old state when the loss, the
+   gradient norm or any updated parameter is not finite, so nothing NaN can
+   reach a checkpoint; the ``*_finite`` metrics tell the loop why.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from tfm.tasks import Task
+
+StepFn = Callable[[Any, dict], tuple[Any, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2] base key; step s uses fold_in(rng, s)
+
+
+def _aux_loss(mutated) -> jax.Array:
+    """The sum of everything the layers sowed into the ``aux_loss`` collection."""
+    leaves = jax.tree.leaves(mutated.get("aux_loss", {}))
+    return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
+
+
+def _moe_stats(mutated) -> dict:
+    """Router statistics sown by MoE layers, averaged over layers: ``load [E]`` and ``drop_fraction``."""
+    found: dict[str, list] = {"load": [], "drop_fraction": []}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(mutated.get("moe_stats", {}))[0]:
+        names = [getattr(k, "key", None) for k in path]
+        for name in found:
+            if name in names:
+                found[name].append(leaf.reshape(-1, leaf.shape[-1]) if name == "load" else leaf.reshape(-1))
+    if not found["load"]:
+        return {}
+    return {
+        "moe_load": jnp.concatenate(found["load"]).mean(0),
+        "moe_drop_fraction": jnp.concatenate(found["drop_fraction"]).mean(),
+    }
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+    """``[n*b, ...] -> [n, b, ...]`` with micro-batch ``a`` = rows ``a, a+n, a+2n, ...``.
+
+    Strided, not contiguous, so each micro-batch takes rows from every device's
+    shard and the split moves no data between devices.
+    """
+
+    def split(x):
+        b = x.shape[0] // n
+        return jnp.swapaxes(x.reshape((b, n) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def forward(model: nn.Module, task: Task, params, batch: dict, *, train: bool, rng=None):
+    """``(logits, aux_loss, moe_stats)`` of the model on ``batch``."""
+    args, kwargs = task.model_args(batch)
+    rngs = {"dropout": rng} if train else {}
+    logits, mutated = model.apply(
+        {"params": params}, *args, **kwargs, deterministic=not train, rngs=rngs, mutable=["aux_loss", "moe_stats"]
+    )
+    return logits, _aux_loss(mutated), _moe_stats(mutated)
+
+
+def make_train_step(
+    model: nn.Module,
+    task: Task,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    grad_accum_steps: int = 1,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    aux_loss_weight: float = 1.0,
+    batch_sharding=None,
+) -> StepFn:
+    """``train_step(state, batch) -> (state, metrics)``; pure, ready for ``jax.jit``.
+
+    ``batch_sharding``: with gradient accumulation, each micro-batch is kept on
+    the batch's sharding (the strided split moves no data between devices).
+    """
+    n_micro = grad_accum_steps
+
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        weight = task.total_weight(batch)
+
+        def objective(params, mb, key):
+            logits, aux, stats = forward(model, task, params, mb, train=True, rng=key)
+            sums = task.loss_sums(logits, mb, label_smoothing=label_smoothing, z_loss=z_loss)
+            # Normalised by the whole batch's weight so micro-batches add up to the full-batch mean.
+            return sums["loss_sum"] / weight + aux_loss_weight * aux / n_micro, (sums, aux, stats)
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if n_micro == 1:
+            (_, (sums, aux, stats)), grads = grad_fn(state.params, batch, rng)
+        else:
+            micro = _split_micro(batch, n_micro)
+
+            def body(carry, xs):
+                mb, i = xs
+                if batch_sharding is not None:
+                    mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
+                (_, (s, a, st)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (g, s, a, st)), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            (_, (s0, a0, st0)), _ = jax.eval_shape(grad_fn, state.params, first, rng)
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (state.params, s0, a0, st0))
+            (grads, sums, aux, stats), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
+            aux = aux / n_micro
+            stats = jax.tree.map(lambda x: x / n_micro, stats)
+
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        loss = sums["loss_sum"] / sums["weight_sum"]
+        loss_ok, grads_ok = jnp.isfinite(loss) & jnp.isfinite(aux), jnp.isfinite(grad_norm)
+        # Finite gradients can still give non-finite parameters (an overflowing learning rate or decay).
+        params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        ok = loss_ok & grads_ok & params_ok
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+        # A non-finite step changes nothing, so no NaN can reach a checkpoint.
+        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        metrics = {
+            "loss": loss,
+            "accuracy": sums["correct"] / sums["weight_sum"],
+            "aux_loss": aux,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "weight": sums["weight_sum"],
+            "loss_finite": loss_ok,
+            "grads_finite": grads_ok,
+            "params_finite": params_ok,
+            **stats,  # MoE router statistics, if the model has MoE layers
+        }
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, task: Task) -> Callable[[Any, dict], dict]:
+    """``eval_step(params, batch) -> sums`` (no label smoothing, no dropout); pure, ready for ``jax.jit``."""
+
+    def eval_step(params, batch: dict) -> dict:
+        logits, _, _ = forward(model, task, params, batch, train=False)
+        return task.loss_sums(logits, batch)
+
+    return eval_step
+
+
+def init_fn(model: nn.Module, task: Task, tx: optax.GradientTransformation, example: dict) -> Callable:
+    """``init(key) -> TrainState`` (parameters still boxed with their logical axes) for batches like ``example``."""
+
+    def init(key) -> TrainState:
+        params_key, dropout_key = jax.random.split(key)
+        args, kwargs = task.model_args({k: jnp.asarray(v) for k, v in example.items()})
+        params = model.init({"params": params_key}, *args, **kwargs)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(dropout_key),
+        )
+
+    return init
+
+
+__all__ = ["TrainState", "forward", "init_fn", "make_eval_step", "make_train_step"]

@@ -1,0 +1,152 @@
+"""Tasks: what a batch means to a model, its loss, its metrics and its cost.
+
+A preset names its task (``Preset.task``); the trainer, the metrics and the
+evaluation ask the task, never the model family. A task provides:
+
+* ``model_args(batch)``: the positional and keyword arguments of the model's
+  ``__call__`` for a batch (the keys each dataset yields are listed in ``tfm.data``);
+* ``loss_sums(logits, batch)``: sums over the batch (loss, weight, correct), so
+  micro-batches and devices add up exactly;
+* ``flops_per_step(config, params, shapes)``: training FLOPs of one step (for MFU),
+  counting only the experts a token is routed to in MoE layers;
+* ``unit`` / ``target_key``: what a step processes (``"tok"`` or ``"ex"``) and the
+  batch key that counts them.
+
+To add a task: subclass ``Task``, register an instance in ``TASKS``, and name it
+in the presets whose models it trains. A dataset states the task its batches
+serve (``Dataset.task``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tfm.optim import cross_entropy
+
+Batch = Mapping[str, Any]
+
+
+def _count(params, name: str, mcfg) -> float:
+    """Parameters of the sub-tree ``name`` that one token meets: MoE expert weights count ``top_k / E``."""
+    experts = getattr(mcfg, "num_experts", 0)
+    active = getattr(mcfg, "experts_per_token", 0) / experts if experts else 1.0
+    total = 0.0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params.get(name, {}))[0]:
+        keys = [str(getattr(k, "key", "")) for k in path]
+        routed = "moe" in keys and any(k.startswith(("wi", "wo")) for k in keys)
+        total += int(np.prod(leaf.shape)) * (active if routed else 1.0)
+    return total
+
+
+class Task:
+    """The interface; subclasses fill in the model arguments and the FLOP count."""
+
+    name: str = ""
+    unit: str = "tok"  # what tokens/s or examples/s counts
+    target_key: str = "targets"
+    token_level: bool = True  # a per-token loss: evaluation also reports perplexity
+
+    def model_args(self, batch: Batch) -> tuple[tuple, dict]:
+        raise NotImplementedError
+
+    def loss_sums(self, logits, batch: Batch, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
+        """``loss_sum``, ``weight_sum`` (targets that count) and ``correct`` (argmax hits), summed over the batch."""
+        targets = batch[self.target_key]
+        weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
+        loss_sum, weight_sum = cross_entropy(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
+        correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights.astype(jnp.float32))
+        return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct}
+
+    def total_weight(self, batch: Batch) -> jax.Array:
+        """The batch's ``weight_sum`` before any forward pass: micro-batch losses are normalised by it."""
+        if "weights" in batch:
+            return jnp.sum(batch["weights"].astype(jnp.float32))
+        return jnp.asarray(batch[self.target_key].size, jnp.float32)
+
+    def units(self, shapes: Mapping[str, tuple]) -> float:
+        """Tokens (or examples) one step of these batch shapes processes."""
+        return float(np.prod(shapes[self.target_key]))
+
+    def flops_per_step(self, mcfg, params, shapes: Mapping[str, tuple]) -> float:
+        """Training FLOPs (forward + backward = 3 x forward) of one step; NaN where unknown."""
+        return float("nan")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LanguageModeling(Task):
+    """Next-token prediction with a decoder-only model: ``inputs``, ``targets`` (and packing keys)."""
+
+    name = "lm"
+
+    def model_args(self, batch):
+        return (batch["inputs"],), {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+
+    def flops_per_step(self, mcfg, params, shapes):
+        # PaLM appendix B: 2 FLOPs per weight per token (the output projection counts even when
+        # tied), plus 4 T D per layer for the attention scores and values over the full T.
+        b, t = shapes["inputs"]
+        n = _count(params, "decoder", mcfg) + mcfg.vocab_size * mcfg.d_model
+        return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t)
+
+
+class Seq2Seq(Task):
+    """Encoder–decoder: ``inputs`` (source), ``decoder_inputs``, ``targets`` (and packing keys)."""
+
+    name = "seq2seq"
+    PACKING = {"segment_ids": "src_segment_ids", "decoder_segment_ids": "tgt_segment_ids",
+               "positions": "src_positions", "decoder_positions": "tgt_positions"}  # fmt: skip
+
+    def model_args(self, batch):
+        kwargs = {v: batch[k] for k, v in self.PACKING.items() if k in batch}
+        return (batch["inputs"], batch["decoder_inputs"]), kwargs
+
+    def flops_per_step(self, mcfg, params, shapes):
+        b, s = shapes["inputs"]
+        _, t = shapes["decoder_inputs"]
+        vocab = getattr(mcfg, "tgt_vocab", mcfg.vocab_size)
+        le = getattr(mcfg, "num_encoder_layers", None) or mcfg.num_layers
+        ld = getattr(mcfg, "num_decoder_layers", None) or mcfg.num_layers
+        d = mcfg.d_model
+        fwd = 2 * _count(params, "encoder", mcfg) * b * s + 4 * le * s * d * b * s
+        fwd += 2 * (_count(params, "decoder", mcfg) + vocab * d) * b * t + 4 * ld * (t + s) * d * b * t
+        return 3.0 * fwd
+
+
+class ImageClassification(Task):
+    """One label per image: ``inputs [B, H, W, C]``, ``labels [B]``."""
+
+    name = "classify"
+    unit = "ex"
+    target_key = "labels"
+    token_level = False
+
+    def model_args(self, batch):
+        return (batch["inputs"],), {}
+
+    def flops_per_step(self, mcfg, params, shapes):
+        b = shapes["inputs"][0]
+        t = (mcfg.image_size // mcfg.patch_size) ** 2 + 1
+        n = _count(params, "encoder", mcfg) + mcfg.patch_size**2 * mcfg.num_channels * mcfg.d_model
+        n += mcfg.d_model * mcfg.num_classes
+        return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t)
+
+
+TASKS: dict[str, Task] = {"lm": LanguageModeling(), "seq2seq": Seq2Seq(), "classify": ImageClassification()}
+
+
+def get_task(name: str | Task) -> Task:
+    """The registered task called ``name`` (a ``Task`` is returned as it is)."""
+    if isinstance(name, Task):
+        return name
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; registered: {sorted(TASKS)}")
+    return TASKS[name]
+
+
+__all__ = ["ImageClassification", "LanguageModeling", "Seq2Seq", "TASKS", "Task", "get_task"]

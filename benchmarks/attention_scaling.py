@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfm.layers.efficient_attention import ATTENTION_KINDS, attention
+from tfm.layers.attention_kinds import ATTENTION_KINDS, attention
 
 GiB = 1024**3
 MiB = 1024**2
@@ -204,7 +204,7 @@ def main(argv=None):
 
     # Show the one-line notice flash_attention logs when it falls back to the XLA path.
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("tfm.layers.efficient_attention").setLevel(logging.INFO)
+    logging.getLogger("tfm.layers.flash_attention").setLevel(logging.INFO)
 
     results = run_scaling(args)
     if args.plot:

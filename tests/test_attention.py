@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfm.layers.attention import MultiHeadAttention, dot_product_attention
+from tfm.layers.attention import MultiHeadAttention
+from tfm.layers.dot_product import dot_product_attention
 from tfm.layers.masks import causal_mask
 from tfm.layers.position import apply_rope
 
@@ -192,7 +193,7 @@ def test_cudnn_on_cpu_falls_back_to_xla(caplog):
     q, k, v, rng = _qkv(7)
     mask = jnp.asarray(_random_mask(rng, (2, 1, 5, 6)))
     ref = dpa(q, k, v, mask=mask)
-    with caplog.at_level(logging.INFO, logger="tfm.layers.attention"):
+    with caplog.at_level(logging.INFO, logger="tfm.layers.dot_product"):
         eager = dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     if jax.default_backend() == "cpu":
         assert "unavailable" in caplog.text

@@ -15,8 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tfm.layers import efficient_attention as ea
-from tfm.layers.attention import dot_product_attention
+from tfm.layers import attention_kinds as kinds
+from tfm.layers import flash_attention as fa
+from tfm.layers import linear_attention as la
+from tfm.layers import sparse_attention as sa
+from tfm.layers.dot_product import dot_product_attention
 from tfm.layers.masks import block_sparse_mask, causal_mask, local_mask
 
 from _helpers import maxerr, randn
@@ -29,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("cheap_xla_compiles")
 # Everything runs under jit: one compile per configuration is much cheaper
 # than compiling each primitive of the eager path.
 dense = jax.jit(lambda q, k, v, mask: dot_product_attention(q, k, v, mask=mask))
-linear_reference = jax.jit(ea.linear_attention_reference)
+linear_reference = jax.jit(la.linear_attention_reference)
 
 
 def jitted(fn, *static_args, **static):
@@ -76,13 +79,13 @@ def test_local_attention_equals_dense_local_mask(causal, heads, padded):
         if padded:
             mask = mask & kv_valid[:, None, None, :]
         ref = dense(q, k, v, mask)
-        out = jitted(ea.local_attention, window=window, causal=causal)(q, k, v, kv_valid=kv_valid)
+        out = jitted(sa.local_attention, window=window, causal=causal)(q, k, v, kv_valid=kv_valid)
         _assert_matches_dense(out, ref, mask)
 
 
 def test_local_attention_jits_and_keeps_dtype():
     q, k, v = _qkv(dtype=jnp.bfloat16)
-    f = jax.jit(ea.local_attention, static_argnames=("window", "causal"))
+    f = jax.jit(sa.local_attention, static_argnames=("window", "causal"))
     out = f(q, k, v, window=4, causal=True)
     ref = dot_product_attention(q, k, v, mask=local_mask(T, 4))
     assert out.dtype == jnp.bfloat16 and out.shape == q.shape
@@ -92,7 +95,7 @@ def test_local_attention_jits_and_keeps_dtype():
 def test_local_attention_padded_rows_are_finite():
     q, k, v = _qkv()
     kv_valid = _kv_valid(lengths=(T, 2))  # queries 2+window.. of row 1 see no real key
-    out = jitted(ea.local_attention, window=3, causal=True)(q, k, v, kv_valid=kv_valid)
+    out = jitted(sa.local_attention, window=3, causal=True)(q, k, v, kv_valid=kv_valid)
     assert np.isfinite(np.asarray(out)).all()
 
 
@@ -130,12 +133,12 @@ def test_block_sparse_attention_equals_dense_mask(causal, block_size, num_local_
         if valid is not None:
             mask = mask & valid[:, None, None, :]
         ref = dense(q, k, v, mask)
-        out = jitted(ea.block_sparse_attention, block_size=block_size, **kw)(q, k, v, kv_valid=valid)
+        out = jitted(sa.block_sparse_attention, block_size=block_size, **kw)(q, k, v, kv_valid=valid)
         _assert_matches_dense(out, ref, mask)
 
 
 def test_global_positions_match_mask():
-    glob = ea.global_positions(T, global_tokens=2, global_stride=5)
+    glob = sa.global_positions(T, global_tokens=2, global_stride=5)
     np.testing.assert_array_equal(glob, [0, 1, 5, 10])
     m = np.asarray(block_sparse_mask(T, 3, num_local_blocks=0, global_tokens=2, global_stride=5))[0, 0]
     np.testing.assert_array_equal(np.flatnonzero(m.all(-1)), glob)
@@ -154,7 +157,7 @@ def test_linear_attention_equals_quadratic_reference(causal, padded):
         mask = kv_valid[:, None, None, :] if mask is None else mask & kv_valid[:, None, None, :]
     ref = linear_reference(q, k, v, mask)
     for chunk_size in (1, 5, 64):  # 5 does not divide T; 64 > T
-        out = jitted(ea.linear_attention, causal=causal, chunk_size=chunk_size)(q, k, v, kv_valid=kv_valid)
+        out = jitted(la.linear_attention, causal=causal, chunk_size=chunk_size)(q, k, v, kv_valid=kv_valid)
         assert out.shape == q.shape and out.dtype == q.dtype
         assert maxerr(out, ref) < TOL
 
@@ -163,7 +166,7 @@ def test_linear_attention_equals_quadratic_reference(causal, padded):
 def test_linear_attention_ignores_padded_keys(causal):
     q, k, v = _qkv(4, 2)
     kv_valid = _kv_valid(lengths=(T, 8))
-    f = jitted(ea.linear_attention, causal=causal, chunk_size=4)
+    f = jitted(la.linear_attention, causal=causal, chunk_size=4)
     out = f(q, k, v, kv_valid=kv_valid)
     pad = ~np.asarray(kv_valid)[:, :, None, None]
     k2 = jnp.where(pad, 100.0, k)
@@ -175,11 +178,11 @@ def test_linear_attention_ignores_padded_keys(causal):
 
 def test_linear_attention_recurrent_equals_causal():
     q, k, v = _qkv(4, 2)
-    full = jitted(ea.linear_attention, causal=True, chunk_size=4)(q, k, v)
+    full = jitted(la.linear_attention, causal=True, chunk_size=4)(q, k, v)
     b, _, kh, h = k.shape
-    step = jax.jit(ea.linear_attention_step)
+    step = jax.jit(la.linear_attention_step)
 
-    state = ea.linear_attention_init_state(b, kh, h)
+    state = la.linear_attention_init_state(b, kh, h)
     assert state[0].shape == (b, kh, h, h) and state[1].shape == (b, kh, h)
     outs = []
     for t in range(T):
@@ -187,7 +190,7 @@ def test_linear_attention_recurrent_equals_causal():
         outs.append(out)
     assert maxerr(jnp.concatenate(outs, axis=1), full) < TOL
 
-    state = ea.linear_attention_init_state(b, kh, h)
+    state = la.linear_attention_init_state(b, kh, h)
     first, state = step(state, q[:, :5], k[:, :5], v[:, :5])
     second, _ = step(state, q[:, 5:], k[:, 5:], v[:, 5:])
     assert maxerr(jnp.concatenate([first, second], axis=1), full) < TOL
@@ -205,9 +208,9 @@ def test_flash_attention_falls_back_with_one_notice(causal, caplog):
     mask = kv_valid[:, None, None, :]
     if causal:
         mask = mask & causal_mask(T)
-    with caplog.at_level(logging.INFO, logger=ea.__name__):
-        out = ea.flash_attention(q, k, v, causal=causal, kv_valid=kv_valid)
-    notices = [r for r in caplog.records if r.name == ea.__name__]
+    with caplog.at_level(logging.INFO, logger=fa.__name__):
+        out = fa.flash_attention(q, k, v, causal=causal, kv_valid=kv_valid)
+    notices = [r for r in caplog.records if r.name == fa.__name__]
     assert len(notices) == 1
     assert "flash attention" in notices[0].getMessage() and "XLA path" in notices[0].getMessage()
     assert "cpu" in notices[0].getMessage()
@@ -224,8 +227,8 @@ def test_attention_dispatcher_covers_every_kind():
         "block_sparse": block_sparse_mask(T, 4, global_tokens=1, causal=True),
         "flash": causal_mask(T),
     }
-    for kind in ea.ATTENTION_KINDS:
-        out = jitted(ea.attention, kind, **kw)(q, k, v, kv_valid=kv_valid)
+    for kind in kinds.ATTENTION_KINDS:
+        out = jitted(kinds.attention, kind, **kw)(q, k, v, kv_valid=kv_valid)
         if kind == "linear":
             ref = linear_reference(q, k, v, causal_mask(T) & kv_valid[:, None, None, :])
             assert maxerr(out, ref) < TOL
@@ -242,8 +245,8 @@ def _dense_reference(kind, causal):
     if kind == "linear":
         mask = causal_mask(T) if causal else None
         return (
-            lambda q, k, v: ea.linear_attention(q, k, v, causal=causal, chunk_size=5),
-            lambda q, k, v: ea.linear_attention_reference(q, k, v, mask),
+            lambda q, k, v: la.linear_attention(q, k, v, causal=causal, chunk_size=5),
+            lambda q, k, v: la.linear_attention_reference(q, k, v, mask),
         )
     kw = {"window": 3, "block_size": 3, "global_tokens": 1, "global_stride": 6}
     mask = {
@@ -253,12 +256,12 @@ def _dense_reference(kind, causal):
         "block_sparse": block_sparse_mask(T, 3, global_tokens=1, global_stride=6, causal=causal),
     }[kind]
     return (
-        lambda q, k, v: ea.attention(kind, q, k, v, causal=causal, **kw),
+        lambda q, k, v: kinds.attention(kind, q, k, v, causal=causal, **kw),
         lambda q, k, v: dot_product_attention(q, k, v, mask=mask),
     )
 
 
-@pytest.mark.parametrize("kind", ea.ATTENTION_KINDS)
+@pytest.mark.parametrize("kind", kinds.ATTENTION_KINDS)
 def test_gradients_equal_dense_reference(kind):
     q, k, v = _qkv(4, 2, b=1)
     r = randn(np.random.default_rng(1), *q.shape)
@@ -279,9 +282,9 @@ def test_gradients_equal_finite_differences(kind):
         q, k, v = _qkv(2, 1, t=7, b=1, h=4, dtype=jnp.float64)
         r = randn(np.random.default_rng(1), *q.shape, dtype=jnp.float64)
         fast = {
-            "local": lambda q, k, v: ea.local_attention(q, k, v, window=3, causal=True),
-            "linear": lambda q, k, v: ea.linear_attention(q, k, v, causal=True, chunk_size=3),
-            "block_sparse": lambda q, k, v: ea.block_sparse_attention(q, k, v, block_size=2, global_stride=4),
+            "local": lambda q, k, v: sa.local_attention(q, k, v, window=3, causal=True),
+            "linear": lambda q, k, v: la.linear_attention(q, k, v, causal=True, chunk_size=3),
+            "block_sparse": lambda q, k, v: sa.block_sparse_attention(q, k, v, block_size=2, global_stride=4),
         }[kind]
 
         @jax.jit
@@ -313,9 +316,9 @@ def _temp_bytes(f, *args):
 def test_local_attention_memory_is_linear_in_length():
     t, w = 4096, 64
     q = jax.ShapeDtypeStruct((1, t, 1, 8), jnp.float32)
-    local = _temp_bytes(lambda q, k, v: ea.local_attention(q, k, v, window=w), q, q, q)
+    local = _temp_bytes(lambda q, k, v: sa.local_attention(q, k, v, window=w), q, q, q)
     # The measure sees a [T, T] array when there is one ...
-    full = _temp_bytes(lambda q, k, v: ea.attention("full", q, k, v, causal=True), q, q, q)
+    full = _temp_bytes(lambda q, k, v: kinds.attention("full", q, k, v, causal=True), q, q, q)
     assert full >= t * t * 4
     # ... and the blocked path has none: its scores are [T, 2w].
     assert local < t * t * 4 / 8, (local, full)
@@ -327,22 +330,22 @@ def test_local_attention_memory_is_linear_in_length():
 def test_bad_inputs_raise_clear_errors():
     q, k, v = _qkv(4, 2)
     with pytest.raises(ValueError, match="window must be >= 1"):
-        ea.local_attention(q, k, v, window=0)
+        sa.local_attention(q, k, v, window=0)
     with pytest.raises(ValueError, match=r"S == T"):
-        ea.local_attention(q, k[:, :5], v[:, :5], window=2)
+        sa.local_attention(q, k[:, :5], v[:, :5], window=2)
     with pytest.raises(ValueError, match=r"S == T"):
-        ea.block_sparse_attention(q, k[:, :5], v[:, :5], block_size=2)
+        sa.block_sparse_attention(q, k[:, :5], v[:, :5], block_size=2)
     with pytest.raises(ValueError, match=r"kv_valid must be \[B, S\]"):
-        ea.local_attention(q, k, v, window=2, kv_valid=jnp.ones((2, 5), bool))
+        sa.local_attention(q, k, v, window=2, kv_valid=jnp.ones((2, 5), bool))
     with pytest.raises(ValueError, match="multiple of key/value heads"):
-        ea.linear_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
+        la.linear_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
     with pytest.raises(ValueError, match="unknown attention kind 'sparse'"):
-        ea.attention("sparse", q, k, v, causal=True)
+        kinds.attention("sparse", q, k, v, causal=True)
     with pytest.raises(ValueError, match="needs window"):
-        ea.attention("local", q, k, v, causal=True)
+        kinds.attention("local", q, k, v, causal=True)
     with pytest.raises(ValueError, match="no softmax scale"):
-        ea.attention("linear", q, k, v, causal=True, scale=1.0)
+        kinds.attention("linear", q, k, v, causal=True, scale=1.0)
     with pytest.raises(ValueError, match="causal flash_attention needs S == T"):
-        ea.flash_attention(q, k[:, :5], v[:, :5], causal=True)
+        fa.flash_attention(q, k[:, :5], v[:, :5], causal=True)
     with pytest.raises(ValueError, match=r"state must be"):
-        ea.linear_attention_step(ea.linear_attention_init_state(2, 2, 4), q, k, v)
+        la.linear_attention_step(la.linear_attention_init_state(2, 2, 4), q, k, v)

@@ -1,7 +1,9 @@
 """Pure ``flax.linen`` building blocks of the Transformer family (no training code)."""
 
-from tfm.layers.attention import MultiHeadAttention, dot_product_attention
+from tfm.layers.attention import MultiHeadAttention
+from tfm.layers.attention_kinds import ATTENTION_KINDS, AttentionKind, AttentionOptions, register
 from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, REMAT_POLICIES, Stack
+from tfm.layers.dot_product import dot_product_attention
 from tfm.layers.embed import Embed
 from tfm.layers.feedforward import MLP
 from tfm.layers.masks import (
@@ -26,6 +28,9 @@ from tfm.layers.position import (
 )
 
 __all__ = [
+    "ATTENTION_KINDS",
+    "AttentionKind",
+    "AttentionOptions",
     "BlockConfig",
     "DecoderBlock",
     "Embed",
@@ -50,6 +55,7 @@ __all__ = [
     "or_masks",
     "padding_mask",
     "padding_mask_from_tokens",
+    "register",
     "relative_position_bucket",
     "segment_mask",
     "sinusoidal_positions",

@@ -24,7 +24,9 @@ from jax import Array
 
 from tfm import sharding as sh
 from tfm.layers import tuning
-from tfm.layers.attention import IMPLEMENTATIONS, AttentionOptions, MultiHeadAttention
+from tfm.layers.attention import MultiHeadAttention
+from tfm.layers.attention_kinds import AttentionOptions
+from tfm.layers.dot_product import IMPLEMENTATIONS
 from tfm.layers.feedforward import ACTIVATIONS, GATED, MLP
 from tfm.layers.moe import MoE, MoEOptions
 from tfm.layers.norms import NORMS, make_norm

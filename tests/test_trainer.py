@@ -6,6 +6,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -145,6 +146,27 @@ def test_train_writes_metrics_checkpoints_and_restores_on_a_smaller_mesh(tmp_pat
         ref = ref or _params(state)
         for x, y in zip(ref, _params(state)):
             np.testing.assert_array_equal(x, y)
+
+    # Inference restores the parameters alone (no optimizer state): equal to the trained ones,
+    # on one device or sharded over a mesh, and in bfloat16 when asked.
+    from tfm import inference
+    from tfm import sharding as sh
+
+    run = inference.load(workdir)
+    assert jax.tree.structure(run.params) == jax.tree.structure(state.params)
+    for x, y in zip(ref, jax.tree.leaves(run.params)):
+        np.testing.assert_array_equal(x, np.asarray(y))
+    sharded = inference.load(workdir, mesh=sh.make_mesh({"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}))
+    assert not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded.params))
+    assert {len(x.sharding.device_set) for x in jax.tree.leaves(sharded.params)} == {8}
+    for x, y in zip(ref, jax.tree.leaves(sharded.params)):
+        np.testing.assert_array_equal(x, np.asarray(y))
+    one, eight = run.evaluate(2)["eval/loss"], sharded.evaluate(2)["eval/loss"]
+    assert abs(one - eight) < 1e-5 * max(1.0, one), (one, eight)
+    half = inference.load(workdir, dtype=jnp.bfloat16)
+    for x, y in zip(ref, jax.tree.leaves(half.params)):
+        assert y.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(jnp.asarray(x, jnp.bfloat16)), np.asarray(y))
 
 
 def _truncate_largest_file(step_dir):

@@ -116,12 +116,16 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore(self, abstract_state, step: int | None = None):
+    def restore(self, abstract_state, step: int | None = None, *, params_only: bool = False):
         """Restore the newest good checkpoint (or ``step``) -> ``(step, state, data_state)``, or None if none.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with the
         target shardings (``sharding=``), so a checkpoint saved on one mesh lands
         on another. Raises ``CheckpointError`` when checkpoints exist but none restores.
+
+        ``params_only=True``: ``abstract_state`` is the parameters alone and only
+        they are read (no optimizer state); their dtypes may differ from the saved
+        ones (a float32 run restored in bfloat16). Returns ``(step, params, data_state)``.
         """
         for _ in range(5):  # a live trainer may delete the step a reader picked; then look again
             steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
@@ -129,7 +133,7 @@ class Checkpointer:
             vanished = False
             for s in steps:
                 try:
-                    restored = self._restore_step(s, abstract_state)
+                    restored = self._restore_step(s, abstract_state, params_only)
                 except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
                     if self.read_only and not os.path.isdir(os.path.join(self.directory, str(s))):
                         if step is not None:
@@ -161,9 +165,18 @@ class Checkpointer:
             return None
         raise CheckpointError(f"{self.directory}: checkpoints kept disappearing while being read")
 
-    def _restore_step(self, s: int, abstract_state):
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-        return self.manager.restore(s, args=args)
+    def _restore_step(self, s: int, abstract_state, params_only: bool = False):
+        if params_only:
+            item = {"params": abstract_state}
+            state = ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+            )
+        else:
+            state = ocp.args.StandardRestore(abstract_state)
+        restored = self.manager.restore(s, args=ocp.args.Composite(state=state, data=ocp.args.JsonRestore()))
+        if params_only:
+            return {"state": restored["state"]["params"], "data": restored["data"]}
+        return restored
 
     def _move_aside(self, step: int) -> None:
         src = os.path.join(self.directory, str(step))

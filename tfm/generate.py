@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     try:
         with cli.stdout_to_stderr():
             run = inference.load(args.workdir)
-        if run.trainer.task.name != "lm":
-            raise ValueError(f"{args.workdir} holds a {run.trainer.task.name} model; generate needs a decoder-only LM")
+        if run.task.name != "lm":
+            raise ValueError(f"{args.workdir} holds a {run.task.name} model; generate needs a decoder-only LM")
         ids = run.dataset.encode(args.prompt)
     except KeyError as e:
         return cli.fail("generate", f"the prompt's character {e} is not in the run's vocabulary")

@@ -22,11 +22,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tfm import decode
-from tfm.checkpoint import CheckpointError, Checkpointer
+from tfm import config as config_lib
+from tfm import data as data_lib
+from tfm import decode, placement
+from tfm import loop as loop_lib
+from tfm import sharding as sh
+from tfm import tasks as tasks_lib
+from tfm.checkpoint import Checkpointer, CheckpointError
 from tfm.data import DATASETS
+from tfm.step import make_eval_step
 from tfm.workdir import ARTIFACTS, read_config
-
 
 # What a reader command reports as one line (exit 2) instead of a traceback: a missing or
 # unreadable workdir or file, a bad config or data, checkpoints that cannot be restored.
@@ -35,70 +40,95 @@ USER_ERRORS = (OSError, ValueError, CheckpointError)
 
 @dataclasses.dataclass
 class Run:
-    trainer: object  # tfm.trainer.Trainer, built with workdir=None
+    """A trained model restored for inference: its parameters only (no optimizer state), on ``mesh``."""
+
+    config: ml_collections.ConfigDict
+    model: object  # the flax module
+    task: tasks_lib.Task
+    dataset: object  # the run's dataset: the tokenizer, the splits to evaluate
     params: object
     step: int
     workdir: str
+    mesh: jax.sharding.Mesh
+    rules: tuple
     averaged_steps: tuple[int, ...] = ()  # the checkpoints whose parameters were averaged, if any
 
-    @property
-    def model(self):
-        return self.trainer.model
+    def evaluate(self, steps: int = -1, split: str = "validation") -> dict:
+        """Teacher-forced loss, accuracy (and perplexity) over ``steps`` batches of ``split`` (-1: all of it)."""
+        place = placement.BatchPlacer(self.mesh, self.rules, self.config.data.batch_size)
+        eval_step = jax.jit(make_eval_step(self.model, self.task))
+        return loop_lib.evaluate(eval_step, self.params, self.dataset, place, steps=steps, split=split,
+                                 token_level=self.task.token_level,
+                                 context=lambda: placement.mesh_context(self.mesh, self.rules))  # fmt: skip
 
-    @property
-    def dataset(self):
-        return self.trainer.dataset
 
-
-def load(workdir: str, step: int | None = None, average: int = 1) -> Run:
-    """The run in ``workdir`` at its newest checkpoint (or ``step``), on this host's devices.
-
-    ``average=N > 1``: the element-wise mean of the parameters of the newest N
-    checkpoints up to that step (all N must exist and restore).
-    """
-    if average < 1:
-        raise ValueError(f"average={average}: must be >= 1")
-    from tfm.trainer import Trainer
-
+def _inference_config(workdir: str, mesh: jax.sharding.Mesh | None) -> ml_collections.ConfigDict:
     saved = read_config(workdir)
     if saved is None:
         raise FileNotFoundError(f"{workdir} is not a tfm workdir: it has no config.json")
     config = ml_collections.ConfigDict(saved)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
-        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-    # Inference runs on whatever devices this host has: one data-parallel mesh.
     with config.unlocked():
-        for axis in ("fsdp", "tensor", "expert"):
-            config.mesh[axis] = 1
-        config.mesh.data = 1
+        for axis in sh.MESH_AXES:  # the caller's mesh, or one device
+            config.mesh[axis] = 1 if mesh is None else int(mesh.shape.get(axis, 1))
         config.distributed.enabled = False
         # The tokenizer saved beside the checkpoints, not whatever the data or a cache holds now.
         options = getattr(DATASETS.get(config.data.get("name")), "OPTIONS", {})
         for name in ARTIFACTS:
             if os.path.isfile(os.path.join(workdir, name)) and "tokenizer_path" in options:
                 config.data.tokenizer_path = os.path.join(workdir, name)
-    trainer = Trainer(config, devices=jax.devices()[:1])
+    return config
+
+
+def load(workdir: str, step: int | None = None, average: int = 1, *, dtype=None,
+         mesh: jax.sharding.Mesh | None = None) -> Run:  # fmt: skip
+    """The run in ``workdir`` at its newest checkpoint (or ``step``): parameters only.
+
+    ``mesh``: where the parameters go, sharded by their logical axes (default: one
+    device of this host). ``dtype``: cast floating parameters (``jnp.bfloat16`` halves
+    their memory). ``average=N > 1``: the element-wise mean of the parameters of the
+    newest N checkpoints up to that step (all N must exist and restore).
+    """
+    if average < 1:
+        raise ValueError(f"average={average}: must be >= 1")
+    config = _inference_config(workdir, mesh)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+        raise FileNotFoundError(f"{workdir} has no checkpoint yet")
+    devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
+    preset, model_config, sizes, rules = config_lib.validate(config, len(devices), 1)
+    if preset.task is None:
+        raise ValueError(f"{workdir}: model.preset={config.model.preset!r} has no task to run")
+    task = tasks_lib.get_task(preset.task)
+    dataset = data_lib.make_dataset(config.data.to_dict())
+    model = preset.model_cls(model_config)
+    mesh = sh.make_mesh(sizes, devices) if mesh is None else mesh
+    example = {k: jnp.asarray(v) for k, v in dataset.batch("train", 0, batch_size=1).items()}
+    args, kwargs = task.model_args(example)
+    abstract, _ = placement.abstract_state(lambda key: model.init({"params": key}, *args, **kwargs)["params"], mesh, rules)
+    if dtype is not None:
+        cast = lambda a: jax.ShapeDtypeStruct(a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
+                                              sharding=a.sharding)  # noqa: E731
+        abstract = jax.tree.map(cast, abstract)
     ckpt = Checkpointer(ckpt_dir, read_only=True)  # never cleans up: that would delete a live run's save
     try:
-        restored = ckpt.restore(trainer.abstract_state, step=step)
+        restored = ckpt.restore(abstract, step=step, params_only=True)
         if restored is None:
             raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-        found, state, _ = restored
-        params, averaged = state.params, ()
+        found, params, _ = restored
+        averaged = ()
         if average > 1:
             steps = [s for s in ckpt.all_steps() if s <= found][-average:]
             if len(steps) < average:
                 raise ValueError(f"average={average}: {workdir} holds only {len(steps)} checkpoints up to step {found}: {steps}")
             total = jax.tree.map(lambda x: x.astype(jnp.float32), params)
             for s in steps[:-1]:
-                other = ckpt.restore(trainer.abstract_state, step=s)[1].params
+                other = ckpt.restore(abstract, step=s, params_only=True)[1]
                 total = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), total, other)
             params = jax.tree.map(lambda t, p: (t / len(steps)).astype(p.dtype), total, params)
             averaged = tuple(steps)
     finally:
         ckpt.close()
-    return Run(trainer, params, found, os.path.abspath(workdir), averaged)
+    return Run(config, model, task, dataset, params, found, os.path.abspath(workdir), mesh, rules, averaged)
 
 
 def exact_match(pred: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -117,11 +147,10 @@ def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_siz
     output tokens, ``batch_size`` sentences per decoding batch), so it equals scoring
     ``tfm.translate``'s output with sacreBLEU.
     """
-    trainer = run.trainer
-    result = {k.replace("eval/", ""): v for k, v in trainer.evaluate(run.params, batches or -1, split).items()}
-    if trainer.task.name == "seq2seq" and hasattr(run.dataset, "references"):
+    result = {k.replace("eval/", ""): v for k, v in run.evaluate(batches or -1, split).items()}
+    if run.task.name == "seq2seq" and hasattr(run.dataset, "references"):
         result.update(bleu(run, split, batches, beam_size or 0, alpha, max_len, batch_size))
-    elif trainer.task.name == "seq2seq":
+    elif run.task.name == "seq2seq":
         ds = run.dataset
         it = ds.iterator(split)
         matches, n = 0, 0

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -97,6 +98,32 @@ def check_finite(step: int, m: dict) -> None:
     if not m["params_finite"]:
         raise TrainingError(f"step {step}: the updated parameters are not finite (learning rate {float(m['lr']):g}); "
                             f"stopped, the step was not applied and the last checkpoint on disk is kept")  # fmt: skip
+
+
+def evaluate(eval_step: Callable, params, dataset, place: Callable, *, steps: int, split: str = "validation",
+             token_level: bool = True, context: Callable | None = None) -> dict:  # fmt: skip
+    """Mean loss, accuracy (and perplexity for token-level tasks) over ``steps`` batches of ``split``.
+
+    ``steps < 0``: the whole split, once (the dataset must be finite). ``eval_step(params, batch)``
+    returns the sums of ``Task.loss_sums``; each process reads only its rows (``place.rows()``).
+    """
+    if steps < 0:
+        if not hasattr(dataset, "num_batches"):
+            raise ValueError(f"{type(dataset).__name__} has no finite {split} split; give a number of batches")
+        steps = dataset.num_batches(split)
+    it = dataset.iterator(split, rows=place.rows())
+    totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
+    with context() if context else contextlib.nullcontext():
+        for _ in range(steps):
+            sums = jax.device_get(eval_step(params, place(next(it), local=True)))
+            totals = {k: totals[k] + float(sums[k]) for k in totals}
+    if not totals["weight_sum"]:
+        return {}
+    loss = totals["loss_sum"] / totals["weight_sum"]
+    out = {"eval/loss": loss, "eval/accuracy": totals["correct"] / totals["weight_sum"]}
+    if token_level:
+        out["eval/perplexity"] = float(np.exp(min(loss, 50.0)))
+    return out
 
 
 def _moe_scalars(m: dict) -> dict:
@@ -228,4 +255,4 @@ class Loop:
                 **last_eval}  # fmt: skip
 
 
-__all__ = ["Loop", "StepCache", "StopSignals", "TrainingError", "check_finite", "shape_key"]
+__all__ = ["Loop", "StepCache", "StopSignals", "TrainingError", "check_finite", "evaluate", "shape_key"]

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from tfm import config as config_lib
 from tfm import data as data_lib
+from tfm import loop as loop_lib
 from tfm import metrics as metrics_lib
 from tfm import placement
 from tfm import sharding as sh
@@ -176,23 +177,8 @@ class Trainer:
     def evaluate(self, params, steps: int | None = None, split: str = "validation") -> dict:
         """Mean loss (no label smoothing), accuracy and perplexity over ``steps`` batches of ``split``."""
         steps = self.config.train.eval_steps if steps is None else steps
-        if steps < 0:  # the whole split, once
-            if not hasattr(self.dataset, "num_batches"):
-                raise ValueError(f"data.name={self.config.data.name!r} has no finite {split} split; give a step count")
-            steps = self.dataset.num_batches(split)
-        it = self.dataset.iterator(split, rows=self.local_rows)
-        totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
-        with self._context():
-            for _ in range(steps):
-                sums = jax.device_get(self._eval_step(params, self.place(next(it), local=True)))
-                totals = {k: totals[k] + float(sums[k]) for k in totals}
-        if not totals["weight_sum"]:
-            return {}
-        loss = totals["loss_sum"] / totals["weight_sum"]
-        out = {"eval/loss": loss, "eval/accuracy": totals["correct"] / totals["weight_sum"]}
-        if self.task.token_level:
-            out["eval/perplexity"] = float(np.exp(min(loss, 50.0)))
-        return out
+        return loop_lib.evaluate(self._eval_step, params, self.dataset, self.place, steps=steps, split=split,
+                                 token_level=self.task.token_level, context=self._context)  # fmt: skip
 
     def flops_and_units(self, batch: dict) -> tuple[float, float]:
         """Model FLOPs and tokens (or examples) of one step on batches of these shapes."""

@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     try:
         with cli.stdout_to_stderr():
             run = inference.load(args.workdir, average=args.average)
-        if run.trainer.task.name != "seq2seq":
-            raise ValueError(f"{args.workdir} holds a {run.trainer.task.name} model; translate needs an encoder-decoder")
+        if run.task.name != "seq2seq":
+            raise ValueError(f"{args.workdir} holds a {run.task.name} model; translate needs an encoder-decoder")
     except inference.USER_ERRORS as e:
         return cli.fail("translate", e)
     lines, bad = read_lines(getattr(sys.stdin, "buffer", sys.stdin))

@@ -137,7 +137,54 @@ class ImageClassification(Task):
         return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t)
 
 
-TASKS: dict[str, Task] = {"lm": LanguageModeling(), "seq2seq": Seq2Seq(), "classify": ImageClassification()}
+def _encoder_flops(mcfg, params, shapes, head: float) -> float:
+    """A BERT-style encoder over ``inputs [B, T]`` plus ``head`` weights met per token."""
+    b, t = shapes["inputs"]
+    n = _count(params.get("bert", {}), "encoder", mcfg) + head
+    return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t)
+
+
+class MaskedLanguageModeling(Task):
+    """BERT's masked LM: ``inputs`` (with ``[MASK]``s), ``targets`` (the original ids), ``weights`` (1 where masked)."""
+
+    name = "mlm"
+
+    def model_args(self, batch):
+        return (batch["inputs"],), {}
+
+    def units(self, shapes):
+        return float(np.prod(shapes["inputs"]))
+
+    def flops_per_step(self, mcfg, params, shapes):
+        # The MLM transform and the (tied) output layer run at every position, as they do here.
+        return _encoder_flops(mcfg, params, shapes, mcfg.d_model * mcfg.d_model + mcfg.vocab_size * mcfg.d_model)
+
+
+class TextClassification(Task):
+    """One label per token sequence (the ``[CLS]`` vector): ``inputs [B, T]``, ``labels [B]``, ``weights [B]``."""
+
+    name = "text_classify"
+    unit = "ex"
+    target_key = "labels"
+    token_level = False
+
+    def model_args(self, batch):
+        return (batch["inputs"],), {}
+
+    def flops_per_step(self, mcfg, params, shapes):
+        b, t = shapes["inputs"]
+        # The pooler and classifier run once per sequence, not per token.
+        per_seq = 3.0 * 2 * b * (mcfg.d_model * mcfg.d_model + mcfg.d_model * mcfg.num_labels)
+        return _encoder_flops(mcfg, params, shapes, 0.0) + per_seq
+
+
+TASKS: dict[str, Task] = {
+    "lm": LanguageModeling(),
+    "seq2seq": Seq2Seq(),
+    "classify": ImageClassification(),
+    "mlm": MaskedLanguageModeling(),
+    "text_classify": TextClassification(),
+}
 
 
 def get_task(name: str | Task) -> Task:
@@ -149,4 +196,5 @@ def get_task(name: str | Task) -> Task:
     return TASKS[name]
 
 
-__all__ = ["ImageClassification", "LanguageModeling", "Seq2Seq", "TASKS", "Task", "get_task"]
+__all__ = ["ImageClassification", "LanguageModeling", "MaskedLanguageModeling", "Seq2Seq", "TASKS", "Task",
+           "TextClassification", "get_task"]  # fmt: skip

@@ -37,6 +37,7 @@ from tfm import metrics as metrics_lib
 from tfm import placement
 from tfm import sharding as sh
 from tfm import tasks as tasks_lib
+from tfm import warm_start
 from tfm import workdir as workdir_lib
 from tfm.checkpoint import Checkpointer
 from tfm.loop import Loop, StepCache, StopSignals, TrainingError
@@ -55,9 +56,10 @@ def check_data_fits_model(config, task, dataset, mc, example: dict) -> None:
         raise config_lib.ConfigError(
             f"data.name={name!r} yields {dataset.task} batches but model.preset={preset!r} is a {task.name} model"
         )
-    if task.target_key == "labels" and getattr(dataset, "num_classes", 0) > mc.num_classes:
+    key = "num_classes" if hasattr(mc, "num_classes") else "num_labels"
+    if task.target_key == "labels" and getattr(dataset, "num_classes", 0) > getattr(mc, key, 0):
         raise config_lib.ConfigError(
-            f"model.num_classes={mc.num_classes} is smaller than the {dataset.num_classes} classes of data.name={name!r}"
+            f"model.{key}={getattr(mc, key, 0)} is smaller than the {dataset.num_classes} classes of data.name={name!r}"
         )
     vocab = getattr(mc, "tgt_vocab", None) or getattr(mc, "vocab_size", None)
     if vocab is not None and getattr(dataset, "vocab_size", 0) > vocab:
@@ -103,6 +105,9 @@ class Trainer:
                 f"trainable presets: {trainable}"
             )
         self.task = tasks_lib.get_task(self.preset.task)
+        source = config.train.init_from
+        if source and not os.path.isdir(os.path.join(source, "checkpoints")):
+            raise config_lib.ConfigError(f"train.init_from={source!r}: not a tfm workdir with checkpoints")
         try:
             self.dataset = data_lib.make_dataset(config.data.to_dict())
         except data_lib.DataError as e:
@@ -165,6 +170,17 @@ class Trainer:
         return placement.init_state(self._init, self.state_sharding, self.mesh, self.rules,
                                     self.config.seed if seed is None else seed)  # fmt: skip
 
+    def initial_state(self) -> TrainState:
+        """Step 0: the fresh initial state, with ``train.init_from``'s parameters where it names a run."""
+        state = self.init_state()
+        source = self.config.train.init_from
+        if not source:
+            return state
+        step, saved = warm_start.read_params(source)
+        params, _ = warm_start.merge(state.params, saved, source)
+        log.info("parameters from %s (step %d); a fresh optimizer", source, step)
+        return state.replace(params=params)
+
     def compile_step(self, state: TrainState, batch: dict):
         """The train step compiled for the shapes of ``batch`` (placed), cached: what ``train_step`` and the loop run."""
         return self.compiled_steps(state, batch)
@@ -214,7 +230,7 @@ class Trainer:
         data_it = self.dataset.iterator("train", rows=self.local_rows)  # only this process's rows are read
         restored = ckpt.restore(self.abstract_state)
         if restored is None:
-            start, state = 0, self.init_state()
+            start, state = 0, self.initial_state()
         else:
             start, state, data_state = restored
             data_it.set_state(data_state)

@@ -21,11 +21,15 @@ Batch keys by task (``[B, ...]`` arrays, B the global batch):
 * ``seq2seq``: ``inputs [B,S]``, ``decoder_inputs [B,T]``, ``targets [B,T]``, ``weights [B,T]``;
   packed rows add ``segment_ids``, ``decoder_segment_ids``, ``positions``, ``decoder_positions``.
 * ``classify``: ``inputs [B,...]``, ``labels [B]`` and ``weights [B]``.
+* ``mlm``: ``inputs [B,T]`` (with ``[MASK]`` ids), ``targets [B,T]`` (the original ids), ``weights [B,T]``
+  (1 at the masked positions).
+* ``text_classify``: ``inputs [B,T]`` token ids, ``labels [B]`` and ``weights [B]``.
 """
 
 from __future__ import annotations
 
 from tfm.data.base import DataError, Dataset, IndexedIterator, data_dir
+from tfm.data.bert_text import LanguageID, MaskedCharLM
 from tfm.data.images import FashionMnist
 from tfm.data.synthetic import CopyTask, SyntheticLM
 from tfm.data.text import CharLM
@@ -35,6 +39,8 @@ DATASETS: dict[str, type] = {
     "copy": CopyTask,
     "fashion_mnist": FashionMnist,
     "multi30k": Translation,
+    "multi30k_langid": LanguageID,
+    "shakespeare_mlm": MaskedCharLM,
     "shakespeare_char": CharLM,
     "synthetic_lm": SyntheticLM,
 }

@@ -26,8 +26,10 @@ def get_config(arg=None):
     c.model.num_heads = 4
     c.model.num_layers = 4
     c.model.d_ff = 512
-    c.model.dropout_rate = 0.1
-    c.model.attention_dropout_rate = 0.1
+    # No dropout, as nanoGPT's CPU baseline on this corpus: 2,000 steps of 32 windows read ~4 M characters,
+    # about four passes over the ~1 M characters of the training split.
+    c.model.dropout_rate = 0.0
+    c.model.attention_dropout_rate = 0.0
 
     c.data.name = "shakespeare_mlm"
     c.data.data_dir = ""  # "" -> $TFM_DATA_DIR, else ./data
@@ -43,18 +45,16 @@ def get_config(arg=None):
     c.optim.eps = 1e-6
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0
-    c.train.steps = 3000
+    c.train.steps = 2000
     c.train.log_every = 100
-    c.train.eval_every = 1000
+    c.train.eval_every = 500
     c.train.eval_steps = 20
-    c.train.checkpoint_every = 1000
+    c.train.checkpoint_every = 500
 
     if arg == "tiny":
         c.model.d_model = 32
         c.model.num_layers = 2
         c.model.d_ff = 64
-        c.model.dropout_rate = 0.0
-        c.model.attention_dropout_rate = 0.0
         c.data.block_size = 32
         c.model.max_len = 32
         c.data.batch_size = 16

@@ -46,6 +46,15 @@ def padding_mask_from_tokens(q_tokens: Array, kv_tokens: Array | None = None, pa
     return padding_mask(q_tokens != pad_id, kv_tokens != pad_id)
 
 
+def key_padding_mask(kv_valid: Array) -> Array:
+    """``[B, S]`` validity -> ``[B, 1, 1, S]``: every query may attend to the real keys only.
+
+    Masking keys (not queries) keeps rows of padded queries well defined;
+    their outputs are ignored by the loss.
+    """
+    return kv_valid[:, None, None, :].astype(bool)
+
+
 def segment_mask(q_segments: Array, kv_segments: Array | None = None) -> Array:
     """Packed sequences: query and key may attend iff they carry the same segment id.
 

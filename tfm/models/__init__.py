@@ -19,7 +19,12 @@ from tfm.models.common import count_params
 from tfm.models.gpt import GPT, GPTConfig, gpt2_small, gpt_moe_tiny, gpt_tiny, llama_tiny, mixtral_8x7b
 from tfm.models.t5 import T5, T5Config, t5_small, t5_tiny
 from tfm.models.transformer import (
-    Transformer, TransformerConfig, transformer_base, transformer_big, transformer_moe_tiny, transformer_tiny,
+    Transformer,
+    TransformerConfig,
+    transformer_base,
+    transformer_big,
+    transformer_moe_tiny,
+    transformer_tiny,
 )  # fmt: skip
 from tfm.models.vit import ViT, ViTConfig, vit_b16, vit_tiny
 

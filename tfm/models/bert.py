@@ -23,9 +23,9 @@ from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
 from tfm.layers.embed import Embed
 from tfm.layers.feedforward import ACTIVATIONS
 from tfm.layers.linear import Einsum
+from tfm.layers.masks import key_padding_mask
 from tfm.layers.norms import LayerNorm
 from tfm.layers.position import LearnedPositionEmbedding
-from tfm.models.common import key_padding_mask
 
 
 @dataclasses.dataclass(frozen=True)

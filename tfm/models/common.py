@@ -10,15 +10,6 @@ from jax import Array
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def key_padding_mask(kv_valid: Array) -> Array:
-    """``[B, S]`` validity -> ``[B, 1, 1, S]``: every query may attend to the real keys only.
-
-    Masking keys (not queries) keeps rows of padded queries well defined;
-    their outputs are ignored by the loss.
-    """
-    return kv_valid[:, None, None, :].astype(bool)
-
-
 class DecodePositions(nn.Module):
     """Positions of the tokens in this call, continuing across calls when decoding.
 

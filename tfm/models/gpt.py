@@ -23,8 +23,8 @@ from tfm.layers.attention_kinds import AttentionOptions
 from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
 from tfm.layers.embed import Embed
 from tfm.layers.linear import Einsum
-from tfm.layers.moe import MoEOptions
 from tfm.layers.masks import and_masks, causal_mask, segment_mask
+from tfm.layers.moe import MoEOptions
 from tfm.layers.position import LearnedPositionEmbedding, alibi_bias, sinusoidal_positions
 from tfm.models.common import DecodePositions
 

@@ -21,9 +21,9 @@ from tfm import sharding as sh
 from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
 from tfm.layers.embed import Embed
 from tfm.layers.linear import Einsum
-from tfm.layers.masks import and_masks, causal_mask
+from tfm.layers.masks import and_masks, causal_mask, key_padding_mask
 from tfm.layers.position import RelativePositionBias
-from tfm.models.common import DecodePositions, key_padding_mask
+from tfm.models.common import DecodePositions
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,10 +21,10 @@ from tfm.layers.attention_kinds import AttentionOptions
 from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
 from tfm.layers.embed import Embed
 from tfm.layers.linear import Einsum
+from tfm.layers.masks import and_masks, causal_mask, key_padding_mask, segment_mask
 from tfm.layers.moe import MoEOptions
-from tfm.layers.masks import and_masks, causal_mask, segment_mask
 from tfm.layers.position import LearnedPositionEmbedding, sinusoidal_positions
-from tfm.models.common import DecodePositions, key_padding_mask
+from tfm.models.common import DecodePositions
 
 POSITIONS = ("sinusoidal", "learned")
 

@@ -98,5 +98,5 @@ def test_data_task_must_match_the_model(tmp_path, capsys):
     )
     assert train.main(["--config", str(recipe), "--workdir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "data.name='copy' yields seq2seq batches" in err and "gpt (lm) model" in err
+    assert "data.name='copy' yields seq2seq batches" in err and "model.preset='gpt_tiny' is a GPT (lm) model" in err
     assert not (tmp_path / "run").exists()

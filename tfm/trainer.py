@@ -54,7 +54,8 @@ def check_data_fits_model(config, task, dataset, mc, example: dict) -> None:
     name, preset = config.data.name, config.model.preset
     if dataset.task != task.name:
         raise config_lib.ConfigError(
-            f"data.name={name!r} yields {dataset.task} batches but model.preset={preset!r} is a {task.name} model"
+            f"data.name={name!r} yields {dataset.task} batches but model.preset={preset!r} is a "
+            f"{type(mc).__name__.removesuffix('Config')} ({task.name}) model"
         )
     key = "num_classes" if hasattr(mc, "num_classes") else "num_labels"
     if task.target_key == "labels" and getattr(dataset, "num_classes", 0) > getattr(mc, key, 0):

@@ -43,7 +43,7 @@ def _count(params, name: str, mcfg) -> float:
 
 
 class Task:
-    """The interface; subclasses fill in the model arguments and the FLOP count."""
+    """The interface; subclasses set the name and fill in the FLOP count (and model arguments beyond ``inputs``)."""
 
     name: str = ""
     unit: str = "tok"  # what tokens/s or examples/s counts
@@ -51,7 +51,8 @@ class Task:
     token_level: bool = True  # a per-token loss: evaluation also reports perplexity
 
     def model_args(self, batch: Batch) -> tuple[tuple, dict]:
-        raise NotImplementedError
+        """The model's positional and keyword arguments; by default the one input ``inputs``."""
+        return (batch["inputs"],), {}
 
     def loss_sums(self, logits, batch: Batch, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
         """``loss_sum``, ``weight_sum`` (targets that count) and ``correct`` (argmax hits), summed over the batch."""
@@ -118,16 +119,18 @@ class Seq2Seq(Task):
         return 3.0 * fwd
 
 
-class ImageClassification(Task):
-    """One label per image: ``inputs [B, H, W, C]``, ``labels [B]``."""
+class _Classification(Task):
+    """One label per example: ``labels [B]`` (and ``weights [B]``); the loss is per example."""
 
-    name = "classify"
     unit = "ex"
     target_key = "labels"
     token_level = False
 
-    def model_args(self, batch):
-        return (batch["inputs"],), {}
+
+class ImageClassification(_Classification):
+    """One label per image: ``inputs [B, H, W, C]``, ``labels [B]``."""
+
+    name = "classify"
 
     def flops_per_step(self, mcfg, params, shapes):
         b = shapes["inputs"][0]
@@ -149,9 +152,6 @@ class MaskedLanguageModeling(Task):
 
     name = "mlm"
 
-    def model_args(self, batch):
-        return (batch["inputs"],), {}
-
     def units(self, shapes):
         return float(np.prod(shapes["inputs"]))
 
@@ -160,16 +160,10 @@ class MaskedLanguageModeling(Task):
         return _encoder_flops(mcfg, params, shapes, mcfg.d_model * mcfg.d_model + mcfg.vocab_size * mcfg.d_model)
 
 
-class TextClassification(Task):
+class TextClassification(_Classification):
     """One label per token sequence (the ``[CLS]`` vector): ``inputs [B, T]``, ``labels [B]``, ``weights [B]``."""
 
     name = "text_classify"
-    unit = "ex"
-    target_key = "labels"
-    token_level = False
-
-    def model_args(self, batch):
-        return (batch["inputs"],), {}
 
     def flops_per_step(self, mcfg, params, shapes):
         b, t = shapes["inputs"]

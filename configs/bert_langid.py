@@ -24,10 +24,10 @@ def get_config(arg=None):
     mlm = load_config(os.path.join(here, "bert_mlm.py") + (f":{arg}" if arg else ""))  # the shapes follow it
     c = default_config()
     c.model.preset = "bert_tiny_classifier"
-    for key in ("vocab_size", "max_len", "d_model", "num_heads", "num_layers", "d_ff", "dropout_rate",
+    for key in ("max_len", "d_model", "num_heads", "num_layers", "d_ff", "dropout_rate",
                 "attention_dropout_rate"):  # fmt: skip
         c.model[key] = mlm.model[key]
-    c.model.num_labels = 2
+    # vocab_size comes from the data (the pretraining run's vocab.json), num_labels too (2 languages).
 
     c.data.name = "multi30k_langid"
     c.data.data_dir = ""

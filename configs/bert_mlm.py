@@ -3,7 +3,8 @@
 A 4-layer, d 128 post-LN encoder (``bert_tiny_mlm`` widened); windows of 64 positions,
 ``[CLS]`` then 63 characters; 15 % of the characters chosen per window, of which 80 %
 become ``[MASK]``, 10 % a random character and 10 % stay. The loss counts the chosen
-positions only. The vocabulary is the 65 characters after 4 special ids: 69.
+positions only. The vocabulary is the 65 characters after 4 special ids: 69 (the model
+takes its size from the data).
 
     python -m tfm.train --config configs/bert_mlm.py --workdir /tmp/bert_mlm \\
         --config.data.data_dir=PATH/TO/DATA      # holds tinyshakespeare/input.txt
@@ -14,13 +15,10 @@ result with ``configs/bert_langid.py``.
 
 from tfm.config import default_config
 
-VOCAB = 4 + 65  # [PAD] [CLS] [MASK] [UNK] + tiny Shakespeare's characters
-
 
 def get_config(arg=None):
     c = default_config()
     c.model.preset = "bert_tiny_mlm"
-    c.model.vocab_size = VOCAB
     c.model.max_len = 64
     c.model.d_model = 128
     c.model.num_heads = 4

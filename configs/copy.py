@@ -11,7 +11,6 @@ from tfm.config import default_config
 def get_config(arg=None):
     c = default_config()
     c.model.preset = "transformer_tiny"
-    c.model.vocab_size = 16
     c.model.d_model = 64
     c.model.num_heads = 4
     c.model.d_ff = 128

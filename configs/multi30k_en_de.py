@@ -16,7 +16,6 @@ from tfm.config import default_config
 def get_config(arg=None):
     c = default_config()
     c.model.preset = "transformer_tiny"
-    c.model.vocab_size = 8000
     c.model.d_model = 256
     c.model.num_heads = 4
     c.model.d_ff = 1024
@@ -47,7 +46,6 @@ def get_config(arg=None):
     c.train.best_metric = "eval/loss"
 
     if arg == "cpu":  # what a 2-core CPU trains in about 53 minutes (see README)
-        c.model.vocab_size = 4000
         c.model.d_model = 128
         c.model.num_heads = 4
         c.model.d_ff = 512
@@ -64,7 +62,6 @@ def get_config(arg=None):
         c.train.checkpoint_every = 500
         c.train.keep_checkpoints = 5  # the last five, for `tfm.evaluate --average 5`
     elif arg == "tiny":
-        c.model.vocab_size = 512
         c.model.d_model = 32
         c.model.d_ff = 64
         c.model.num_encoder_layers = 2

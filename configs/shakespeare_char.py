@@ -15,14 +15,14 @@ from tfm.config import default_config
 def get_config(arg=None):
     c = default_config()
     c.model.preset = "gpt_tiny"
-    c.model.vocab_size = 65
     c.model.max_len = 64
     c.model.d_model = 128
     c.model.num_heads = 4
     c.model.num_layers = 4
     c.model.d_ff = 512
     c.model.activation = "gelu"
-    c.model.use_bias = False
+    c.model.attention_bias = False
+    c.model.mlp_bias = False
     c.model.dropout_rate = 0.0
     c.model.attention_dropout_rate = 0.0
     # Every matrix at N(0, 0.02), as nanoGPT's PyTorch CPU baseline; GPT-2's 1/sqrt(2 * layers) on the

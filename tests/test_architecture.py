@@ -1,7 +1,6 @@
 """The structure: no import cycles, the pure step, every task, the attention-kind registry."""
 
 import ast
-import dataclasses
 import os
 
 import flax.linen as nn
@@ -162,7 +161,7 @@ def test_moe_flops_count_only_the_routed_experts():
     task = tasks.get_task("lm")
     shapes = {"inputs": (8, 16)}
     cfg = preset.config
-    flops = {k: task.flops_per_step(dataclasses.replace(cfg, experts_per_token=k), params, shapes) for k in (1, 2, 4)}
+    flops = {k: task.flops_per_step(cfg.replace(experts_per_token=k), params, shapes) for k in (1, 2, 4)}
     expert_params = sum(
         int(np.prod(leaf.shape))
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -170,10 +169,10 @@ def test_moe_flops_count_only_the_routed_experts():
     )
     tokens = 8 * 16
     # Each extra expert per token adds 6 FLOPs (forward + backward) per weight of one expert.
-    assert flops[2] - flops[1] == pytest.approx(6 * tokens * expert_params / cfg.num_experts)
+    assert flops[2] - flops[1] == pytest.approx(6 * tokens * expert_params / cfg.block.num_experts)
     # Routing to every expert counts every parameter, as a dense model would.
-    n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["decoder"])) + cfg.vocab_size * cfg.d_model
-    dense = 3 * (2 * n_all * tokens + 4 * cfg.num_layers * 16 * cfg.d_model * tokens)
+    n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["decoder"])) + cfg.vocab_size * cfg.block.d_model
+    dense = 3 * (2 * n_all * tokens + 4 * cfg.num_layers * 16 * cfg.block.d_model * tokens)
     assert flops[4] == pytest.approx(dense)
 
 

@@ -1,6 +1,5 @@
 """The efficient attention kinds inside the models: encoder, decoder, GQA, decoding, config errors."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ KINDS = {
 
 def _decode_logits(model, params, tokens, prefill=4):
     """Logits of ``tokens`` computed through the decoding path: a prefill chunk, then one token at a time."""
-    dec = type(model)(dataclasses.replace(model.config, decode=True))
+    dec = type(model)(model.config.replace(decode=True))
     _, variables = dec.apply({"params": params}, tokens, mutable=["cache"])
     cache, outs = variables["cache"], []
     pieces = [tokens[:, :prefill]] + [tokens[:, i : i + 1] for i in range(prefill, tokens.shape[1])]
@@ -46,7 +45,7 @@ SLOW = pytest.mark.slow  # the same property on a second model; the default suit
     ids=lambda v: v if isinstance(v, str) else ("llama-rope-gqa" if v.position == "rope" else "gpt"),
 )
 def test_decoder_only_decoding_equals_the_full_forward_pass(base, kind):
-    cfg = dataclasses.replace(base, **KINDS[kind])
+    cfg = base.replace(**KINDS[kind])
     model = GPT(cfg)
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
     params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
@@ -56,7 +55,7 @@ def test_decoder_only_decoding_equals_the_full_forward_pass(base, kind):
 
 @pytest.mark.parametrize("kind", ["linear", "local"])
 def test_the_sampling_loop_decodes_with_the_recurrent_state_and_the_windowed_cache(kind):
-    cfg = dataclasses.replace(llama_tiny, **KINDS[kind])
+    cfg = llama_tiny.replace(**KINDS[kind])
     model = GPT(cfg)
     prompt = jax.random.randint(jax.random.key(2), (2, 4), 0, cfg.vocab_size)
     params = jax.jit(model.init)(jax.random.key(1), prompt)["params"]
@@ -76,12 +75,12 @@ def test_sparse_kinds_whose_pattern_covers_everything_equal_full_attention(base)
     params = full_model.init(jax.random.key(1), tokens)["params"]
     ref = full_model.apply({"params": params}, tokens)
     for kwargs in (dict(attention="local", attention_window=10), dict(attention="block_sparse", attention_window=2, attention_global_stride=1), dict(attention="flash")):
-        out = GPT(dataclasses.replace(base, **kwargs)).apply({"params": params}, tokens)
+        out = GPT(base.replace(**kwargs)).apply({"params": params}, tokens)
         assert maxerr(out, ref) < 1e-5, kwargs
 
 
 def _seq2seq(kind_kwargs, vocab=64):
-    cfg = dataclasses.replace(transformer_tiny, vocab_size=vocab, num_kv_heads=2, **kind_kwargs)  # GQA too
+    cfg = transformer_tiny.replace(vocab_size=vocab, num_kv_heads=2, **kind_kwargs)  # GQA too
     model = Transformer(cfg)
     src = jax.random.randint(jax.random.key(3), (2, 9), 3, vocab).at[0, 6:].set(0)  # row 0 padded
     tgt = jax.random.randint(jax.random.key(4), (2, 7), 3, vocab)
@@ -95,7 +94,7 @@ def test_encoder_decoder_with_padding_decodes_like_its_forward_pass(kind):
     full = jax.jit(model.apply)({"params": params}, src, tgt)
     assert bool(jnp.all(jnp.isfinite(full)))
     encoded = model.apply({"params": params}, src, method=Transformer.encode)
-    dec = Transformer(dataclasses.replace(model.config, decode=True))
+    dec = Transformer(model.config.replace(decode=True))
     call = lambda t, cache=None: dec.apply(  # noqa: E731
         {"params": params, **({"cache": cache} if cache is not None else {})}, t, encoded, src,
         method=Transformer.decode, mutable=["cache"],
@@ -113,22 +112,22 @@ def test_encoder_with_a_window_covering_the_source_equals_full_attention_with_pa
     model, params, src, tgt = _seq2seq({})
     ref = model.apply({"params": params}, src, tgt)
     for kwargs in (dict(attention="local", attention_window=16), dict(attention="block_sparse", attention_window=16)):
-        other = Transformer(dataclasses.replace(model.config, **kwargs))
+        other = Transformer(model.config.replace(**kwargs))
         assert maxerr(other.apply({"params": params}, src, tgt), ref) < 1e-5, kwargs
 
 
 def test_the_efficient_kinds_refuse_what_they_cannot_do():
     tokens = jnp.ones((1, 6), jnp.int32)
-    model = GPT(dataclasses.replace(gpt_tiny, attention="local", attention_window=2))
+    model = GPT(gpt_tiny.replace(attention="local", attention_window=2))
     params = GPT(gpt_tiny).init(jax.random.key(0), tokens)["params"]
     with pytest.raises(ValueError, match="packed segments"):
         model.apply({"params": params}, tokens, segment_ids=jnp.ones((1, 6), jnp.int32))
     with pytest.raises(ValueError, match="attention_dropout_rate"):
-        dataclasses.replace(gpt_tiny, attention="linear", attention_dropout_rate=0.1)
+        gpt_tiny.replace(attention="linear", attention_dropout_rate=0.1)
     with pytest.raises(ValueError, match="attention must be one of"):
-        dataclasses.replace(gpt_tiny, attention="sparse")
+        gpt_tiny.replace(attention="sparse")
     with pytest.raises(ValueError, match="bias"):  # ALiBi is an additive bias: full attention only
-        GPT(dataclasses.replace(gpt_tiny, attention="local", position="alibi")).init(jax.random.key(0), tokens)
+        GPT(gpt_tiny.replace(attention="local", position="alibi")).init(jax.random.key(0), tokens)
 
 
 @pytest.mark.parametrize("kind", ["linear", pytest.param("local", marks=SLOW), pytest.param("block_sparse", marks=SLOW), pytest.param("flash", marks=SLOW)])

@@ -21,7 +21,7 @@ def test_overrides_are_typed_and_nested():
     assert c2.mesh.rules.mlp is None
     assert c.train.steps == 800, "the recipe's dict must stay untouched"
     preset, mcfg, sizes, rules = config_lib.validate(c2, num_devices=8)
-    assert mcfg.norm_position == "post" and mcfg.d_model == 32
+    assert mcfg.block.norm_position == "post" and mcfg.block.d_model == 32
     assert sizes == {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1}
     assert dict(rules)["mlp"] is None
 
@@ -31,7 +31,7 @@ def test_dtype_strings_become_dtypes():
 
     c = config_lib.apply_overrides(config_lib.load_config(COPY), ["model.dtype=bfloat16"])
     _, mcfg = config_lib.model_config(c)
-    assert mcfg.dtype == jnp.bfloat16 and mcfg.param_dtype == jnp.float32
+    assert mcfg.block.dtype == jnp.bfloat16 and mcfg.block.param_dtype == jnp.float32
 
 
 BAD = [

@@ -189,7 +189,6 @@ def test_the_prepared_copy_follows_the_source_files(tiny_multi30k):
 def test_packed_pairs_do_not_see_each_other(tiny_multi30k):
     """Every target token's log-probability is the same packed (several pairs per row, kept apart
     by segment ids and per-pair positions) as when its pair is alone in a row."""
-    import dataclasses
 
     import jax
     import jax.numpy as jnp
@@ -205,7 +204,7 @@ def test_packed_pairs_do_not_see_each_other(tiny_multi30k):
     n_rows = len(ds._rows_of_epoch(0))
     assert sorted(k for row in ds._rows_of_epoch(0) for k in row) == list(range(40)) and n_rows < 40
 
-    model = Transformer(dataclasses.replace(transformer_tiny, vocab_size=60))
+    model = Transformer(transformer_tiny.replace(vocab_size=60))
     params = model.init(jax.random.key(0), jnp.ones((1, 64), jnp.int32), jnp.ones((1, 64), jnp.int32))
     keys = {"segment_ids": "src_segment_ids", "decoder_segment_ids": "tgt_segment_ids",
             "positions": "src_positions", "decoder_positions": "tgt_positions"}  # fmt: skip

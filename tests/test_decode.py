@@ -1,6 +1,5 @@
 """Decoding: KV-cache loops against full forward passes, beam search against exhaustive search."""
 
-import dataclasses
 import itertools
 
 import jax
@@ -37,7 +36,7 @@ def test_gpt_greedy_with_cache_equals_repeated_full_forward(cfg):
 
 
 def seq2seq_setup(vocab=64):
-    cfg = dataclasses.replace(transformer_tiny, vocab_size=vocab)
+    cfg = transformer_tiny.replace(vocab_size=vocab)
     model = Transformer(cfg)
     src = jax.random.randint(jax.random.key(3), (3, 7), 3, vocab).at[0, 5:].set(0)  # row 0 padded
     params = init(model, src, src)

@@ -128,8 +128,8 @@ def test_exact_gelu_matches_jax_nn_gelu():
 
 def test_gpt_init_has_gpt2_statistics():
     layers, d = 4, 256
-    cfg = GPTConfig(vocab_size=512, max_len=128, d_model=d, num_heads=4, num_layers=layers, d_ff=4 * d,
-                    use_bias=True, scan_layers=False)  # fmt: skip
+    cfg = GPTConfig().replace(vocab_size=512, max_len=128, d_model=d, num_heads=4, num_layers=layers, d_ff=4 * d,
+                              scan_layers=False)  # fmt: skip
     params = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     params = nn.unbox(params)
     residual = 0.02 / math.sqrt(2 * layers)
@@ -157,7 +157,7 @@ def test_gpt_init_has_gpt2_statistics():
     for path, decayed in flat:
         name = path[-1].key
         assert decayed == (name in ("kernel", "embedding")), (path, decayed)
-    unscaled = GPT(GPTConfig(**{**cfg.__dict__, "scale_residual_init": False}))
+    unscaled = GPT(cfg.replace(scale_residual_init=False))
     p = nn.unbox(unscaled.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
     check_std(p["decoder"]["layers_0"]["mlp"]["wo"]["kernel"], 0.02)
 

@@ -1,7 +1,6 @@
 """Model families: parameter counts of the paper presets, causality, padding invariance,
 KV-cache decoding, bf16, sharding annotations."""
 
-import dataclasses
 import functools
 import subprocess
 import sys
@@ -110,7 +109,7 @@ def _assert_prefix_unchanged(logits_a, logits_b, t):
     assert not np.allclose(logits_a[:, t + 1 :], logits_b[:, t + 1 :], atol=1e-3)
 
 
-@pytest.mark.parametrize("cfg", [gpt_tiny, llama_tiny, dataclasses.replace(gpt_tiny, position="alibi")], ids=["gpt", "llama", "alibi"])
+@pytest.mark.parametrize("cfg", [gpt_tiny, llama_tiny, gpt_tiny.replace(position="alibi")], ids=["gpt", "llama", "alibi"])
 def test_gpt_is_causal(cfg):
     model = GPT(cfg)
     x = tokens((2, 10))
@@ -171,14 +170,14 @@ def _decode_stepwise(params, cache, step_fn, length, chunk=1):
 
 @pytest.mark.parametrize(
     "cfg",
-    [gpt_tiny, llama_tiny, dataclasses.replace(gpt_tiny, position="alibi"), dataclasses.replace(gpt_tiny, position="sinusoidal", scan_layers=False)],
+    [gpt_tiny, llama_tiny, gpt_tiny.replace(position="alibi"), gpt_tiny.replace(position="sinusoidal", scan_layers=False)],
     ids=["gpt", "llama-rope-gqa", "alibi", "sinusoidal-loop"],
 )
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_gpt_kv_cache_equals_full_forward(cfg, chunk):
     t = 9
     x = tokens((2, t))
-    full_model, dec_model = GPT(cfg), GPT(dataclasses.replace(cfg, decode=True))
+    full_model, dec_model = GPT(cfg), GPT(cfg.replace(decode=True))
     params = init(full_model, x)["params"]
     full = japply(full_model)({"params": params}, x)
     cache = init(dec_model, jnp.ones((2, 12), jnp.int32))["cache"]  # cache longer than needed
@@ -194,7 +193,7 @@ def test_gpt_kv_cache_equals_full_forward(cfg, chunk):
 def test_encoder_decoder_kv_cache_equals_full_forward(family):
     cls, cfg = (Transformer, transformer_tiny) if family == "transformer" else (T5, t5_tiny)
     src, tgt = tokens((2, 7)), tokens((2, 8), seed=4)
-    full_model, dec_model = cls(cfg), cls(dataclasses.replace(cfg, decode=True))
+    full_model, dec_model = cls(cfg), cls(cfg.replace(decode=True))
     params = init(full_model, src, tgt)["params"]
     full = japply(full_model)({"params": params}, src, tgt)
     cache = init(dec_model, src, jnp.ones((2, 8), jnp.int32))["cache"]
@@ -268,12 +267,12 @@ def test_transformer_embedding_scaled_and_shared():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: dataclasses.replace(gpt_tiny, num_heads=5),
-        lambda: dataclasses.replace(gpt_tiny, position="spiral"),
-        lambda: dataclasses.replace(transformer_tiny, target_vocab_size=99),
-        lambda: dataclasses.replace(vit_tiny, patch_size=5),
-        lambda: dataclasses.replace(llama_tiny, num_kv_heads=3),
-        lambda: dataclasses.replace(bert_tiny, dropout_rate=1.5),
+        lambda: gpt_tiny.replace(num_heads=5),
+        lambda: gpt_tiny.replace(position="spiral"),
+        lambda: transformer_tiny.replace(target_vocab_size=99),
+        lambda: vit_tiny.replace(patch_size=5),
+        lambda: llama_tiny.replace(num_kv_heads=3),
+        lambda: bert_tiny.replace(dropout_rate=1.5),
     ],
 )
 def test_bad_configs_raise(make):
@@ -293,7 +292,7 @@ def test_bad_inputs_raise():
 
 
 def test_dropout_is_active_only_in_training():
-    cfg = dataclasses.replace(gpt_tiny, dropout_rate=0.3)
+    cfg = gpt_tiny.replace(dropout_rate=0.3)
     model, x = GPT(cfg), tokens((2, 8))
     v = init(model, x)
     apply = japply(model)

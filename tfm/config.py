@@ -9,7 +9,9 @@ problem is one ``ConfigError`` naming the key and the value.
 Sections:
 
 * ``model``: ``preset`` (a name in ``tfm.models.PRESETS``) plus any field of that
-  preset's config dataclass to change (``d_model``, ``num_layers``, ``dtype`` …).
+  preset's config or of its block config to change, by its plain name: ``num_layers``
+  (the family's), ``d_model``, ``attention``, ``num_experts``, ``dtype`` (the block's).
+  ``vocab_size``, ``num_classes`` and ``num_labels`` default to the data's.
 * ``data``: ``name`` (a dataset in ``tfm.data``), ``batch_size`` (global), and the
   dataset's own options.
 * ``optim``: optimizer and learning-rate schedule.
@@ -21,7 +23,6 @@ Sections:
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import json
 import math
@@ -227,7 +228,12 @@ def _check_keys(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> Non
 
 
 def model_config(config: ConfigDict):
-    """The frozen model dataclass: the preset with ``config.model``'s fields replaced."""
+    """The frozen model dataclass: the preset with ``config.model``'s fields replaced.
+
+    ``model.KEY`` names a field of the preset's config or of its ``block`` (one flat
+    name space, see ``tfm.models.common.ModelConfig``): ``model.num_layers``,
+    ``model.d_model``, ``model.attention``, ``model.num_experts``.
+    """
     from tfm.models import PRESETS
     from tfm.models.common import DTYPES
 
@@ -236,22 +242,24 @@ def model_config(config: ConfigDict):
     if preset_name not in PRESETS:
         raise ConfigError(f"model.preset={preset_name!r}: not a preset; choose from {sorted(PRESETS)}")
     preset = PRESETS[preset_name]
-    known = {f.name: f for f in dataclasses.fields(preset.config)}
+    base, family = preset.config, type(preset.config).__name__
     for key, value in fields.items():
-        if key not in known:
-            raise ConfigError(f"model.{key}={value!r}: {type(preset.config).__name__} has no field {key!r}")
+        if key in base.DERIVED:
+            raise ConfigError(f"model.{key}={value!r}: {family} sets {key} itself from its other fields")
+        if key not in base.field_names():
+            raise ConfigError(f"model.{key}={value!r}: {family} (and its block) has no field {key!r}")
         if key in ("dtype", "param_dtype"):
             if value not in DTYPES:
                 raise ConfigError(f"model.{key}={value!r}: choose from {sorted(DTYPES)}")
             fields[key] = DTYPES[value]
         else:
-            fields[key] = _coerce(f"model.{key}", getattr(preset.config, key), value)
-    if ("d_model" in fields or "num_heads" in fields) and "head_dim" not in known:
-        d, n = fields.get("d_model", preset.config.d_model), fields.get("num_heads", preset.config.num_heads)
+            fields[key] = _coerce(f"model.{key}", base.get(key), value)
+    if ("d_model" in fields or "num_heads" in fields) and fields.get("head_dim", base.get("head_dim")) is None:
+        d, n = fields.get("d_model", base.get("d_model")), fields.get("num_heads", base.get("num_heads"))
         if n <= 0 or d % n:
             raise ConfigError(f"model.d_model={d} is not divisible by model.num_heads={n}")
     try:
-        return preset, dataclasses.replace(preset.config, **fields)
+        return preset, base.replace(**fields)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from e
 

@@ -2,7 +2,7 @@
 
 All loops are ``lax.while_loop``s under ``jax.jit``, batched, and stop early once
 every sequence has produced ``eos_id``. The model is the training-mode module;
-its decode-mode twin (``dataclasses.replace(config, decode=True)``) is built here
+its decode-mode twin (``config.replace(decode=True)``) is built here
 and its ``cache`` collection created at the maximal length, as the layers expect.
 
 * ``generate``: decoder-only (``GPT``). ``prompt [B, P]`` (equal lengths) ->
@@ -17,7 +17,6 @@ After a sequence's EOS, the remaining positions hold ``pad_id``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -53,9 +52,9 @@ def sample_logits(logits: Array, rng: Array | None, temperature: float = 0.0, to
 
 
 def _decoding_twin(model):
-    if not hasattr(model.config, "decode"):
+    if "decode" not in model.config.field_names():
         raise ValueError(f"{type(model).__name__} has no decode mode")
-    return type(model)(dataclasses.replace(model.config, decode=True))
+    return type(model)(model.config.replace(decode=True))
 
 
 def _create_cache(dec, params, *args, method=None):

@@ -30,7 +30,7 @@ EXPERT_WEIGHTS = ("wi", "wi_0", "wi_1", "wo", "wi_bias", "wi_0_bias", "wi_1_bias
 
 def active_params(params, config) -> int:
     """Parameters one token uses: everything but the experts, plus k of the E experts of each MoE layer."""
-    experts = getattr(config, "num_experts", 0)
+    experts = config.block.num_experts
     total = expert = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(params)):
         keys = [str(getattr(k, "key", k)) for k in path]
@@ -39,7 +39,7 @@ def active_params(params, config) -> int:
             expert += int(leaf.size)
     if not experts:
         return total
-    return total - expert + expert * config.experts_per_token // experts
+    return total - expert + expert * config.block.experts_per_token // experts
 
 
 def summary(name: str, depth: int = 2) -> str:
@@ -51,7 +51,7 @@ def summary(name: str, depth: int = 2) -> str:
     lines = [f"{preset.model_cls.__name__} ({name})", f"{'module':<{width}}  {'params':>14}  {'share':>6}"]
     lines += [f"{m:<{width}}  {n:>14,}  {100 * n / total:>5.1f}%" for m, n in rows]
     lines.append(f"total_params: {total}")
-    if getattr(preset.config, "num_experts", 0):
+    if preset.config.block.num_experts:
         lines.append(f"active_params_per_token: {active_params(params, preset.config)}")
     return "\n".join(lines)
 

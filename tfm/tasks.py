@@ -32,8 +32,8 @@ Batch = Mapping[str, Any]
 
 def _count(params, name: str, mcfg) -> float:
     """Parameters of the sub-tree ``name`` that one token meets: MoE expert weights count ``top_k / E``."""
-    experts = getattr(mcfg, "num_experts", 0)
-    active = getattr(mcfg, "experts_per_token", 0) / experts if experts else 1.0
+    experts = mcfg.block.num_experts
+    active = mcfg.block.experts_per_token / experts if experts else 1.0
     total = 0.0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params.get(name, {}))[0]:
         keys = [str(getattr(k, "key", "")) for k in path]
@@ -92,8 +92,8 @@ class LanguageModeling(Task):
         # PaLM appendix B: 2 FLOPs per weight per token (the output projection counts even when
         # tied), plus 4 T D per layer for the attention scores and values over the full T.
         b, t = shapes["inputs"]
-        n = _count(params, "decoder", mcfg) + mcfg.vocab_size * mcfg.d_model
-        return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t)
+        n = _count(params, "decoder", mcfg) + mcfg.vocab_size * mcfg.block.d_model
+        return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.block.d_model * b * t)
 
 
 class Seq2Seq(Task):
@@ -113,7 +113,7 @@ class Seq2Seq(Task):
         vocab = getattr(mcfg, "tgt_vocab", mcfg.vocab_size)
         le = getattr(mcfg, "num_encoder_layers", None) or mcfg.num_layers
         ld = getattr(mcfg, "num_decoder_layers", None) or mcfg.num_layers
-        d = mcfg.d_model
+        d = mcfg.block.d_model
         fwd = 2 * _count(params, "encoder", mcfg) * b * s + 4 * le * s * d * b * s
         fwd += 2 * (_count(params, "decoder", mcfg) + vocab * d) * b * t + 4 * ld * (t + s) * d * b * t
         return 3.0 * fwd
@@ -135,16 +135,16 @@ class ImageClassification(_Classification):
     def flops_per_step(self, mcfg, params, shapes):
         b = shapes["inputs"][0]
         t = (mcfg.image_size // mcfg.patch_size) ** 2 + 1
-        n = _count(params, "encoder", mcfg) + mcfg.patch_size**2 * mcfg.num_channels * mcfg.d_model
-        n += mcfg.d_model * mcfg.num_classes
-        return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t)
+        n = _count(params, "encoder", mcfg) + mcfg.patch_size**2 * mcfg.num_channels * mcfg.block.d_model
+        n += mcfg.block.d_model * mcfg.num_classes
+        return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.block.d_model * b * t)
 
 
 def _encoder_flops(mcfg, params, shapes, head: float) -> float:
     """A BERT-style encoder over ``inputs [B, T]`` plus ``head`` weights met per token."""
     b, t = shapes["inputs"]
     n = _count(params.get("bert", {}), "encoder", mcfg) + head
-    return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.d_model * b * t)
+    return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.block.d_model * b * t)
 
 
 class MaskedLanguageModeling(Task):
@@ -157,7 +157,7 @@ class MaskedLanguageModeling(Task):
 
     def flops_per_step(self, mcfg, params, shapes):
         # The MLM transform and the (tied) output layer run at every position, as they do here.
-        return _encoder_flops(mcfg, params, shapes, mcfg.d_model * mcfg.d_model + mcfg.vocab_size * mcfg.d_model)
+        return _encoder_flops(mcfg, params, shapes, mcfg.block.d_model * mcfg.block.d_model + mcfg.vocab_size * mcfg.block.d_model)
 
 
 class TextClassification(_Classification):
@@ -168,7 +168,7 @@ class TextClassification(_Classification):
     def flops_per_step(self, mcfg, params, shapes):
         b, t = shapes["inputs"]
         # The pooler and classifier run once per sequence, not per token.
-        per_seq = 3.0 * 2 * b * (mcfg.d_model * mcfg.d_model + mcfg.d_model * mcfg.num_labels)
+        per_seq = 3.0 * 2 * b * (mcfg.block.d_model * mcfg.block.d_model + mcfg.block.d_model * mcfg.num_labels)
         return _encoder_flops(mcfg, params, shapes, 0.0) + per_seq
 
 

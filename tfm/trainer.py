@@ -49,6 +49,23 @@ from tfm.step import init_fn as make_init_fn
 log = logging.getLogger("tfm")
 
 
+# Model fields whose value is the data's when a recipe leaves them out: (model field, dataset attribute).
+FROM_DATA = (("vocab_size", "vocab_size"), ("num_classes", "num_classes"), ("num_labels", "num_classes"))
+
+
+def fill_from_data(config, preset, dataset):
+    """``config`` with ``model.vocab_size`` (``num_classes``, ``num_labels``) set to the data's where
+    the recipe leaves it out, so a recipe states each once; the returned copy is what the workdir records."""
+    fill = {field: getattr(dataset, attr) for field, attr in FROM_DATA
+            if field not in config.model and field in preset.config.field_names() and hasattr(dataset, attr)}  # fmt: skip
+    if not fill:
+        return config
+    config = config_lib.ConfigDict(config.to_dict())
+    with config.model.ignore_type():
+        config.model.update({k: int(v) for k, v in fill.items()})
+    return config
+
+
 def check_data_fits_model(config, task, dataset, mc, example: dict) -> None:
     """``ConfigError`` where the data cannot feed the model: task, classes, vocabulary, positions, eval split."""
     name, preset = config.data.name, config.model.preset
@@ -113,6 +130,8 @@ class Trainer:
             self.dataset = data_lib.make_dataset(config.data.to_dict())
         except data_lib.DataError as e:
             raise config_lib.ConfigError(str(e)) from e
+        self.config = config = fill_from_data(config, self.preset, self.dataset)
+        self.preset, self.model_config = config_lib.model_config(config)
         example = {k: np.asarray(v) for k, v in self.dataset.batch("train", 0, batch_size=1).items()}
         check_data_fits_model(config, self.task, self.dataset, self.model_config, example)
         self.artifacts = getattr(self.dataset, "artifacts", dict)()
@@ -121,7 +140,7 @@ class Trainer:
         self.model = self.preset.model_cls(self.model_config)
         self.mesh = sh.make_mesh(sizes, devices)
         o, t = config.optim, config.train
-        self.schedule = make_schedule(o, self.model_config.d_model, t.steps)
+        self.schedule = make_schedule(o, self.model_config.block.d_model, t.steps)
         self.tx = make_optimizer(
             self.schedule, name=o.name, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
             clip_norm=o.clip_norm if o.clip_norm > 0 else None,

@@ -161,9 +161,6 @@ class AttentionOptions:
         if self.attention_global_tokens < 0 or self.attention_global_stride < 0:
             raise ValueError("attention_global_tokens and attention_global_stride must be >= 0")
 
-    def attention_options(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(AttentionOptions)}
-
 
 __all__ = ["ATTENTION_KINDS", "AttentionKind", "AttentionOptions", "KINDS", "Recurrent", "attention", "get_kind",
            "register"]  # fmt: skip

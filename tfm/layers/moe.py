@@ -86,9 +86,6 @@ class MoEOptions:
             raise ValueError(f"moe_every must be >= 1, got {self.moe_every}")
         check_routing(self.num_experts, self.experts_per_token, self.moe_dispatch, self.capacity_factor)
 
-    def moe_options(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(MoEOptions)}
-
 
 def check_routing(num_experts: int, top_k: int, dispatch: str, capacity_factor: float) -> None:
     if not 1 <= top_k <= num_experts:

@@ -38,7 +38,7 @@ class Preset:
     task: str | None = None  # the name in ``tfm.tasks.TASKS`` that trains it; None: not trainable yet
 
     def model(self, **overrides) -> nn.Module:
-        return self.model_cls(dataclasses.replace(self.config, **overrides))
+        return self.model_cls(self.config.replace(**overrides))
 
     def init_shapes(self, **overrides):
         """Variables of ``init`` as ``ShapeDtypeStruct``s (nothing allocated)."""

@@ -13,6 +13,7 @@ classifier on the pooled vector.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -26,52 +27,41 @@ from tfm.layers.linear import Einsum
 from tfm.layers.masks import key_padding_mask
 from tfm.layers.norms import LayerNorm
 from tfm.layers.position import LearnedPositionEmbedding
+from tfm.models.common import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ModelConfig):
+    """BERT's own fields; ``block`` holds the layers' (post-LN, GELU, LayerNorm eps 1e-12).
+
+    Every ``block`` field is also addressed by its name (``ModelConfig``):
+    ``bert_tiny.replace(attention="local", attention_window=16, attention_dropout_rate=0.0)``.
+    """
+
     vocab_size: int = 30522
     max_len: int = 512
     type_vocab_size: int = 2
-    d_model: int = 768
-    num_heads: int = 12
     num_layers: int = 12
-    d_ff: int = 3072
-    activation: str = "gelu"
-    norm_epsilon: float = 1e-12
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
     init_std: float = 0.02
     num_labels: int = 2
     pad_id: int = 0
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str | None = None
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    block: BlockConfig = BlockConfig(
+        d_model=768, num_heads=12, d_ff=3072, activation="gelu", norm_epsilon=1e-12, norm_position="post",
+        dropout_rate=0.1, attention_dropout_rate=0.1,
+    )  # fmt: skip
 
-    def __post_init__(self):
-        self.block_config()
+    # A bidirectional encoder: never causal, nothing to decode; weights from N(0, init_std).
+    DERIVED: ClassVar[tuple[str, ...]] = ("causal", "decode", "kernel_init_std", "out_init_std")
 
-    def block_config(self) -> BlockConfig:
-        return BlockConfig(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            d_ff=self.d_ff,
-            activation=self.activation,
-            norm_epsilon=self.norm_epsilon,
-            norm_position="post",
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            attention_impl=self.attention_impl,
-            kernel_init_std=self.init_std,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+    def layer_config(self) -> BlockConfig:
+        return dataclasses.replace(self.block, kernel_init_std=self.init_std)
 
 
 bert_base = BertConfig()
-bert_tiny = BertConfig(vocab_size=64, max_len=32, d_model=32, num_heads=4, num_layers=2, d_ff=64, dropout_rate=0.0, attention_dropout_rate=0.0)
+bert_tiny = bert_base.replace(vocab_size=64, max_len=32, d_model=32, num_heads=4, num_layers=2, d_ff=64,
+                              dropout_rate=0.0, attention_dropout_rate=0.0)  # fmt: skip
 
 
 class BertModel(nn.Module):
@@ -84,15 +74,15 @@ class BertModel(nn.Module):
     config: BertConfig
 
     def setup(self):
-        cfg = self.config
+        cfg, b = self.config, self.config.block
         init = nn.initializers.normal(stddev=cfg.init_std)
-        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, embedding_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.pos_embed = LearnedPositionEmbedding(cfg.max_len, cfg.d_model, init, param_dtype=cfg.param_dtype)
-        self.type_embed = Embed(cfg.type_vocab_size, cfg.d_model, embedding_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.embed_norm = LayerNorm(cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
-        self.encoder = Stack(EncoderBlock, cfg.block_config(), cfg.num_layers, cfg.scan_layers, cfg.remat_policy)
-        self.pooler = Einsum((cfg.d_model, cfg.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.token_embed = Embed(cfg.vocab_size, b.d_model, embedding_init=init, dtype=b.dtype, param_dtype=b.param_dtype)
+        self.pos_embed = LearnedPositionEmbedding(cfg.max_len, b.d_model, init, param_dtype=b.param_dtype)
+        self.type_embed = Embed(cfg.type_vocab_size, b.d_model, embedding_init=init, dtype=b.dtype, param_dtype=b.param_dtype)
+        self.embed_norm = LayerNorm(b.norm_epsilon, dtype=b.dtype, param_dtype=b.param_dtype)
+        self.dropout = nn.Dropout(b.dropout_rate)
+        self.encoder = Stack(EncoderBlock, cfg.layer_config(), cfg.num_layers, cfg.scan_layers, cfg.remat_policy)
+        self.pooler = Einsum((b.d_model, b.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init, dtype=b.dtype, param_dtype=b.param_dtype)
 
     def __call__(self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True):
         cfg = self.config
@@ -102,7 +92,7 @@ class BertModel(nn.Module):
         if t > cfg.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len={cfg.max_len}")
         segment_ids = jnp.zeros_like(tokens) if segment_ids is None else segment_ids
-        x = self.token_embed(tokens) + self.pos_embed(jnp.arange(t)).astype(cfg.dtype) + self.type_embed(segment_ids)
+        x = self.token_embed(tokens) + self.pos_embed(jnp.arange(t)).astype(cfg.block.dtype) + self.type_embed(segment_ids)
         x = self.dropout(self.embed_norm(x), deterministic=deterministic)
         x = self.encoder(x, key_padding_mask(tokens != cfg.pad_id), None, None, deterministic=deterministic)
         pooled = jnp.tanh(self.pooler("BD,DE->BE", x[:, 0]))
@@ -116,13 +106,13 @@ class BertForMaskedLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True) -> Array:
-        cfg = self.config
+        cfg, b = self.config, self.config.block
         bert = BertModel(cfg, name="bert")
         x, _ = bert(tokens, segment_ids, deterministic=deterministic)
         init = nn.initializers.normal(stddev=cfg.init_std)
-        h = Einsum((cfg.d_model, cfg.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlm_transform")("BTD,DE->BTE", x)
-        h = LayerNorm(cfg.norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlm_norm")(ACTIVATIONS[cfg.activation](h))
-        out_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.VOCAB,)), (cfg.vocab_size,), cfg.param_dtype)
+        h = Einsum((b.d_model, b.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init, dtype=b.dtype, param_dtype=b.param_dtype, name="mlm_transform")("BTD,DE->BTE", x)
+        h = LayerNorm(b.norm_epsilon, dtype=b.dtype, param_dtype=b.param_dtype, name="mlm_norm")(ACTIVATIONS[b.activation](h))
+        out_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.VOCAB,)), (cfg.vocab_size,), b.param_dtype)
         return bert.token_embed.attend(h) + out_bias.astype(jnp.float32)
 
 
@@ -133,8 +123,8 @@ class BertForSequenceClassification(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True) -> Array:
-        cfg = self.config
+        cfg, b = self.config, self.config.block
         _, pooled = BertModel(cfg, name="bert")(tokens, segment_ids, deterministic=deterministic)
-        pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=deterministic)
-        head = Einsum((cfg.d_model, cfg.num_labels), (sh.EMBED, sh.CLASSES), use_bias=True, kernel_init=nn.initializers.normal(stddev=cfg.init_std), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="classifier")
+        pooled = nn.Dropout(b.dropout_rate)(pooled, deterministic=deterministic)
+        head = Einsum((b.d_model, cfg.num_labels), (sh.EMBED, sh.CLASSES), use_bias=True, kernel_init=nn.initializers.normal(stddev=cfg.init_std), dtype=b.dtype, param_dtype=b.param_dtype, name="classifier")
         return head("BD,DC->BC", pooled).astype(jnp.float32)

@@ -1,6 +1,9 @@
-"""Small pieces the model families share."""
+"""Small pieces the model families share: the config base, decode positions, parameter counts."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -8,6 +11,71 @@ import jax.numpy as jnp
 from jax import Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Base of every family's config: the family's own fields plus ``block``, one ``BlockConfig``.
+
+    ``block`` (``tfm.layers.blocks.BlockConfig``) holds what every layer of the family
+    shares: widths, heads, norm, activation, dropout, dtypes, the attention kind
+    (``AttentionOptions``) and the FFN-or-MoE choice (``MoEOptions``). No family
+    redeclares those fields, so every family takes every attention kind and MoE;
+    ``check()`` refuses the combinations a family cannot run, with the reason.
+
+    The field names of a config and of its block never clash, so one flat name
+    space addresses both: ``cfg.replace(d_model=64, num_layers=2)`` changes the
+    block's ``d_model`` and the config's ``num_layers``; ``cfg.get("d_model")`` reads
+    either. The command line uses the same names (``--config.model.d_model=64``).
+
+    ``DERIVED``: block fields the family sets itself from its own fields (GPT's
+    ``causal`` and ``use_rope`` from ``position``); ``replace`` refuses them.
+    """
+
+    DERIVED: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        clash = set(self.own_fields()) & set(self.block_fields())
+        if clash:  # a programming error in a family's config, not a user error
+            raise TypeError(f"{type(self).__name__} redeclares block fields {sorted(clash)}")
+        self.check()
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming what this family cannot run (override per family)."""
+
+    @classmethod
+    def own_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "block")
+
+    def block_fields(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.block) if f.name not in self.DERIVED)
+
+    def field_names(self) -> tuple[str, ...]:
+        """Every name ``replace`` and ``get`` take: the config's own fields, then the block's."""
+        return self.own_fields() + self.block_fields()
+
+    def get(self, name: str) -> Any:
+        if name in self.own_fields():
+            return getattr(self, name)
+        if name in self.block_fields():
+            return getattr(self.block, name)
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with fields of the config or of its block replaced, by name."""
+        own, block = {}, {}
+        for name, value in changes.items():
+            if name in self.DERIVED:
+                raise ValueError(f"{type(self).__name__} sets {name} itself (from its own fields); it cannot be given")
+            if name in self.own_fields():
+                own[name] = value
+            elif name in self.block_fields():
+                block[name] = value
+            else:
+                raise ValueError(f"{type(self).__name__} has no field {name!r}")
+        if block:
+            own["block"] = dataclasses.replace(own.get("block", self.block), **block)
+        return dataclasses.replace(self, **own)
 
 
 class DecodePositions(nn.Module):

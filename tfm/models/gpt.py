@@ -13,107 +13,82 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers.attention_kinds import AttentionOptions
+from tfm.layers.attention_kinds import get_kind
 from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
 from tfm.layers.embed import Embed
 from tfm.layers.linear import Einsum
 from tfm.layers.masks import and_masks, causal_mask, segment_mask
-from tfm.layers.moe import MoEOptions
 from tfm.layers.position import LearnedPositionEmbedding, alibi_bias, sinusoidal_positions
-from tfm.models.common import DecodePositions
+from tfm.models.common import DecodePositions, ModelConfig
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig(MoEOptions, AttentionOptions):
-    """The fields below, the MoE options (``MoEOptions``; ``num_experts=0``: dense) and the
-    self-attention kind (``AttentionOptions``; ``attention="full"``: dense masks)."""
+class GPTConfig(ModelConfig):
+    """GPT's own fields; ``block`` holds the layers' (widths, heads, norm, attention kind, MoE).
+
+    Every ``block`` field is also addressed by its name (``ModelConfig``):
+    ``gpt_tiny.replace(d_model=64, attention="local")``.
+    """
 
     vocab_size: int = 50257
-    max_len: int = 1024
-    d_model: int = 768
-    num_heads: int = 12
-    num_kv_heads: int | None = None
+    max_len: int = 1024  # learned positions; the KV cache is sized by the decode call
     num_layers: int = 12
-    d_ff: int = 3072
-    activation: str = "gelu_tanh"
-    norm: str = "layernorm"
-    norm_epsilon: float = 1e-5
     position: str = "learned"
-    rope_base: float = 10_000.0
-    use_bias: bool = True
     tie_embeddings: bool = True
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.1
     init_std: float = 0.02
     # GPT-2 §2.3: the residual branches' output projections start at init_std / sqrt(2 * num_layers)
     # (two residual additions per layer), so the residual stream's variance does not grow with depth.
     scale_residual_init: bool = True
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str | None = None
-    decode: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    block: BlockConfig = BlockConfig(
+        d_model=768, num_heads=12, d_ff=3072, activation="gelu_tanh", norm_epsilon=1e-5, norm_position="pre",
+        dropout_rate=0.1, attention_dropout_rate=0.1,
+    )  # fmt: skip
 
-    def __post_init__(self):
+    DERIVED: ClassVar[tuple[str, ...]] = ("causal", "use_rope", "kernel_init_std", "out_init_std")
+
+    def check(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
-        self.block_config()
+        if self.position == "alibi" and not get_kind(self.block.attention).dense_masks:
+            raise ValueError(f"position='alibi' is an additive bias; attention={self.block.attention!r} takes none "
+                             f"(use attention='full')")  # fmt: skip
 
-    def block_config(self) -> BlockConfig:
-        return BlockConfig(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            d_ff=self.d_ff,
-            activation=self.activation,
-            norm=self.norm,
-            norm_epsilon=self.norm_epsilon,
-            norm_position="pre",
-            attention_bias=self.use_bias,
-            mlp_bias=self.use_bias,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            use_rope=self.position == "rope",
-            rope_base=self.rope_base,
-            attention_impl=self.attention_impl,
-            kernel_init_std=self.init_std,
-            out_init_std=self.init_std / math.sqrt(2 * self.num_layers) if self.scale_residual_init else None,
-            decode=self.decode,
-            causal=True,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **self.moe_options(),
-            **self.attention_options(),
-        )
+    def layer_config(self) -> BlockConfig:
+        """The block with what GPT derives: causal, RoPE from ``position``, GPT-2 initialisation."""
+        out_std = self.init_std / math.sqrt(2 * self.num_layers) if self.scale_residual_init else None
+        return dataclasses.replace(self.block, causal=True, use_rope=self.position == "rope",
+                                   kernel_init_std=self.init_std, out_init_std=out_std)  # fmt: skip
 
 
+_no_dropout = dict(dropout_rate=0.0, attention_dropout_rate=0.0)
 gpt2_small = GPTConfig()
-gpt_tiny = GPTConfig(vocab_size=64, max_len=32, d_model=32, num_heads=4, num_layers=2, d_ff=64, dropout_rate=0.0, attention_dropout_rate=0.0)
+gpt_tiny = gpt2_small.replace(vocab_size=64, max_len=32, d_model=32, num_heads=4, num_layers=2, d_ff=64, **_no_dropout)
 # A Llama-flavoured tiny decoder: RoPE, RMSNorm, SwiGLU, GQA, no biases, untied head.
-llama_tiny = GPTConfig(
-    vocab_size=64, max_len=32, d_model=32, num_heads=4, num_kv_heads=2, num_layers=2, d_ff=64,
-    activation="swiglu", norm="rmsnorm", norm_epsilon=1e-6, position="rope", use_bias=False,
-    tie_embeddings=False, dropout_rate=0.0, attention_dropout_rate=0.0,
+llama_tiny = gpt_tiny.replace(
+    num_kv_heads=2, activation="swiglu", norm="rmsnorm", norm_epsilon=1e-6, position="rope", attention_bias=False,
+    mlp_bias=False, tie_embeddings=False,
 )  # fmt: skip
 
 # A tiny Mixture-of-Experts decoder: layer 2 of 2 routes each token to 2 of 4 expert FFNs.
-gpt_moe_tiny = dataclasses.replace(gpt_tiny, num_experts=4, experts_per_token=2, moe_every=2)
+gpt_moe_tiny = gpt_tiny.replace(num_experts=4, experts_per_token=2, moe_every=2)
 # Mixtral 8x7B (Jiang et al. 2024): Llama/Mistral layers whose every FFN is a top-2-of-8
 # SwiGLU MoE; 46.7 B parameters (12.9 B active per token). For eval_shape and sharding plans.
-mixtral_8x7b = GPTConfig(
+mixtral_8x7b = gpt2_small.replace(
     vocab_size=32000, max_len=32768, d_model=4096, num_heads=32, num_kv_heads=8, num_layers=32, d_ff=14336,
-    activation="swiglu", norm="rmsnorm", norm_epsilon=1e-5, position="rope", rope_base=1e6, use_bias=False,
-    tie_embeddings=False, dropout_rate=0.0, attention_dropout_rate=0.0,
-    num_experts=8, experts_per_token=2, moe_every=1, moe_dispatch="dropless",
+    activation="swiglu", norm="rmsnorm", norm_epsilon=1e-5, position="rope", rope_base=1e6, attention_bias=False,
+    mlp_bias=False, tie_embeddings=False, num_experts=8, experts_per_token=2, moe_every=1, moe_dispatch="dropless",
+    **_no_dropout,
 )  # fmt: skip
 
 
@@ -131,39 +106,40 @@ class GPT(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, *, segment_ids=None, positions=None, deterministic: bool = True) -> Array:
         cfg = self.config
+        b = cfg.layer_config()
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T] ids, got shape {tokens.shape}")
         t = tokens.shape[1]
-        if cfg.position in ("learned",) and not cfg.decode and t > cfg.max_len:
+        if cfg.position == "learned" and not b.decode and t > cfg.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len={cfg.max_len}")
         init = nn.initializers.normal(stddev=cfg.init_std)
-        embed = Embed(cfg.vocab_size, cfg.d_model, embedding_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed")
-        q_pos, kv_pos = DecodePositions(cfg.decode, name="decode_positions")(t)
+        embed = Embed(cfg.vocab_size, b.d_model, embedding_init=init, dtype=b.dtype, param_dtype=b.param_dtype, name="embed")
+        q_pos, kv_pos = DecodePositions(b.decode, name="decode_positions")(t)
         if positions is not None:
             q_pos = kv_pos = positions
         x = embed(tokens)
         if cfg.position == "learned":
-            x = x + LearnedPositionEmbedding(cfg.max_len, cfg.d_model, init, param_dtype=cfg.param_dtype, name="pos_embed")(q_pos).astype(x.dtype)
+            x = x + LearnedPositionEmbedding(cfg.max_len, b.d_model, init, param_dtype=b.param_dtype, name="pos_embed")(q_pos).astype(x.dtype)
         elif cfg.position == "sinusoidal":
-            x = x + sinusoidal_positions(q_pos, cfg.d_model).astype(x.dtype)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+            x = x + sinusoidal_positions(q_pos, b.d_model).astype(x.dtype)
+        x = nn.Dropout(b.dropout_rate)(x, deterministic=deterministic)
 
-        bias = alibi_bias(cfg.num_heads, q_pos, kv_pos) if cfg.position == "alibi" else None
-        if cfg.decode or cfg.attention != "full":
+        bias = alibi_bias(b.num_heads, q_pos, kv_pos) if cfg.position == "alibi" else None
+        if b.decode or b.attention != "full":
             mask = None  # the KV cache lets position t see cache slots <= t; efficient kinds take causal=True
         else:
             mask = causal_mask(t)
         if segment_ids is not None:
-            if cfg.attention != "full":
-                raise ValueError(f"attention={cfg.attention!r} cannot keep packed segments apart; use attention='full'")
+            if b.attention != "full":
+                raise ValueError(f"attention={b.attention!r} cannot keep packed segments apart; use attention='full'")
             mask = and_masks(mask, segment_mask(segment_ids))
         rope_positions = q_pos if cfg.position == "rope" else None
-        x = Stack(EncoderBlock, cfg.block_config(), cfg.num_layers, cfg.scan_layers, cfg.remat_policy, name="decoder")(
+        x = Stack(EncoderBlock, b, cfg.num_layers, cfg.scan_layers, cfg.remat_policy, name="decoder")(
             x, mask, bias, rope_positions, deterministic=deterministic
         )
         if cfg.tie_embeddings:
             return embed.attend(x)
-        head = Einsum((cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), kernel_init=init, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="lm_head")
+        head = Einsum((b.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), kernel_init=init, dtype=b.dtype, param_dtype=b.param_dtype, name="lm_head")
         return head("BTD,DV->BTV", x).astype(jnp.float32)
 
 

@@ -12,69 +12,57 @@ and the output layer, whose input is scaled by D^-0.5 when tied.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
+from tfm.layers.attention_kinds import KINDS, get_kind
 from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
 from tfm.layers.embed import Embed
 from tfm.layers.linear import Einsum
 from tfm.layers.masks import and_masks, causal_mask, key_padding_mask
 from tfm.layers.position import RelativePositionBias
-from tfm.models.common import DecodePositions
+from tfm.models.common import DecodePositions, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(ModelConfig):
+    """T5's own fields; ``block`` holds the layers' (pre-RMSNorm, no biases, unscaled logits).
+
+    Every ``block`` field is also addressed by its name (``ModelConfig``):
+    ``t5_tiny.replace(activation="geglu", num_experts=4)`` (a Switch-style T5).
+    """
+
     vocab_size: int = 32128
-    d_model: int = 512
-    num_heads: int = 8
-    head_dim: int = 64
-    d_ff: int = 2048
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
     num_buckets: int = 32
     max_distance: int = 128
-    activation: str = "relu"  # T5 v1.1 uses "geglu"
-    norm_epsilon: float = 1e-6
-    dropout_rate: float = 0.1
     tie_embeddings: bool = True
     pad_id: int = 0
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str | None = None
-    decode: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    block: BlockConfig = BlockConfig(
+        d_model=512, num_heads=8, head_dim=64, d_ff=2048, activation="relu",  # T5 v1.1 uses "geglu"
+        norm="rmsnorm", norm_epsilon=1e-6, norm_position="pre", attention_bias=False, mlp_bias=False,
+        dropout_rate=0.1, attention_scale=1.0,
+    )  # fmt: skip
 
-    def __post_init__(self):
-        self.block_config()
+    DERIVED: ClassVar[tuple[str, ...]] = ("causal", "use_rope")
 
-    def block_config(self) -> BlockConfig:
-        return BlockConfig(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            head_dim=self.head_dim,
-            d_ff=self.d_ff,
-            activation=self.activation,
-            norm="rmsnorm",
-            norm_epsilon=self.norm_epsilon,
-            norm_position="pre",
-            attention_bias=False,
-            mlp_bias=False,
-            dropout_rate=self.dropout_rate,
-            attention_scale=1.0,
-            attention_impl=self.attention_impl,
-            decode=self.decode,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+    def check(self) -> None:
+        if not get_kind(self.block.attention).dense_masks:
+            dense = [k.name for k in KINDS.values() if k.dense_masks]
+            raise ValueError(f"attention={self.block.attention!r} takes no additive bias, and T5's relative "
+                             f"position bias is one; use one of {dense}")  # fmt: skip
 
 
 t5_small = T5Config()
-t5_tiny = T5Config(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=2, num_decoder_layers=2, num_buckets=8, max_distance=16, dropout_rate=0.0)
+t5_tiny = t5_small.replace(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d_ff=64, num_encoder_layers=2,
+                           num_decoder_layers=2, num_buckets=8, max_distance=16, dropout_rate=0.0)  # fmt: skip
 
 
 class T5(nn.Module):
@@ -83,18 +71,17 @@ class T5(nn.Module):
     config: T5Config
 
     def setup(self):
-        cfg = self.config
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(stddev=1.0), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        bcfg = cfg.block_config()
-        rel = lambda bidirectional: RelativePositionBias(cfg.num_heads, cfg.num_buckets, cfg.max_distance, bidirectional, param_dtype=cfg.param_dtype)  # noqa: E731
+        cfg, b = self.config, self.config.block
+        self.embed = Embed(cfg.vocab_size, b.d_model, embedding_init=nn.initializers.normal(stddev=1.0), dtype=b.dtype, param_dtype=b.param_dtype)
+        rel = lambda bidirectional: RelativePositionBias(b.num_heads, cfg.num_buckets, cfg.max_distance, bidirectional, param_dtype=b.param_dtype)  # noqa: E731
         self.encoder_relative_bias = rel(True)
         self.decoder_relative_bias = rel(False)
-        self.encoder = Stack(EncoderBlock, dataclasses.replace(bcfg, decode=False), cfg.num_encoder_layers, cfg.scan_layers, cfg.remat_policy)
-        self.decoder = Stack(DecoderBlock, bcfg, cfg.num_decoder_layers, cfg.scan_layers, cfg.remat_policy)
-        self.decode_positions = DecodePositions(cfg.decode)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.encoder = Stack(EncoderBlock, dataclasses.replace(b, decode=False), cfg.num_encoder_layers, cfg.scan_layers, cfg.remat_policy)
+        self.decoder = Stack(DecoderBlock, dataclasses.replace(b, causal=True), cfg.num_decoder_layers, cfg.scan_layers, cfg.remat_policy)
+        self.decode_positions = DecodePositions(b.decode)
+        self.dropout = nn.Dropout(b.dropout_rate)
         if not cfg.tie_embeddings:
-            self.lm_head = Einsum((cfg.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            self.lm_head = Einsum((b.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), dtype=b.dtype, param_dtype=b.param_dtype)
 
     def encode(self, src: Array, *, deterministic: bool = True) -> Array:
         """``src [B, S]`` -> ``encoded [B, S, D]``."""
@@ -116,13 +103,13 @@ class T5(nn.Module):
         q_pos, kv_pos = self.decode_positions(t)
         y = self.dropout(self.embed(tgt_in), deterministic=deterministic)
         bias = self.decoder_relative_bias(q_pos, kv_pos).astype(y.dtype)
-        self_mask = None if cfg.decode else and_masks(causal_mask(t), key_padding_mask(tgt_in != cfg.pad_id))
+        self_mask = None if cfg.block.decode else and_masks(causal_mask(t), key_padding_mask(tgt_in != cfg.pad_id))
         cross_mask = key_padding_mask(src != cfg.pad_id)
         y = self.decoder(y, encoded, self_mask, cross_mask, bias, None, deterministic=deterministic)
         y = self.dropout(y, deterministic=deterministic)
         if cfg.tie_embeddings:
             # Mesh TF T5 rescales before the tied projection.
-            return self.embed.attend(y * cfg.d_model**-0.5)
+            return self.embed.attend(y * cfg.block.d_model**-0.5)
         return self.lm_head("BTD,DV->BTV", y).astype(jnp.float32)
 
     def __call__(self, src: Array, tgt_in: Array, *, src_segment_ids=None, tgt_segment_ids=None,

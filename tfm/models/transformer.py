@@ -11,44 +11,36 @@ embedding matrix shared by source, target and the pre-softmax projection
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers.attention_kinds import AttentionOptions
 from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
 from tfm.layers.embed import Embed
 from tfm.layers.linear import Einsum
 from tfm.layers.masks import and_masks, causal_mask, key_padding_mask, segment_mask
-from tfm.layers.moe import MoEOptions
 from tfm.layers.position import LearnedPositionEmbedding, sinusoidal_positions
-from tfm.models.common import DecodePositions
+from tfm.models.common import DecodePositions, ModelConfig
 
 POSITIONS = ("sinusoidal", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig(MoEOptions, AttentionOptions):
-    """The fields below, the MoE options (``MoEOptions``; ``num_experts=0``: dense) and the
-    self-attention kind (``AttentionOptions``; ``attention="full"``: dense masks)."""
+class TransformerConfig(ModelConfig):
+    """The encoder–decoder's own fields; ``block`` holds the layers' (both stacks share it).
+
+    Every ``block`` field is also addressed by its name (``ModelConfig``):
+    ``transformer_tiny.replace(d_model=64, norm_position="pre")``. ``attention`` is the
+    kind of both stacks' self-attention; cross-attention is always full (or flash).
+    """
 
     vocab_size: int
     target_vocab_size: int | None = None  # None: same as vocab_size
-    d_model: int = 512
-    num_heads: int = 8
-    num_kv_heads: int | None = None
-    d_ff: int = 2048
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
-    dropout_rate: float = 0.1
-    attention_dropout_rate: float = 0.0
-    activation_dropout_rate: float = 0.0
-    activation: str = "relu"
-    norm: str = "layernorm"
-    norm_epsilon: float = 1e-6
-    norm_position: str = "post"
     position: str = "sinusoidal"
     max_len: int = 512  # learned positions only; sinusoidal positions have no limit
     share_embeddings: bool = True  # one table for source and target
@@ -56,12 +48,11 @@ class TransformerConfig(MoEOptions, AttentionOptions):
     pad_id: int = 0
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str | None = None
-    decode: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    block: BlockConfig = BlockConfig(d_model=512, num_heads=8, d_ff=2048, norm_epsilon=1e-6, dropout_rate=0.1)
 
-    def __post_init__(self):
+    DERIVED: ClassVar[tuple[str, ...]] = ("causal", "use_rope")
+
+    def check(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
         if self.share_embeddings and self.target_vocab_size not in (None, self.vocab_size):
@@ -69,44 +60,20 @@ class TransformerConfig(MoEOptions, AttentionOptions):
                 f"share_embeddings needs one vocabulary, got vocab_size={self.vocab_size}, "
                 f"target_vocab_size={self.target_vocab_size}"
             )
-        self.block_config()  # validates heads, norms, activation, dropout
 
     @property
     def tgt_vocab(self) -> int:
         return self.target_vocab_size or self.vocab_size
 
-    def block_config(self) -> BlockConfig:
-        return BlockConfig(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            d_ff=self.d_ff,
-            activation=self.activation,
-            norm=self.norm,
-            norm_epsilon=self.norm_epsilon,
-            norm_position=self.norm_position,
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            activation_dropout_rate=self.activation_dropout_rate,
-            attention_impl=self.attention_impl,
-            decode=self.decode,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            **self.moe_options(),
-            **self.attention_options(),
-        )
-
 
 # Paper Table 3. Shared source/target BPE vocabulary of ~37000 tokens (§5.1).
 transformer_base = TransformerConfig(vocab_size=37000)
-transformer_big = TransformerConfig(vocab_size=37000, d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3)
-transformer_tiny = TransformerConfig(
+transformer_big = transformer_base.replace(d_model=1024, num_heads=16, d_ff=4096, dropout_rate=0.3)
+transformer_tiny = transformer_base.replace(
     vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0
 )
 # Switch-style encoder-decoder: every other FFN (encoder and decoder) is a top-1 MoE of 4 experts.
-transformer_moe_tiny = dataclasses.replace(
-    transformer_tiny, num_experts=4, experts_per_token=1, moe_every=2, moe_renormalize=False
-)
+transformer_moe_tiny = transformer_tiny.replace(num_experts=4, experts_per_token=1, moe_every=2, moe_renormalize=False)
 
 
 class Transformer(nn.Module):
@@ -121,35 +88,34 @@ class Transformer(nn.Module):
     config: TransformerConfig
 
     def setup(self):
-        cfg = self.config
-        embed = lambda n, name: Embed(n, cfg.d_model, scale_by_sqrt_dim=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)  # noqa: E731
+        cfg, b = self.config, self.config.block
+        embed = lambda n, name: Embed(n, b.d_model, scale_by_sqrt_dim=True, dtype=b.dtype, param_dtype=b.param_dtype, name=name)  # noqa: E731
         if cfg.share_embeddings:
             self.src_embed = self.tgt_embed = embed(cfg.vocab_size, "embed")
         else:
             self.src_embed = embed(cfg.vocab_size, "src_embed")
             self.tgt_embed = embed(cfg.tgt_vocab, "tgt_embed")
         if cfg.position == "learned":
-            self.src_pos = LearnedPositionEmbedding(cfg.max_len, cfg.d_model, param_dtype=cfg.param_dtype, name="src_pos")
-            self.tgt_pos = LearnedPositionEmbedding(cfg.max_len, cfg.d_model, param_dtype=cfg.param_dtype, name="tgt_pos")
-        bcfg = cfg.block_config()
-        self.encoder = Stack(EncoderBlock, dataclasses.replace(bcfg, decode=False), cfg.num_encoder_layers, cfg.scan_layers, cfg.remat_policy)
-        self.decoder = Stack(DecoderBlock, dataclasses.replace(bcfg, causal=True), cfg.num_decoder_layers, cfg.scan_layers, cfg.remat_policy)
-        self.decode_positions = DecodePositions(cfg.decode)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+            self.src_pos = LearnedPositionEmbedding(cfg.max_len, b.d_model, param_dtype=b.param_dtype, name="src_pos")
+            self.tgt_pos = LearnedPositionEmbedding(cfg.max_len, b.d_model, param_dtype=b.param_dtype, name="tgt_pos")
+        self.encoder = Stack(EncoderBlock, dataclasses.replace(b, decode=False), cfg.num_encoder_layers, cfg.scan_layers, cfg.remat_policy)
+        self.decoder = Stack(DecoderBlock, dataclasses.replace(b, causal=True), cfg.num_decoder_layers, cfg.scan_layers, cfg.remat_policy)
+        self.decode_positions = DecodePositions(b.decode)
+        self.dropout = nn.Dropout(b.dropout_rate)
         if not cfg.tie_output:
-            self.logits_proj = Einsum((cfg.d_model, cfg.tgt_vocab), (sh.EMBED, sh.VOCAB), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            self.logits_proj = Einsum((b.d_model, cfg.tgt_vocab), (sh.EMBED, sh.VOCAB), dtype=b.dtype, param_dtype=b.param_dtype)
 
     def _embed(self, tokens, positions, embed, pos_table, deterministic):
         x = embed(tokens)
         if self.config.position == "sinusoidal":
-            x = x + sinusoidal_positions(positions, self.config.d_model).astype(x.dtype)
+            x = x + sinusoidal_positions(positions, self.config.block.d_model).astype(x.dtype)
         else:
             x = x + pos_table(positions).astype(x.dtype)
         return self.dropout(x, deterministic=deterministic)
 
     def _check_no_segments(self) -> None:
-        if self.config.attention != "full":
-            raise ValueError(f"attention={self.config.attention!r} cannot keep packed segments apart; use attention='full'")
+        if self.config.block.attention != "full":
+            raise ValueError(f"attention={self.config.block.attention!r} cannot keep packed segments apart; use attention='full'")
 
     def encode(self, src: Array, *, src_segment_ids=None, src_positions=None, deterministic: bool = True) -> Array:
         """``src [B, S]`` -> ``encoded [B, S, D]``."""
@@ -183,10 +149,10 @@ class Transformer(nn.Module):
         positions = positions if tgt_positions is None else tgt_positions
         y = self._embed(tgt_in, positions, self.tgt_embed, getattr(self, "tgt_pos", None), deterministic)
         cross_mask = key_padding_mask(src != cfg.pad_id)
-        if cfg.decode:
+        if cfg.block.decode:
             self_mask = None  # the KV cache masks positions beyond the current one
         else:
-            causal = causal_mask(t) if cfg.attention == "full" else None  # efficient kinds take causal=True
+            causal = causal_mask(t) if cfg.block.attention == "full" else None  # efficient kinds take causal=True
             self_mask = and_masks(causal, key_padding_mask(tgt_in != cfg.pad_id))
         if tgt_segment_ids is not None:
             self._check_no_segments()

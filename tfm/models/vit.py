@@ -12,6 +12,7 @@ of Xiao et al. 2021 ("Early convolutions help transformers see better"): each en
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -21,33 +22,36 @@ from tfm import sharding as sh
 from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
 from tfm.layers.linear import Einsum
 from tfm.layers.position import LearnedPositionEmbedding
+from tfm.models.common import ModelConfig
 
 POOLS = ("cls", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ModelConfig):
+    """ViT's own fields; ``block`` holds the layers' (pre-LN, GELU, LayerNorm eps 1e-6).
+
+    Every ``block`` field is also addressed by its name (``ModelConfig``):
+    ``vit_tiny.replace(num_experts=4, moe_every=2)`` (a V-MoE).
+    """
+
     image_size: int = 224
     patch_size: int = 16
     num_channels: int = 3
-    d_model: int = 768
-    num_heads: int = 12
     num_layers: int = 12
-    d_ff: int = 3072
     num_classes: int = 1000
-    activation: str = "gelu"
-    norm_epsilon: float = 1e-6
-    dropout_rate: float = 0.0
-    attention_dropout_rate: float = 0.0
     pool: str = "cls"
     stem_channels: tuple[int, ...] = ()  # () -> patches of raw pixels; (c1, c2, ...) -> hybrid conv stem
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str | None = None
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    block: BlockConfig = BlockConfig(
+        d_model=768, num_heads=12, d_ff=3072, activation="gelu", norm_epsilon=1e-6, norm_position="pre",
+        dropout_rate=0.0, attention_dropout_rate=0.0,
+    )  # fmt: skip
 
-    def __post_init__(self):
+    DERIVED: ClassVar[tuple[str, ...]] = ("causal", "decode")  # a bidirectional encoder over patches
+
+    def check(self) -> None:
         if self.feature_size % self.patch_size:
             where = f"the stem's {self.feature_size}x{self.feature_size} feature map" if self.stem_channels else f"image_size={self.image_size}"
             raise ValueError(f"{where} is not divisible by patch_size={self.patch_size}")
@@ -55,7 +59,6 @@ class ViTConfig:
             raise ValueError(f"stem_channels must be positive, got {self.stem_channels}")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        self.block_config()
 
     @property
     def feature_size(self) -> int:
@@ -69,24 +72,9 @@ class ViTConfig:
     def num_patches(self) -> int:
         return (self.feature_size // self.patch_size) ** 2
 
-    def block_config(self) -> BlockConfig:
-        return BlockConfig(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            d_ff=self.d_ff,
-            activation=self.activation,
-            norm_epsilon=self.norm_epsilon,
-            norm_position="pre",
-            dropout_rate=self.dropout_rate,
-            attention_dropout_rate=self.attention_dropout_rate,
-            attention_impl=self.attention_impl,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-
 
 vit_b16 = ViTConfig()
-vit_tiny = ViTConfig(image_size=28, patch_size=7, num_channels=1, d_model=32, num_heads=4, num_layers=2, d_ff=64, num_classes=10)
+vit_tiny = vit_b16.replace(image_size=28, patch_size=7, num_channels=1, d_model=32, num_heads=4, num_layers=2, d_ff=64, num_classes=10)
 
 
 class ViT(nn.Module):
@@ -96,13 +84,13 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images: Array, *, deterministic: bool = True) -> Array:
-        cfg = self.config
+        cfg, blk = self.config, self.config.block
         expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {images.shape}")
         for i, channels in enumerate(cfg.stem_channels):
             conv = nn.Conv(
-                int(channels), (3, 3), strides=(2, 2), padding="SAME", dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                int(channels), (3, 3), strides=(2, 2), padding="SAME", dtype=blk.dtype, param_dtype=blk.param_dtype,
                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None)),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)), name=f"stem_{i}",
             )  # fmt: skip
@@ -112,18 +100,18 @@ class ViT(nn.Module):
         # [B, H, W, C] -> [B, g*g, P, P, C]: row-major patches, the same order as a stride-P conv.
         patches = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p, p, c)
         embed = Einsum(
-            (p, p, c, cfg.d_model), (None, None, None, sh.EMBED), in_axis=(0, 1, 2), out_axis=3,
-            use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="patch_embed",
+            (p, p, c, blk.d_model), (None, None, None, sh.EMBED), in_axis=(0, 1, 2), out_axis=3,
+            use_bias=True, dtype=blk.dtype, param_dtype=blk.param_dtype, name="patch_embed",
         )  # fmt: skip
         x = embed("BTPQC,PQCD->BTD", patches)
-        cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, sh.EMBED)), (1, 1, cfg.d_model), cfg.param_dtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.d_model)), x], axis=1)
-        pos = LearnedPositionEmbedding(cfg.num_patches + 1, cfg.d_model, param_dtype=cfg.param_dtype, name="pos_embed")
+        cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, sh.EMBED)), (1, 1, blk.d_model), blk.param_dtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, blk.d_model)), x], axis=1)
+        pos = LearnedPositionEmbedding(cfg.num_patches + 1, blk.d_model, param_dtype=blk.param_dtype, name="pos_embed")
         x = x + pos(jnp.arange(cfg.num_patches + 1)).astype(x.dtype)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        x = Stack(EncoderBlock, cfg.block_config(), cfg.num_layers, cfg.scan_layers, cfg.remat_policy, name="encoder")(
+        x = nn.Dropout(blk.dropout_rate)(x, deterministic=deterministic)
+        x = Stack(EncoderBlock, blk, cfg.num_layers, cfg.scan_layers, cfg.remat_policy, name="encoder")(
             x, None, None, None, deterministic=deterministic
         )
         x = x[:, 0] if cfg.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
-        head = Einsum((cfg.d_model, cfg.num_classes), (sh.EMBED, sh.CLASSES), use_bias=True, kernel_init=nn.initializers.zeros_init(), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="head")
+        head = Einsum((blk.d_model, cfg.num_classes), (sh.EMBED, sh.CLASSES), use_bias=True, kernel_init=nn.initializers.zeros_init(), dtype=blk.dtype, param_dtype=blk.param_dtype, name="head")
         return head("BD,DC->BC", x).astype(jnp.float32)

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import time
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -47,6 +48,12 @@ def _brief(e: Exception, limit: int = 160) -> str:
 
 
 class Checkpointer:
+    """The train state and the data iterator's state of each saved step, in ``directory`` (orbax).
+
+    Keeps the latest ``keep`` steps and, with ``best_metric``, the best one (``best_mode`` ``"min"`` or ``"max"``).
+    ``read_only=True``: a reader that never writes, moves or deletes anything, safe beside a live trainer.
+    """
+
     def __init__(
         self,
         directory: str,
@@ -106,7 +113,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, metrics: dict | None = None) -> bool:
+    def save(self, step: int, state: Any, data_state: dict, metrics: dict | None = None) -> bool:
         """Start saving ``state`` at ``step`` (asynchronous); False if this step is already saved."""
         if step in self.manager.all_steps():
             return False
@@ -116,7 +123,9 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore(self, abstract_state, step: int | None = None, *, params_only: bool = False):
+    def restore(
+        self, abstract_state: Any, step: int | None = None, *, params_only: bool = False
+    ) -> tuple[int, Any, dict] | None:
         """Restore the newest good checkpoint (or ``step``) -> ``(step, state, data_state)``, or None if none.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with the

@@ -13,12 +13,14 @@ import contextlib
 import logging
 import math
 import sys
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line, ``prog: error: ...``, with exit status 2."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -39,11 +41,13 @@ def _number(kind, low, name, high=None, open_low=False):
     return parse
 
 
-def int_at_least(low: int, what: str = ""):
+def int_at_least(low: int, what: str = "") -> Callable[[str], int]:
     return _number(int, low, what)
 
 
-def float_at_least(low: float, what: str = "", high: float | None = None, open_low: bool = False):
+def float_at_least(
+    low: float, what: str = "", high: float | None = None, open_low: bool = False
+) -> Callable[[str], float]:
     return _number(float, low, what, high, open_low)
 
 
@@ -55,13 +59,13 @@ def quiet_libraries() -> None:
 
 
 @contextlib.contextmanager
-def stdout_to_stderr():
+def stdout_to_stderr() -> Iterator[None]:
     """Library output (tfds preparing a dataset, sentencepiece) must not mix into a command's results."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
 
 
-def fail(prog: str, message, status: int = 2) -> int:
+def fail(prog: str, message: object, status: int = 2) -> int:
     """Print ``prog: message`` as one line on stderr and return ``status``."""
     text = " ".join(str(message).split()) if "\n" in str(message) else str(message)
     print(f"{prog}: {text}", file=sys.stderr)

@@ -27,12 +27,16 @@ import importlib.util
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import ml_collections
 from ml_collections import ConfigDict
 
 from tfm import sharding as sh
+
+if TYPE_CHECKING:
+    from tfm.models import Preset
+    from tfm.models.common import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -227,7 +231,7 @@ def _check_keys(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> Non
             _coerce(name, default, value)
 
 
-def model_config(config: ConfigDict):
+def model_config(config: ConfigDict) -> tuple[Preset, ModelConfig]:
     """The frozen model dataclass: the preset with ``config.model``'s fields replaced.
 
     ``model.KEY`` names a field of the preset's config or of its ``block`` (one flat
@@ -294,7 +298,9 @@ def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict) -> None:
     finite("train.aux_loss_weight", t.aux_loss_weight, low=0.0)
 
 
-def validate(config: ConfigDict, num_devices: int | None = None, num_processes: int = 1):
+def validate(
+    config: ConfigDict, num_devices: int | None = None, num_processes: int = 1
+) -> tuple[Preset, ModelConfig, dict[str, int] | None, tuple[tuple[str, object], ...]]:
     """Check ``config`` against the schema, the preset, the mesh and the batch; raise ``ConfigError``.
 
     Returns ``(preset, model_config, mesh_sizes, rules)``.

@@ -18,10 +18,14 @@ After a sequence's EOS, the remaining positions hold ``pad_id``.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from jax import Array
+
+if TYPE_CHECKING:
+    import flax.linen as nn
 
 NEG = -1.0e7  # a log-probability no real hypothesis reaches; finite so arithmetic stays NaN-free
 
@@ -102,8 +106,8 @@ def _sample_loop(step, cache, last, tokens, offset, steps, rng, sampling):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
 def generate(
-    model,
-    params,
+    model: nn.Module,
+    params: Any,
     prompt: Array,
     rng: Array | None = None,
     *,
@@ -138,8 +142,8 @@ def generate(
     jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id", "pad_id", "temperature", "top_k", "top_p")
 )
 def generate_seq2seq(
-    model,
-    params,
+    model: nn.Module,
+    params: Any,
     src: Array,
     rng: Array | None = None,
     *,
@@ -169,15 +173,15 @@ def generate_seq2seq(
     return _sample_loop(step, cache, last, tokens, 0, max_len, rng, (temperature, top_k, top_p, eos_id, pad_id))
 
 
-def length_penalty(length, alpha: float):
+def length_penalty(length: Array | int, alpha: float) -> Array:
     """GNMT (Wu et al. 2016, eq. 14): ``((5 + |Y|) / 6) ** alpha``."""
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_size", "alpha", "max_len", "bos_id", "eos_id", "pad_id"))
 def beam_search(
-    model,
-    params,
+    model: nn.Module,
+    params: Any,
     src: Array,
     *,
     beam_size: int = 4,

@@ -38,7 +38,7 @@ def _check_out(path: str) -> str:
     return f"--out {path}: {why}" if why else ""
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m tfm.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="validation")

@@ -12,7 +12,7 @@ import sys
 from tfm import cli
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m tfm.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", required=True)

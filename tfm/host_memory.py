@@ -89,7 +89,7 @@ def restore() -> None:
     _reserved = 0
 
 
-def reserve_for(compiled) -> int:
+def reserve_for(compiled: jax.stages.Compiled) -> int:
     """``reserve`` the temporary buffer of a compiled XLA executable (``jit(f).lower(...).compile()``)."""
     try:
         temp = compiled.memory_analysis().temp_size_in_bytes

@@ -16,6 +16,8 @@ import datetime
 import json
 import os
 import platform
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +81,7 @@ def _inference_config(workdir: str, mesh: jax.sharding.Mesh | None) -> ml_collec
     return config
 
 
-def load(workdir: str, step: int | None = None, average: int = 1, *, dtype=None,
+def load(workdir: str, step: int | None = None, average: int = 1, *, dtype: jnp.dtype | None = None,
          mesh: jax.sharding.Mesh | None = None) -> Run:  # fmt: skip
     """The run in ``workdir`` at its newest checkpoint (or ``step``): parameters only.
 
@@ -176,8 +178,8 @@ def translate_ids(run: Run, src: np.ndarray, beam_size: int, alpha: float, max_l
     return np.asarray(out)
 
 
-def translate_texts(run: Run, texts, *, beam_size: int = 4, alpha: float = 0.6, max_len: int = 128,
-                    batch_size: int = 32, warn=None):
+def translate_texts(run: Run, texts: Iterable[str], *, beam_size: int = 4, alpha: float = 0.6, max_len: int = 128,
+                    batch_size: int = 32, warn: Callable[[str], None] | None = None) -> Iterator[str]:
     """Yield one translation per text, in order: what ``tfm.translate`` prints.
 
     Sources are decoded whole (a model with learned positions sees at most its
@@ -254,7 +256,7 @@ def _portable(data: dict) -> dict:
     return out
 
 
-def result_record(run: Run, metrics: dict, **extra) -> dict:
+def result_record(run: Run, metrics: dict, **extra: Any) -> dict:
     """What ``tfm.evaluate`` writes: the metrics plus enough to know where they came from."""
     with open(os.path.join(run.workdir, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)

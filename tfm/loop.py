@@ -21,13 +21,17 @@ import contextlib
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import numpy as np
 
 from tfm import host_memory
 from tfm import metrics as metrics_lib
+
+if TYPE_CHECKING:
+    from tfm.data.base import Dataset, IndexedIterator
+    from tfm.step import TrainState
 
 
 class TrainingError(RuntimeError):
@@ -53,7 +57,7 @@ class StepCache:
     def __contains__(self, batch: dict) -> bool:
         return shape_key(batch) in self.compiled
 
-    def __call__(self, state, batch: dict):
+    def __call__(self, state: Any, batch: dict) -> jax.stages.Compiled:
         key = shape_key(batch)
         if key not in self.compiled:
             with self.context():
@@ -100,8 +104,8 @@ def check_finite(step: int, m: dict) -> None:
                             f"stopped, the step was not applied and the last checkpoint on disk is kept")  # fmt: skip
 
 
-def evaluate(eval_step: Callable, params, dataset, place: Callable, *, steps: int, split: str = "validation",
-             token_level: bool = True, context: Callable | None = None) -> dict:  # fmt: skip
+def evaluate(eval_step: Callable, params: Any, dataset: Dataset, place: Callable, *, steps: int,
+             split: str = "validation", token_level: bool = True, context: Callable | None = None) -> dict:  # fmt: skip
     """Mean loss, accuracy (and perplexity for token-level tasks) over ``steps`` batches of ``split``.
 
     ``steps < 0``: the whole split, once (the dataset must be finite). ``eval_step(params, batch)``
@@ -215,7 +219,7 @@ class Loop:
         self.progress.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
-    def run(self, state, start: int, data_it) -> dict:
+    def run(self, state: TrainState, start: int, data_it: IndexedIterator) -> dict:
         """Train from step ``start`` to ``train.steps``; the summary of the run."""
         t = self.t
         if start >= t.steps:

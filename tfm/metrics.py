@@ -37,7 +37,7 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops(device=None) -> float | None:
+def peak_flops(device: jax.Device | None = None) -> float | None:
     """Peak FLOP/s of ``device`` (default: the first device) from ``PEAK_FLOPS``, or None if unknown (CPUs)."""
     device = device or jax.devices()[0]
     kind = getattr(device, "device_kind", "")

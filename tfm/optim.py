@@ -10,10 +10,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import jax
 import jax.numpy as jnp
 import optax
 from jax import Array
+
+if TYPE_CHECKING:
+    from ml_collections import ConfigDict
 
 # Paper §5.3: Adam with beta1 = 0.9, beta2 = 0.98, eps = 1e-9.
 PAPER_ADAM = dict(b1=0.9, b2=0.98, eps=1e-9)
@@ -66,7 +71,7 @@ def warmup_schedule(
     return optax.join_schedules([warmup, after], [warmup_steps])
 
 
-def make_schedule(optim_cfg, d_model: int, total_steps: int) -> optax.Schedule:
+def make_schedule(optim_cfg: ConfigDict, d_model: int, total_steps: int) -> optax.Schedule:
     """The learning-rate schedule the ``optim`` config section names."""
     o = optim_cfg
     if o.schedule == "noam":
@@ -75,7 +80,7 @@ def make_schedule(optim_cfg, d_model: int, total_steps: int) -> optax.Schedule:
     return warmup_schedule(o.learning_rate, o.warmup_steps, max(total_steps, o.warmup_steps), o.schedule, o.end_fraction)
 
 
-def decay_mask(params) -> object:
+def decay_mask(params: Any) -> object:
     """True for weight matrices and embeddings, False for biases and norm scales.
 
     Decided by the parameter's name, not its rank: under ``nn.scan`` a bias

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from tfm import sharding as sh
 
 
-def mesh_context(mesh: Mesh, rules) -> contextlib.ExitStack:
+def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, object]]) -> contextlib.ExitStack:
     """The mesh and the logical-axis rules, both active: what tracing a sharded model needs."""
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(mesh))
@@ -31,7 +31,7 @@ def mesh_context(mesh: Mesh, rules) -> contextlib.ExitStack:
     return stack
 
 
-def abstract_state(init: Callable, mesh: Mesh, rules):
+def abstract_state(init: Callable, mesh: Mesh, rules: Sequence[tuple[str, object]]) -> tuple[Any, Any]:
     """``(abstract, shardings)``: the state ``init(key)`` returns as ``ShapeDtypeStruct``s carrying
     their shardings, and the shardings alone (a pytree like the state)."""
     with mesh_context(mesh, rules):
@@ -44,7 +44,7 @@ def abstract_state(init: Callable, mesh: Mesh, rules):
     return abstract, shardings
 
 
-def init_state(init: Callable, shardings, mesh: Mesh, rules, seed: int):
+def init_state(init: Callable, shardings: Any, mesh: Mesh, rules: Sequence[tuple[str, object]], seed: int) -> Any:
     """The initial state for ``seed``, each array born in its sharding."""
     with mesh_context(mesh, rules):
         return jax.jit(lambda k: nn.unbox(init(k)), out_shardings=shardings)(jax.random.key(seed))

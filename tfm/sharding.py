@@ -15,7 +15,10 @@ and ``expert`` (Mixture-of-Experts).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import jax
 
 # Logical axis names --------------------------------------------------------
 # Activations.
@@ -120,7 +123,7 @@ def mesh_shape(axes: dict[str, int], num_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(axes: dict[str, int], devices=None):
+def make_mesh(axes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A ``jax.sharding.Mesh`` over ``devices`` (default: all) with axes ``MESH_AXES``, automatic partitioning."""
     import jax
 
@@ -156,7 +159,7 @@ def make_rules(overrides: dict | None = None) -> tuple[tuple[str, object], ...]:
     return rules
 
 
-def batch_axes(rules) -> tuple[str, ...]:
+def batch_axes(rules: Sequence[tuple[str, object]]) -> tuple[str, ...]:
     """The mesh axes the ``batch`` logical axis is split over."""
     target = dict(rules)[BATCH]
     return () if target is None else (target,) if isinstance(target, str) else tuple(target)

@@ -37,6 +37,14 @@ StepFn = Callable[[Any, dict], tuple[Any, dict]]
 
 @flax.struct.dataclass
 class TrainState:
+    """What a train step carries from one step to the next, and what a checkpoint saves.
+
+    * ``step``: int32 scalar, the updates applied so far.
+    * ``params``: the model's parameters (``init_fn`` returns them still boxed with their logical axes).
+    * ``opt_state``: the optimizer's state for ``params``.
+    * ``rng``: the base key's data (uint32[2]); step ``s`` draws its dropout key as ``fold_in(rng, s)``.
+    """
+
     step: jax.Array  # int32 scalar: updates applied so far
     params: Any
     opt_state: Any
@@ -79,7 +87,9 @@ def _split_micro(batch: dict, n: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def forward(model: nn.Module, task: Task, params, batch: dict, *, train: bool, rng=None):
+def forward(
+    model: nn.Module, task: Task, params: Any, batch: dict, *, train: bool, rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, dict]:
     """``(logits, aux_loss, moe_stats)`` of the model on ``batch``."""
     args, kwargs = task.model_args(batch)
     rngs = {"dropout": rng} if train else {}
@@ -99,7 +109,7 @@ def make_train_step(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     aux_loss_weight: float = 1.0,
-    batch_sharding=None,
+    batch_sharding: jax.sharding.Sharding | None = None,
 ) -> StepFn:
     """``train_step(state, batch) -> (state, metrics)``; pure, ready for ``jax.jit``.
 

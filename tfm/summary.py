@@ -8,14 +8,18 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 
 from tfm.models import PRESETS, get_preset
 
+if TYPE_CHECKING:
+    from tfm.models.common import ModelConfig
 
-def module_table(params, depth: int = 2) -> list[tuple[str, int]]:
+
+def module_table(params: Any, depth: int = 2) -> list[tuple[str, int]]:
     """Parameter counts grouped by the first ``depth`` levels of the module path, in tree order."""
     counts: dict[str, int] = collections.OrderedDict()
     for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(params)):
@@ -28,7 +32,7 @@ def module_table(params, depth: int = 2) -> list[tuple[str, int]]:
 EXPERT_WEIGHTS = ("wi", "wi_0", "wi_1", "wo", "wi_bias", "wi_0_bias", "wi_1_bias", "wo_bias")
 
 
-def active_params(params, config) -> int:
+def active_params(params: Any, config: ModelConfig) -> int:
     """Parameters one token uses: everything but the experts, plus k of the E experts of each MoE layer."""
     experts = config.block.num_experts
     total = expert = 0

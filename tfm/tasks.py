@@ -19,13 +19,16 @@ serve (``Dataset.task``).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tfm.optim import cross_entropy
+
+if TYPE_CHECKING:
+    from tfm.models.common import ModelConfig
 
 Batch = Mapping[str, Any]
 
@@ -54,7 +57,7 @@ class Task:
         """The model's positional and keyword arguments; by default the one input ``inputs``."""
         return (batch["inputs"],), {}
 
-    def loss_sums(self, logits, batch: Batch, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
+    def loss_sums(self, logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
         """``loss_sum``, ``weight_sum`` (targets that count) and ``correct`` (argmax hits), summed over the batch."""
         targets = batch[self.target_key]
         weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
@@ -72,7 +75,7 @@ class Task:
         """Tokens (or examples) one step of these batch shapes processes."""
         return float(np.prod(shapes[self.target_key]))
 
-    def flops_per_step(self, mcfg, params, shapes: Mapping[str, tuple]) -> float:
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
         """Training FLOPs (forward + backward = 3 x forward) of one step; NaN where unknown."""
         return float("nan")
 
@@ -85,10 +88,10 @@ class LanguageModeling(Task):
 
     name = "lm"
 
-    def model_args(self, batch):
+    def model_args(self, batch: Batch) -> tuple[tuple, dict]:
         return (batch["inputs"],), {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
 
-    def flops_per_step(self, mcfg, params, shapes):
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
         # PaLM appendix B: 2 FLOPs per weight per token (the output projection counts even when
         # tied), plus 4 T D per layer for the attention scores and values over the full T.
         b, t = shapes["inputs"]
@@ -103,11 +106,11 @@ class Seq2Seq(Task):
     PACKING = {"segment_ids": "src_segment_ids", "decoder_segment_ids": "tgt_segment_ids",
                "positions": "src_positions", "decoder_positions": "tgt_positions"}  # fmt: skip
 
-    def model_args(self, batch):
+    def model_args(self, batch: Batch) -> tuple[tuple, dict]:
         kwargs = {v: batch[k] for k, v in self.PACKING.items() if k in batch}
         return (batch["inputs"], batch["decoder_inputs"]), kwargs
 
-    def flops_per_step(self, mcfg, params, shapes):
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
         b, s = shapes["inputs"]
         _, t = shapes["decoder_inputs"]
         vocab = getattr(mcfg, "tgt_vocab", mcfg.vocab_size)
@@ -132,7 +135,7 @@ class ImageClassification(_Classification):
 
     name = "classify"
 
-    def flops_per_step(self, mcfg, params, shapes):
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
         b = shapes["inputs"][0]
         t = (mcfg.image_size // mcfg.patch_size) ** 2 + 1
         n = _count(params, "encoder", mcfg) + mcfg.patch_size**2 * mcfg.num_channels * mcfg.block.d_model
@@ -152,10 +155,10 @@ class MaskedLanguageModeling(Task):
 
     name = "mlm"
 
-    def units(self, shapes):
+    def units(self, shapes: Mapping[str, tuple]) -> float:
         return float(np.prod(shapes["inputs"]))
 
-    def flops_per_step(self, mcfg, params, shapes):
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
         # The MLM transform and the (tied) output layer run at every position, as they do here.
         return _encoder_flops(mcfg, params, shapes, mcfg.block.d_model * mcfg.block.d_model + mcfg.vocab_size * mcfg.block.d_model)
 
@@ -165,7 +168,7 @@ class TextClassification(_Classification):
 
     name = "text_classify"
 
-    def flops_per_step(self, mcfg, params, shapes):
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
         b, t = shapes["inputs"]
         # The pooler and classifier run once per sequence, not per token.
         per_seq = 3.0 * 2 * b * (mcfg.block.d_model * mcfg.block.d_model + mcfg.block.d_model * mcfg.num_labels)

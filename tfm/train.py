@@ -13,9 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+
+    from ml_collections import ConfigDict
 
 
-def parse_args(argv):
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     from tfm.cli import Parser
 
     parser = Parser(prog="python -m tfm.train", description=__doc__.split("\n\n")[0])
@@ -33,7 +39,7 @@ def parse_args(argv):
     return args, overrides
 
 
-def maybe_initialize_distributed(config) -> None:
+def maybe_initialize_distributed(config: ConfigDict) -> None:
     """``jax.distributed.initialize`` when the config or the environment asks for it."""
     import jax
 
@@ -50,7 +56,7 @@ def maybe_initialize_distributed(config) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

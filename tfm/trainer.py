@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -46,6 +47,14 @@ from tfm.optim import make_optimizer, make_schedule
 from tfm.step import TrainState, make_eval_step, make_train_step
 from tfm.step import init_fn as make_init_fn
 
+if TYPE_CHECKING:
+    from ml_collections import ConfigDict
+
+    from tfm.data.base import Dataset
+    from tfm.models import Preset
+    from tfm.models.common import ModelConfig
+    from tfm.tasks import Task
+
 log = logging.getLogger("tfm")
 
 
@@ -53,7 +62,7 @@ log = logging.getLogger("tfm")
 FROM_DATA = (("vocab_size", "vocab_size"), ("num_classes", "num_classes"), ("num_labels", "num_classes"))
 
 
-def fill_from_data(config, preset, dataset):
+def fill_from_data(config: ConfigDict, preset: Preset, dataset: Dataset) -> ConfigDict:
     """``config`` with ``model.vocab_size`` (``num_classes``, ``num_labels``) set to the data's where
     the recipe leaves it out, so a recipe states each once; the returned copy is what the workdir records."""
     fill = {field: getattr(dataset, attr) for field, attr in FROM_DATA
@@ -66,7 +75,7 @@ def fill_from_data(config, preset, dataset):
     return config
 
 
-def check_data_fits_model(config, task, dataset, mc, example: dict) -> None:
+def check_data_fits_model(config: ConfigDict, task: Task, dataset: Dataset, mc: ModelConfig, example: dict) -> None:
     """``ConfigError`` where the data cannot feed the model: task, classes, vocabulary, positions, eval split."""
     name, preset = config.data.name, config.model.preset
     if dataset.task != task.name:
@@ -201,16 +210,16 @@ class Trainer:
         log.info("parameters from %s (step %d); a fresh optimizer", source, step)
         return state.replace(params=params)
 
-    def compile_step(self, state: TrainState, batch: dict):
+    def compile_step(self, state: TrainState, batch: dict) -> jax.stages.Compiled:
         """The train step compiled for the shapes of ``batch`` (placed), cached: what ``train_step`` and the loop run."""
         return self.compiled_steps(state, batch)
 
-    def train_step(self, state: TrainState, batch: dict):
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One update on a numpy global batch -> ``(state, metrics)`` (device scalars)."""
         batch = self.place(batch)
         return self.compile_step(state, batch)(state, batch)
 
-    def evaluate(self, params, steps: int | None = None, split: str = "validation") -> dict:
+    def evaluate(self, params: Any, steps: int | None = None, split: str = "validation") -> dict:
         """Mean loss (no label smoothing), accuracy and perplexity over ``steps`` batches of ``split``."""
         steps = self.config.train.eval_steps if steps is None else steps
         return loop_lib.evaluate(self._eval_step, params, self.dataset, self.place, steps=steps, split=split,

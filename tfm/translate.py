@@ -12,11 +12,12 @@ Exit status: 0 done, 2 bad arguments, workdir or input.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 
 from tfm import cli
 
 
-def read_lines(stream) -> tuple[list[str], list[int]]:
+def read_lines(stream: Iterable[bytes]) -> tuple[list[str], list[int]]:
     """The lines of a binary stream as text, and the (1-based) numbers of those that are not UTF-8 ('' there)."""
     lines, bad = [], []
     for number, raw in enumerate(stream, start=1):
@@ -28,7 +29,7 @@ def read_lines(stream) -> tuple[list[str], list[int]]:
     return lines, bad
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m tfm.translate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--beam_size", type=cli.int_at_least(0, "0: greedy"), default=4)

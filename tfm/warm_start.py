@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -51,7 +52,7 @@ def read_params(workdir: str) -> tuple[int, dict[str, np.ndarray]]:
     return step, {k: np.asarray(v) for k, v in _paths(restored[1]).items()}
 
 
-def merge(fresh, saved: dict[str, np.ndarray], source: str):
+def merge(fresh: Any, saved: dict[str, np.ndarray], source: str) -> tuple[Any, dict[str, list[str]]]:
     """``fresh`` with every leaf whose path is in ``saved`` replaced by the saved value (same shape and dtype)."""
     fresh_paths = _paths(fresh)
     mismatched = [f"{p}: saved {saved[p].shape}, model {tuple(x.shape)}" for p, x in fresh_paths.items()

@@ -28,6 +28,9 @@ Batch keys by task (``[B, ...]`` arrays, B the global batch):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from tfm.data.base import DataError, Dataset, IndexedIterator, data_dir
 from tfm.data.bert_text import LanguageID, MaskedCharLM
 from tfm.data.images import FashionMnist
@@ -46,7 +49,7 @@ DATASETS: dict[str, type] = {
 }
 
 
-def make_dataset(data_config):
+def make_dataset(data_config: Mapping[str, Any]) -> Dataset:
     """``config.data`` (a mapping with ``name``, ``batch_size`` and the dataset's options) -> dataset."""
     options = dict(data_config)
     name = options.pop("name", None)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import sentencepiece as spm
 
 
 class DataError(ValueError):
@@ -16,7 +20,7 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def load_sentencepiece(path: str):
+def load_sentencepiece(path: str) -> spm.SentencePieceProcessor:
     """The sentencepiece model at ``path``; ``DataError`` naming the file if it is missing or not a model."""
     import sentencepiece as spm
 
@@ -28,7 +32,7 @@ def load_sentencepiece(path: str):
         raise DataError(f"{path!r} is not a sentencepiece model ({_first_line(e)})") from e
 
 
-def train_sentencepiece(*, model_prefix: str, vocab_size: int, **options) -> None:
+def train_sentencepiece(*, model_prefix: str, vocab_size: int, **options: Any) -> None:
     """``SentencePieceTrainer.train``; ``DataError`` naming ``data.vocab_size`` when it cannot be met."""
     import sentencepiece as spm
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class CharVocab:
     def encode(self, text: str) -> np.ndarray:
         return np.array([self.stoi.get(c, UNK) for c in text], np.int32)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         n = len(SPECIALS)
         return "".join(self.chars[int(i) - n] if int(i) >= n else ("" if int(i) == PAD else SPECIALS[int(i)]) for i in ids)
 
@@ -59,7 +60,9 @@ class CharVocab:
         return {"vocab.json": json.dumps(self.chars, ensure_ascii=False).encode("utf-8")}
 
 
-def mask_tokens(ids: np.ndarray, rng: np.random.Generator, rate: float, vocab_size: int, maskable: np.ndarray):
+def mask_tokens(
+    ids: np.ndarray, rng: np.random.Generator, rate: float, vocab_size: int, maskable: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """BERT's 80/10/10 rule on ``ids [B, T]`` -> ``(inputs, weights)``; ``maskable [B, T]`` bool."""
     chosen = (rng.random(ids.shape) < rate) & maskable
     # At least one chosen position per row, so every row has a loss.
@@ -75,6 +78,11 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, rate: float, vocab_si
 
 
 class MaskedCharLM(Dataset):
+    """Masked-character pretraining on a text corpus (``shakespeare_mlm``, task ``mlm``).
+
+    Windows of ``[CLS]`` and ``block_size - 1`` characters, masked by BERT's 80/10/10 rule at rate ``mask_rate``.
+    """
+
     task = "mlm"
     OPTIONS = dict(data_dir="", path="tinyshakespeare/input.txt", tfds_dir="", block_size=64, train_fraction=0.9,
                    mask_rate=0.15, tokenizer_path="", seed=0)  # fmt: skip
@@ -113,6 +121,11 @@ class MaskedCharLM(Dataset):
 
 
 class LanguageID(Dataset):
+    """Which language a Multi30k sentence is in (``multi30k_langid``, task ``text_classify``): English 0, German 1.
+
+    Rows are ``[CLS]`` and the sentence's characters, cut or padded to ``max_len``.
+    """
+
     task = "text_classify"
     SPLITS = ("train", "validation", "test")
     OPTIONS = dict(data_dir="", path="multi30k", tfds_dir="", max_len=64, tokenizer_path="", seed=0)

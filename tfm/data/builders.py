@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -81,13 +82,13 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": images[i][..., None], "label": int(labels[i])}
 
 
-def check_sources(folder: str, files) -> None:
+def check_sources(folder: str, files: Sequence[str]) -> None:
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise DataError(f"{folder!r} lacks {missing}; expected the files {sorted(files)} there")
 
 
-def sources_digest(folder: str, files) -> str:
+def sources_digest(folder: str, files: Sequence[str]) -> str:
     """SHA-256 over the names and contents of ``files`` in ``folder`` (first 16 hex digits)."""
     h = hashlib.sha256()
     for name in sorted(files):
@@ -99,7 +100,9 @@ def sources_digest(folder: str, files) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare(builder_cls, source_dir: str, tfds_dir: str = "", files=()):
+def prepare(
+    builder_cls: type[tfds.core.DatasetBuilder], source_dir: str, tfds_dir: str = "", files: Sequence[str] = ()
+) -> tfds.core.DatasetBuilder:
     """Prepare (once per content of ``files``) into ``tfds_dir`` (default: tfds's own, ``$TFDS_DATA_DIR``
     or ~/tensorflow_datasets) and return the builder; later calls with the same files reuse the copy."""
     check_sources(source_dir, files)

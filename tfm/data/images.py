@@ -33,6 +33,12 @@ VALIDATION_SIZE = 5000
 
 
 class FashionMnist(RowReadingDataset):
+    """Fashion-MNIST image classification (``fashion_mnist``, task ``classify``): 28x28 images, 10 classes.
+
+    Images normalised by the training statistics; training batches get random left-right flips (``flip``)
+    and random crops of the zero-padded image (``crop_padding`` > 0).
+    """
+
     task = "classify"
     SPLITS = ("train", "validation", "test")
     OPTIONS = dict(data_dir="", path="fashion_mnist", tfds_dir="", source="local", flip=True, crop_padding=0, seed=0)

@@ -8,6 +8,8 @@ symbols (length uniform in ``[min_len, max_len]``) is copied — or reversed wit
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from tfm.data.base import DataError, Dataset
@@ -17,6 +19,11 @@ SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
 class CopyTask(Dataset):
+    """The copy task (``copy``, task ``seq2seq``): the target is the source, copied or (``reverse``) reversed.
+
+    Sources are ``min_len`` to ``max_len`` random symbols; needs no files.
+    """
+
     task = "seq2seq"
     SPLITS = tuple(SPLIT_IDS)
     OPTIONS = dict(vocab_size=16, min_len=4, max_len=12, reverse=False, seed=0)
@@ -40,7 +47,7 @@ class CopyTask(Dataset):
             raise DataError(f"copy task symbols must be in [3, {self.vocab_size}), got {text!r}")
         return ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         """Ids up to (not including) the first EOS, as ``"5 3 9"``."""
         out = []
         for i in ids:

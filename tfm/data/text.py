@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -30,6 +31,8 @@ SPLIT_IDS = {"train": 0, "validation": 1}
 
 
 class TextCorpusConfig(tfds.core.BuilderConfig):
+    """A ``TextCorpus`` config: ``filename``, the text file's name in the manual directory."""
+
     def __init__(self, *, filename: str, **kwargs):
         super().__init__(**kwargs)
         self.filename = filename
@@ -86,6 +89,12 @@ def load_char_vocab(path: str) -> list[str]:
 
 
 class CharLM(Dataset):
+    """Language modelling on a text corpus (``shakespeare_char``, task ``lm``), by character or subword.
+
+    A batch is windows of ``block_size + 1`` tokens; ``tokenizer`` is ``"char"`` or a sentencepiece model
+    type (``"bpe"``, ``"unigram"``).
+    """
+
     task = "lm"
     OPTIONS = dict(data_dir="", path="tinyshakespeare/input.txt", tfds_dir="", block_size=64, train_fraction=0.9,
                    tokenizer="char", vocab_size=512, tokenizer_path="", seed=0)  # fmt: skip
@@ -157,7 +166,7 @@ class CharLM(Dataset):
             return np.array(self.sp.encode(text), np.int32)
         return np.array([self.stoi[c] for c in text], np.int32)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         if self.sp is not None:
             return self.sp.decode([int(i) for i in ids])
         return "".join(self.chars[int(i)] for i in ids)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 
 import grain
 import numpy as np
@@ -80,6 +81,11 @@ def _text(x) -> str:
 
 
 class Translation(RowReadingDataset):
+    """Multi30k English-German translation (``multi30k``, task ``seq2seq``), one sentencepiece vocabulary for both.
+
+    Rows are padded to ``max_len``; training rows may be packed (``pack``) or bucketed by length (``bucket``).
+    """
+
     task = "seq2seq"
     SPLITS = ("train", "validation", "test")
     OPTIONS = dict(data_dir="", path="multi30k", tfds_dir="", source_lang="en", target_lang="de", vocab_size=8000,
@@ -145,7 +151,7 @@ class Translation(RowReadingDataset):
         """A source sentence -> ids ending with EOS."""
         return np.append(self._ids(text), EOS).astype(np.int32)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         """Ids up to the first EOS -> detokenized text."""
         out = []
         for i in ids:

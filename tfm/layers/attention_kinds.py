@@ -25,7 +25,7 @@ lines), then one ``register(AttentionKind(...))`` below.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 from jax import Array
 
@@ -47,6 +47,13 @@ class Recurrent:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionKind:
+    """One registered attention kind: its function ``fn`` and what it supports (see the module docstring).
+
+    ``options`` / ``required``: the keyword options ``fn`` takes / cannot run without. ``dense_masks``, ``cross``,
+    ``scaled``: it takes dense masks and biases, may serve cross-attention, has a softmax scale. ``decode_mask`` /
+    ``recurrent``: how a cached query attends (a ``[T, S]`` pattern, or a state that replaces the KV cache).
+    """
+
     name: str
     fn: Callable
     options: tuple[str, ...] = ()
@@ -106,7 +113,7 @@ ATTENTION_KINDS = tuple(KINDS)
 
 
 def attention(kind: str, query: Array, key: Array, value: Array, *, causal: bool, kv_valid: Array | None = None,
-              scale: float | None = None, **options) -> Array:  # fmt: skip
+              scale: float | None = None, **options: Any) -> Array:  # fmt: skip
     """Attention of a registered kind, with one signature; options a kind does not take are ignored.
 
     * ``"full"``: ``dot_product_attention`` with the dense causal & padding mask.

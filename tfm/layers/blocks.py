@@ -110,10 +110,10 @@ class BlockConfig(MoEOptions, AttentionOptions):
     def make_norm(self, name: str) -> nn.Module:
         return make_norm(self.norm, self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-    def kernel_init(self):
+    def kernel_init(self) -> nn.initializers.Initializer | None:
         return None if self.kernel_init_std is None else nn.initializers.normal(stddev=self.kernel_init_std)
 
-    def out_kernel_init(self):
+    def out_kernel_init(self) -> nn.initializers.Initializer | None:
         """The init of the projections that write into the residual stream (attention ``out``, MLP ``wo``)."""
         return self.kernel_init() if self.out_init_std is None else nn.initializers.normal(stddev=self.out_init_std)
 
@@ -301,7 +301,7 @@ class Stack(nn.Module):
     unroll: int | None = None
 
     @nn.compact
-    def __call__(self, x: Array, *args, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, *args: Array | None, deterministic: bool = True) -> Array:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
         if self.num_layers < 1:

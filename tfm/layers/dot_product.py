@@ -146,7 +146,7 @@ def _mask_shape(query: Array, key: Array, mask: Array) -> tuple[int, ...]:
 
 
 
-def compute_dtype(dtype) -> jnp.dtype:
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """float32 for half/single precision inputs, float64 for float64 inputs."""
     return jnp.promote_types(dtype, jnp.float32)
 

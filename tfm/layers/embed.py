@@ -28,7 +28,7 @@ class Embed(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    def setup(self):
+    def setup(self) -> None:
         init = self.embedding_init
         if init is None:
             init = nn.initializers.normal(stddev=self.features**-0.5 if self.scale_by_sqrt_dim else 1.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ def _matmul_plan(equation: str, x_ndim: int, k_ndim: int):
     return None
 
 
-def einsum_matmul(equation: str, x: Array, kernel: Array, **kwargs) -> Array:
+def einsum_matmul(equation: str, x: Array, kernel: Array, **kwargs: Any) -> Array:
     """``jnp.einsum(equation, x, kernel)``, run as one 2-D matmul where ``tuning.fold_to_matmul()`` says so."""
     plan = _matmul_plan(equation, x.ndim, kernel.ndim) if tuning.fold_to_matmul() else None
     if plan is None:
@@ -57,7 +57,7 @@ def einsum_matmul(equation: str, x: Array, kernel: Array, **kwargs) -> Array:
     return y.reshape(lead + tuple(free_shape))
 
 
-def fused_projection(x: Array, projections, dtype) -> tuple[Array, ...]:
+def fused_projection(x: Array, projections: Sequence[Einsum], dtype: jnp.dtype) -> tuple[Array, ...]:
     """``x [B, T, D]`` through several ``[D, heads, H]`` projections with one matmul.
 
     The kernels (and biases) are concatenated on their output axes, so the
@@ -96,7 +96,7 @@ class Einsum(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    def setup(self):
+    def setup(self) -> None:
         if len(self.shape) != len(self.axes):
             raise ValueError(f"kernel shape {self.shape} and logical axes {self.axes} differ in rank")
         init = self.kernel_init or default_kernel_init(self.in_axis, self.out_axis)

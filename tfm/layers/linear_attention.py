@@ -150,7 +150,9 @@ def linear_attention_reference(
     return out.reshape(b, t, n, h).astype(query.dtype)
 
 
-def linear_attention_init_state(batch: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> tuple[Array, Array]:
+def linear_attention_init_state(
+    batch: int, num_kv_heads: int, head_dim: int, dtype: jnp.dtype = jnp.float32
+) -> tuple[Array, Array]:
     """The empty prefix: ``(kv_state [B, K, H, H], normalizer [B, K, H])`` of zeros."""
     return (
         jnp.zeros((batch, num_kv_heads, head_dim, head_dim), dtype),

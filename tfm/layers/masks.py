@@ -8,8 +8,13 @@ results combine with ``&`` / ``|`` and broadcast over heads.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax.numpy as jnp
 from jax import Array
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def causal_mask(length: int, kv_length: int | None = None) -> Array:
@@ -87,7 +92,7 @@ def local_mask_at(q_pos: Array, k_pos: Array, window: int, *, causal: bool = Tru
     return (dist < window) & (dist >= 0) if causal else (abs(dist) < window)
 
 
-def is_global(pos, global_tokens: int = 0, global_stride: int = 0):
+def is_global(pos: np.ndarray | Array, global_tokens: int = 0, global_stride: int = 0) -> np.ndarray | Array:
     """Which positions are global in ``block_sparse_mask`` (numpy or jax arrays alike)."""
     g = pos < global_tokens
     return g | (pos % global_stride == 0) if global_stride > 0 else g

@@ -106,7 +106,7 @@ def capacity(group_size: int, num_experts: int, top_k: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * group_size * top_k / num_experts))
 
 
-def route(logits: Array, top_k: int, renormalize: bool = True):
+def route(logits: Array, top_k: int, renormalize: bool = True) -> tuple[Array, Array, Array]:
     """``logits [..., E]`` -> ``(probs [..., E], gates [..., k], experts [..., k])`` in float32."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     gates, experts = jax.lax.top_k(probs, top_k)

@@ -51,7 +51,14 @@ class RMSNorm(nn.Module):
 NORMS = ("layernorm", "rmsnorm")
 
 
-def make_norm(kind: str, epsilon: float, *, dtype=jnp.float32, param_dtype=jnp.float32, name: str | None = None) -> nn.Module:
+def make_norm(
+    kind: str,
+    epsilon: float,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Module:
     """Build a ``LayerNorm`` or ``RMSNorm`` by name."""
     if kind == "layernorm":
         return LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)

@@ -31,16 +31,25 @@ from tfm.models.vit import ViT, ViTConfig, vit_b16, vit_tiny
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
+    """A named model: a family's config, the module built from it, example inputs and the task that trains it.
+
+    * ``name``: the key in ``PRESETS``.
+    * ``config``: the family's frozen config (a ``tfm.models.common.ModelConfig``).
+    * ``model_cls``: the module, built as ``model_cls(config)``; the parameter count refers to it.
+    * ``example_inputs``: ``config ->`` the positional arguments of ``init`` / ``apply`` (only their shapes matter).
+    * ``task``: the name in ``tfm.tasks.TASKS`` that trains it; None: not trainable yet.
+    """
+
     name: str
     config: Any
     model_cls: type[nn.Module]
     example_inputs: Callable[[Any], tuple]  # config -> positional args of init/apply
     task: str | None = None  # the name in ``tfm.tasks.TASKS`` that trains it; None: not trainable yet
 
-    def model(self, **overrides) -> nn.Module:
+    def model(self, **overrides: Any) -> nn.Module:
         return self.model_cls(self.config.replace(**overrides))
 
-    def init_shapes(self, **overrides):
+    def init_shapes(self, **overrides: Any) -> dict[str, Any]:
         """Variables of ``init`` as ``ShapeDtypeStruct``s (nothing allocated)."""
         model = self.model(**overrides)
         cfg = model.config

@@ -73,7 +73,7 @@ class BertModel(nn.Module):
 
     config: BertConfig
 
-    def setup(self):
+    def setup(self) -> None:
         cfg, b = self.config, self.config.block
         init = nn.initializers.normal(stddev=cfg.init_std)
         self.token_embed = Embed(cfg.vocab_size, b.d_model, embedding_init=init, dtype=b.dtype, param_dtype=b.param_dtype)
@@ -84,7 +84,9 @@ class BertModel(nn.Module):
         self.encoder = Stack(EncoderBlock, cfg.layer_config(), cfg.num_layers, cfg.scan_layers, cfg.remat_policy)
         self.pooler = Einsum((b.d_model, b.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init, dtype=b.dtype, param_dtype=b.param_dtype)
 
-    def __call__(self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True):
+    def __call__(
+        self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True
+    ) -> tuple[Array, Array]:
         cfg = self.config
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T] ids, got shape {tokens.shape}")

@@ -106,6 +106,6 @@ class DecodePositions(nn.Module):
         return start + jnp.arange(length), kv.value
 
 
-def count_params(tree) -> int:
+def count_params(tree: Any) -> int:
     """Number of scalars in a (possibly boxed / ShapeDtypeStruct) pytree."""
     return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(tree)))

@@ -104,7 +104,14 @@ class GPT(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, tokens: Array, *, segment_ids=None, positions=None, deterministic: bool = True) -> Array:
+    def __call__(
+        self,
+        tokens: Array,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
         cfg = self.config
         b = cfg.layer_config()
         if tokens.ndim != 2:

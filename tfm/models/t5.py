@@ -70,7 +70,7 @@ class T5(nn.Module):
 
     config: T5Config
 
-    def setup(self):
+    def setup(self) -> None:
         cfg, b = self.config, self.config.block
         self.embed = Embed(cfg.vocab_size, b.d_model, embedding_init=nn.initializers.normal(stddev=1.0), dtype=b.dtype, param_dtype=b.param_dtype)
         rel = lambda bidirectional: RelativePositionBias(b.num_heads, cfg.num_buckets, cfg.max_distance, bidirectional, param_dtype=b.param_dtype)  # noqa: E731
@@ -112,8 +112,9 @@ class T5(nn.Module):
             return self.embed.attend(y * cfg.block.d_model**-0.5)
         return self.lm_head("BTD,DV->BTV", y).astype(jnp.float32)
 
-    def __call__(self, src: Array, tgt_in: Array, *, src_segment_ids=None, tgt_segment_ids=None,
-                 src_positions=None, tgt_positions=None, deterministic: bool = True) -> Array:
+    def __call__(self, src: Array, tgt_in: Array, *, src_segment_ids: Array | None = None,
+                 tgt_segment_ids: Array | None = None, src_positions: Array | None = None,
+                 tgt_positions: Array | None = None, deterministic: bool = True) -> Array:
         packing = {"src_segment_ids": src_segment_ids, "tgt_segment_ids": tgt_segment_ids,
                    "src_positions": src_positions, "tgt_positions": tgt_positions}  # fmt: skip
         given = sorted(k for k, v in packing.items() if v is not None)

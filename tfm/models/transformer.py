@@ -87,7 +87,7 @@ class Transformer(nn.Module):
 
     config: TransformerConfig
 
-    def setup(self):
+    def setup(self) -> None:
         cfg, b = self.config, self.config.block
         embed = lambda n, name: Embed(n, b.d_model, scale_by_sqrt_dim=True, dtype=b.dtype, param_dtype=b.param_dtype, name=name)  # noqa: E731
         if cfg.share_embeddings:
@@ -117,7 +117,14 @@ class Transformer(nn.Module):
         if self.config.block.attention != "full":
             raise ValueError(f"attention={self.config.block.attention!r} cannot keep packed segments apart; use attention='full'")
 
-    def encode(self, src: Array, *, src_segment_ids=None, src_positions=None, deterministic: bool = True) -> Array:
+    def encode(
+        self,
+        src: Array,
+        *,
+        src_segment_ids: Array | None = None,
+        src_positions: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
         """``src [B, S]`` -> ``encoded [B, S, D]``."""
         if src.ndim != 2:
             raise ValueError(f"src must be [B, S] token ids, got shape {src.shape}")
@@ -135,9 +142,9 @@ class Transformer(nn.Module):
         encoded: Array,
         src: Array,
         *,
-        tgt_segment_ids=None,
-        src_segment_ids=None,
-        tgt_positions=None,
+        tgt_segment_ids: Array | None = None,
+        src_segment_ids: Array | None = None,
+        tgt_positions: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
         """``tgt_in [B, T]``, ``encoded [B, S, D]``, ``src [B, S]`` (for its padding) -> logits ``[B, T, V]``."""
@@ -168,10 +175,10 @@ class Transformer(nn.Module):
         src: Array,
         tgt_in: Array,
         *,
-        src_segment_ids=None,
-        tgt_segment_ids=None,
-        src_positions=None,
-        tgt_positions=None,
+        src_segment_ids: Array | None = None,
+        tgt_segment_ids: Array | None = None,
+        src_positions: Array | None = None,
+        tgt_positions: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
         encoded = self.encode(src, src_segment_ids=src_segment_ids, src_positions=src_positions, deterministic=deterministic)

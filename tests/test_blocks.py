@@ -187,15 +187,15 @@ def _stack_loop_to_scan(loop_params, num_layers):
 def test_encoder_stack_scan_equals_loop(norm_position):
     x, _, key_pad, _ = _inputs(5)
     cfg = _cfg(norm_position=norm_position)
-    args = (x, _kv_mask(key_pad) & causal_mask(T), None, None)
+    kw = dict(mask=_kv_mask(key_pad) & causal_mask(T))
     loop = Stack(EncoderBlock, cfg, 3, scan=False)
     scan = Stack(EncoderBlock, cfg, 3, scan=True)
-    p_loop = random_params(loop, *args, seed=6)
+    p_loop = random_params(loop, x, seed=6, **kw)
     assert set(p_loop) == {"layers_0", "layers_1", "layers_2"} | ({"final_norm"} if norm_position == "pre" else set())
     p_scan = _stack_loop_to_scan(p_loop, 3)
-    assert_same_tree(p_scan, param_shapes(scan, *args)["params"])
-    out_loop = jax.jit(lambda p, *a: loop.apply({"params": p}, *a))(p_loop, *args)
-    out_scan = jax.jit(lambda p, *a: scan.apply({"params": p}, *a))(p_scan, *args)
+    assert_same_tree(p_scan, param_shapes(scan, x, **kw)["params"])
+    out_loop = jax.jit(lambda p, x, kw: loop.apply({"params": p}, x, **kw))(p_loop, x, kw)
+    out_scan = jax.jit(lambda p, x, kw: scan.apply({"params": p}, x, **kw))(p_scan, x, kw)
     assert maxerr(out_loop, out_scan) <= TOL
 
 
@@ -203,14 +203,14 @@ def test_encoder_stack_scan_equals_loop(norm_position):
 def test_decoder_stack_scan_equals_loop(norm_position):
     x, mem, _, mem_pad = _inputs(7)
     cfg = _cfg(norm_position=norm_position)
-    args = (x, mem, causal_mask(T), _kv_mask(mem_pad), None, None)
+    kw = dict(encoded=mem, mask=causal_mask(T), cross_mask=_kv_mask(mem_pad))
     loop = Stack(DecoderBlock, cfg, 2, scan=False)
     scan = Stack(DecoderBlock, cfg, 2, scan=True)
-    p_loop = random_params(loop, *args, seed=8)
+    p_loop = random_params(loop, x, seed=8, **kw)
     p_scan = _stack_loop_to_scan(p_loop, 2)
-    assert_same_tree(p_scan, param_shapes(scan, *args)["params"])
-    out_loop = jax.jit(lambda p, *a: loop.apply({"params": p}, *a))(p_loop, *args)
-    out_scan = jax.jit(lambda p, *a: scan.apply({"params": p}, *a))(p_scan, *args)
+    assert_same_tree(p_scan, param_shapes(scan, x, **kw)["params"])
+    out_loop = jax.jit(lambda p, x, kw: loop.apply({"params": p}, x, **kw))(p_loop, x, kw)
+    out_scan = jax.jit(lambda p, x, kw: scan.apply({"params": p}, x, **kw))(p_scan, x, kw)
     assert out_scan.shape == (B, T, D)
     assert maxerr(out_loop, out_scan) <= TOL
 
@@ -223,14 +223,14 @@ def test_remat_leaves_gradients_unchanged():
     rng = np.random.default_rng(9)
     x = randn(rng, B, 4, 8)
     cfg = BlockConfig(d_model=8, num_heads=2, d_ff=16, dropout_rate=0.0, norm_position="pre")
-    args = (causal_mask(4), None, None)
-    params = {False: random_params(Stack(EncoderBlock, cfg, 2, scan=False), x, *args, seed=10)}
+    kw = dict(mask=causal_mask(4))
+    params = {False: random_params(Stack(EncoderBlock, cfg, 2, scan=False), x, seed=10, **kw)}
     params[True] = _stack_loop_to_scan(params[False], 2)
 
     def grads(scan, policy):
         stack = Stack(EncoderBlock, cfg, 2, scan=scan, remat_policy=policy)
-        assert_same_tree(params[scan], param_shapes(stack, x, *args)["params"])
-        loss = lambda p, x: jnp.sum(jnp.square(stack.apply({"params": p}, x, *args)))  # noqa: E731
+        assert_same_tree(params[scan], param_shapes(stack, x, **kw)["params"])
+        loss = lambda p, x: jnp.sum(jnp.square(stack.apply({"params": p}, x, **kw)))  # noqa: E731
         return jax.jit(jax.grad(loss))(params[scan], x)
 
     def check(got, ref, what):
@@ -253,9 +253,11 @@ def test_unknown_remat_policy_and_bad_layers_raise():
     cfg = BlockConfig(d_model=8, num_heads=2, d_ff=16)
     assert "full" in REMAT_POLICIES and "none" in REMAT_POLICIES
     with pytest.raises(ValueError):
-        param_shapes(Stack(EncoderBlock, cfg, 2, remat_policy="sometimes"), x, None, None, None)
+        param_shapes(Stack(EncoderBlock, cfg, 2, remat_policy="sometimes"), x)
     with pytest.raises(ValueError):
-        param_shapes(Stack(EncoderBlock, cfg, 0), x, None, None, None)
+        param_shapes(Stack(EncoderBlock, cfg, 0), x)
+    with pytest.raises(ValueError, match=r"EncoderBlock takes the inputs \('mask', 'bias', 'positions'\), not \['encoded'\]"):
+        param_shapes(Stack(EncoderBlock, cfg, 2), x, encoded=x)
 
 
 # --- config validation, dtype, dropout -------------------------------------------------------------------
@@ -313,10 +315,10 @@ def test_dropout_active_only_when_not_deterministic_in_scanned_stack():
         d_model=8, num_heads=2, d_ff=16, dropout_rate=0.3, attention_dropout_rate=0.2, activation_dropout_rate=0.2
     )
     stack = Stack(EncoderBlock, cfg, 2, scan=True)
-    args = (causal_mask(4), None, None)
-    params = random_params(stack, x, *args, seed=14)
+    kw = dict(mask=causal_mask(4))
+    params = random_params(stack, x, seed=14, **kw)
     run = jax.jit(
-        lambda p, x, key, det: stack.apply({"params": p}, x, *args, deterministic=det, rngs={"dropout": key}),
+        lambda p, x, key, det: stack.apply({"params": p}, x, **kw, deterministic=det, rngs={"dropout": key}),
         static_argnums=(3,),
     )
     k0, k1 = jax.random.key(0, impl="rbg"), jax.random.key(1, impl="rbg")
@@ -324,7 +326,7 @@ def test_dropout_active_only_when_not_deterministic_in_scanned_stack():
     det_b = run(params, x, k1, True)
     np.testing.assert_array_equal(np.asarray(det_a), np.asarray(det_b))
     # The default is deterministic (jit vs eager: rounding only).
-    default = jax.jit(lambda p, x: stack.apply({"params": p}, x, *args, rngs={"dropout": k0}))(params, x)
+    default = jax.jit(lambda p, x: stack.apply({"params": p}, x, **kw, rngs={"dropout": k0}))(params, x)
     assert maxerr(det_a, default) <= 1e-6
     drop_a = run(params, x, k0, False)
     assert maxerr(drop_a, det_a) > 1e-3
@@ -334,7 +336,7 @@ def test_dropout_active_only_when_not_deterministic_in_scanned_stack():
     # `deterministic` still reaches the blocks as a static flag.
     remat = Stack(EncoderBlock, cfg, 2, scan=True, remat_policy="full")
     run_remat = jax.jit(
-        lambda p, x, key: remat.apply({"params": p}, x, *args, deterministic=False, rngs={"dropout": key})
+        lambda p, x, key: remat.apply({"params": p}, x, **kw, deterministic=False, rngs={"dropout": key})
     )
     assert maxerr(run_remat(params, x, k0), drop_a) <= 1e-6
 
@@ -366,19 +368,19 @@ def test_stack_kv_cache_token_by_token_equals_full_forward(scan, use_rope):
     cfg = BlockConfig(d_model=d, num_heads=2, d_ff=16, dropout_rate=0.0, norm_position="pre", use_rope=use_rope)
     full_stack = Stack(EncoderBlock, cfg, 2, scan=scan)
     dec_stack = Stack(EncoderBlock, dataclasses.replace(cfg, decode=True), 2, scan=scan)
-    args = (causal_mask(t), None, None)
-    params = random_params(full_stack, x, *args, seed=18)
-    full = jax.jit(lambda p, x: full_stack.apply({"params": p}, x, *args))(params, x)
+    kw = dict(mask=causal_mask(t))
+    params = random_params(full_stack, x, seed=18, **kw)
+    full = jax.jit(lambda p, x: full_stack.apply({"params": p}, x, **kw))(params, x)
 
-    cache_shapes = param_shapes(dec_stack, x, *args)["cache"]
+    cache_shapes = param_shapes(dec_stack, x, **kw)["cache"]
     if scan:
         assert cache_shapes["layers"]["self_attention"]["cached_key"].shape == (2, B, t, 2, 4)
     else:
         assert cache_shapes["layers_1"]["self_attention"]["cached_key"].shape == (B, t, 2, 4)
     # As module.init does: one call over the full length with the cache collection mutable.
-    _, v = jax.jit(lambda p, x: dec_stack.apply({"params": p}, x, *args, mutable=["cache"]))(params, x)
+    _, v = jax.jit(lambda p, x: dec_stack.apply({"params": p}, x, **kw, mutable=["cache"]))(params, x)
     cache = v["cache"]
-    step = jax.jit(lambda p, c, xt: dec_stack.apply({"params": p, "cache": c}, xt, None, None, None, mutable=["cache"]))
+    step = jax.jit(lambda p, c, xt: dec_stack.apply({"params": p, "cache": c}, xt, mutable=["cache"]))
     outs = []
     for i in range(t):
         o, v = step(params, cache, x[:, i : i + 1])

@@ -316,3 +316,13 @@ def test_each_process_reads_only_its_rows_and_they_make_the_global_batch(tiny_fa
                     np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k], err_msg=f"{name} {split} {k}")
         it = ds.iterator("train", rows=slice(0, b // 2))
         np.testing.assert_array_equal(next(it)[next(iter(full))], ds.batch("train", 0)[next(iter(full))][: b // 2])
+
+
+def test_shift_right_is_teacher_forcing():
+    from tfm.data.base import shift_right
+
+    dec_in, target = shift_right([5, 6, 7], bos=1, eos=2)
+    assert dec_in.tolist() == [1, 5, 6, 7] and target.tolist() == [5, 6, 7, 2]
+    assert dec_in.dtype == target.dtype == np.int32
+    dec_in, target = shift_right([], bos=1, eos=2)  # an empty sentence still predicts EOS after BOS
+    assert dec_in.tolist() == [1] and target.tolist() == [2]

@@ -100,10 +100,10 @@ def test_unrolled_layer_scan_equals_the_loop():
     rng = np.random.default_rng(2)
     x = randn(rng, 2, 6, 16)
     cfg = BlockConfig(d_model=16, num_heads=4, d_ff=32, norm_position="pre", dropout_rate=0.0)
-    args = (x, causal_mask(6))
+    mask = causal_mask(6)
     rolled, unrolled = Stack(EncoderBlock, cfg, 3, unroll=1), Stack(EncoderBlock, cfg, 3, unroll=3)
-    params = random_params(rolled, *args)
-    results = [value_and_grads(lambda p, a: s.apply({"params": p}, a, args[1]), params, x) for s in (rolled, unrolled)]
+    params = random_params(rolled, x, mask=mask)
+    results = [value_and_grads(lambda p, a: s.apply({"params": p}, a, mask=mask), params, x) for s in (rolled, unrolled)]
     assert_close(*results)
 
 

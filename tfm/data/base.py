@@ -16,6 +16,13 @@ class DataError(ValueError):
     """A dataset that cannot be built: a missing file, a bad option; names the path or key."""
 
 
+def shift_right(y: np.ndarray, bos: int, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher forcing for one target sentence: ``(BOS y, y EOS)``, the decoder's input and
+    its target, each ``len(y) + 1`` ids. Every seq2seq dataset builds its rows with this."""
+    y = np.asarray(y, np.int32)
+    return np.concatenate([[bos], y]).astype(np.int32), np.concatenate([y, [eos]]).astype(np.int32)
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 

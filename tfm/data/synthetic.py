@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from tfm.data.base import DataError, Dataset
+from tfm.data.base import DataError, Dataset, shift_right
 
 PAD, BOS, EOS = 0, 1, 2
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
@@ -69,11 +69,9 @@ class CopyTask(Dataset):
                 tgt[i, :n] = src[i, :n][::-1]
         # decoder input: BOS y ; target: y EOS ; both padded to max_len + 1
         dec_in = np.full((b, self.max_len + 1), PAD, np.int32)
-        dec_in[:, 0] = BOS
-        dec_in[:, 1:] = tgt
         targets = np.full((b, self.max_len + 1), PAD, np.int32)
-        targets[:, :-1] = tgt
-        targets[np.arange(b), lengths] = EOS
+        for i, n in enumerate(lengths):
+            dec_in[i, : n + 1], targets[i, : n + 1] = shift_right(tgt[i, :n], BOS, EOS)
         weights = (np.arange(self.max_len + 1)[None, :] <= lengths[:, None]).astype(np.float32)
         return {"inputs": src, "decoder_inputs": dec_in, "targets": targets, "weights": weights}
 

@@ -38,7 +38,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfm.data.base import DataError, RowReadingDataset, load_sentencepiece, train_sentencepiece
+from tfm.data.base import DataError, RowReadingDataset, load_sentencepiece, shift_right, train_sentencepiece
 from tfm.data.base import data_dir as data_dir_
 from tfm.data.builders import prepare
 
@@ -181,10 +181,9 @@ class Translation(RowReadingDataset):
             s = s[:n]
             y = t[: n - 1]
             src[i, : len(s)] = s
-            dec_in[i, 0] = BOS
-            dec_in[i, 1 : len(y) + 1] = y
-            tgt[i, : len(y)] = y
-            tgt[i, len(y)] = EOS
+            d, y_eos = shift_right(y, BOS, EOS)
+            dec_in[i, : len(d)] = d
+            tgt[i, : len(y_eos)] = y_eos
             w[i, : len(y) + 1] = weights[i]
         return {"inputs": src, "decoder_inputs": dec_in, "targets": tgt, "weights": w}
 
@@ -248,11 +247,10 @@ class Translation(RowReadingDataset):
                 out["inputs"][i, ps : ps + len(s)] = s
                 out["segment_ids"][i, ps : ps + len(s)] = seg
                 out["positions"][i, ps : ps + len(s)] = np.arange(len(s))
-                m = len(y) + 1
-                out["decoder_inputs"][i, pt] = BOS
-                out["decoder_inputs"][i, pt + 1 : pt + m] = y
-                out["targets"][i, pt : pt + m - 1] = y
-                out["targets"][i, pt + m - 1] = EOS
+                d, y_eos = shift_right(y, BOS, EOS)
+                m = len(d)
+                out["decoder_inputs"][i, pt : pt + m] = d
+                out["targets"][i, pt : pt + m] = y_eos
                 out["decoder_segment_ids"][i, pt : pt + m] = seg
                 out["decoder_positions"][i, pt : pt + m] = np.arange(m)
                 out["weights"][i, pt : pt + m] = 1.0

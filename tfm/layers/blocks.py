@@ -14,8 +14,7 @@ KV cache. ``DecoderBlock`` adds cross-attention over the encoder output.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Callable
+from typing import Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -192,6 +191,8 @@ class _Residual(nn.Module):
 class EncoderBlock(_Residual):
     """Self-attention + FFN. ``[B, T, D] -> [B, T, D]``."""
 
+    INPUTS: ClassVar[tuple[str, ...]] = ("mask", "bias", "positions")  # what a Stack passes, in this order
+
     @nn.compact
     def __call__(
         self,
@@ -219,24 +220,27 @@ class EncoderBlock(_Residual):
 class DecoderBlock(_Residual):
     """Masked self-attention + cross-attention over ``encoded`` + FFN. ``[B, T, D] -> [B, T, D]``."""
 
+    INPUTS: ClassVar[tuple[str, ...]] = ("encoded", "mask", "cross_mask", "bias", "positions")
+
     @nn.compact
     def __call__(
         self,
         x: Array,
         encoded: Array,
-        self_mask: Array | None = None,
+        mask: Array | None = None,
         cross_mask: Array | None = None,
-        self_bias: Array | None = None,
+        bias: Array | None = None,
         positions: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
+        """``mask`` and ``bias`` are the self-attention's; ``cross_mask`` the cross-attention's."""
         cfg = self.config
         x = nn.with_logical_constraint(x, (sh.BATCH, sh.LENGTH, sh.EMBED))
         norm = cfg.make_norm
         self_attn = _attention(cfg, "self_attention", cfg.decode)
         x = self.wrap(
             x,
-            lambda y: self_attn(y, mask=self_mask, bias=self_bias, positions=positions, deterministic=deterministic),
+            lambda y: self_attn(y, mask=mask, bias=bias, positions=positions, deterministic=deterministic),
             norm("self_attention_norm"),
             deterministic,
         )
@@ -288,9 +292,10 @@ class Stack(nn.Module):
     blocks, the others dense; the scanned unit is then a group of k blocks
     (``layers/block_0 .. block_{k-1}``, ``num_layers / k`` scan steps).
 
-    ``__call__(x, *args, deterministic)`` forwards ``*args`` to every block
-    unchanged (masks, biases, positions, encoder output); trailing ones may be
-    omitted (None).
+    ``__call__(x, *, deterministic, **inputs)`` passes the named inputs to every
+    block unchanged: those of the block's ``INPUTS`` (``EncoderBlock``: ``mask``,
+    ``bias``, ``positions``; ``DecoderBlock``: also ``encoded`` and ``cross_mask``),
+    each None unless given. A name the block does not take is refused.
     """
 
     block: type[nn.Module]
@@ -301,17 +306,18 @@ class Stack(nn.Module):
     unroll: int | None = None
 
     @nn.compact
-    def __call__(self, x: Array, *args: Array | None, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, *, deterministic: bool = True, **inputs: Array | None) -> Array:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
-        # Fill the block's optional positional arguments (mask, bias, ...) with
-        # None so that ``deterministic`` always lands in the last slot.
-        slots = len(inspect.signature(self.block.__call__).parameters) - 3  # self, x, deterministic
-        if len(args) > slots:
-            raise ValueError(f"{self.block.__name__} takes {slots} arguments after x, got {len(args)}")
-        args = tuple(args) + (None,) * (slots - len(args))
+        names = getattr(self.block, "INPUTS", ())
+        unknown = sorted(set(inputs) - set(names))
+        if unknown:
+            raise ValueError(f"{self.block.__name__} takes the inputs {names}, not {unknown}")
+        # The block's call is (x, *inputs in INPUTS order, deterministic): positional, as nn.scan wants.
+        args = tuple(inputs.get(name) for name in names)
+        slots = len(args)
         cfg = self.config
         k = cfg.moe_every if cfg.num_experts else 1
         if self.num_layers % k:

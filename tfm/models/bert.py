@@ -96,7 +96,7 @@ class BertModel(nn.Module):
         segment_ids = jnp.zeros_like(tokens) if segment_ids is None else segment_ids
         x = self.token_embed(tokens) + self.pos_embed(jnp.arange(t)).astype(cfg.block.dtype) + self.type_embed(segment_ids)
         x = self.dropout(self.embed_norm(x), deterministic=deterministic)
-        x = self.encoder(x, key_padding_mask(tokens != cfg.pad_id), None, None, deterministic=deterministic)
+        x = self.encoder(x, mask=key_padding_mask(tokens != cfg.pad_id), deterministic=deterministic)
         pooled = jnp.tanh(self.pooler("BD,DE->BE", x[:, 0]))
         return x, pooled
 

@@ -142,7 +142,7 @@ class GPT(nn.Module):
             mask = and_masks(mask, segment_mask(segment_ids))
         rope_positions = q_pos if cfg.position == "rope" else None
         x = Stack(EncoderBlock, b, cfg.num_layers, cfg.scan_layers, cfg.remat_policy, name="decoder")(
-            x, mask, bias, rope_positions, deterministic=deterministic
+            x, mask=mask, bias=bias, positions=rope_positions, deterministic=deterministic
         )
         if cfg.tie_embeddings:
             return embed.attend(x)

@@ -91,7 +91,7 @@ class T5(nn.Module):
         x = self.dropout(self.embed(src), deterministic=deterministic)
         pos = jnp.arange(s)
         bias = self.encoder_relative_bias(pos, pos).astype(x.dtype)
-        x = self.encoder(x, key_padding_mask(src != self.config.pad_id), bias, None, deterministic=deterministic)
+        x = self.encoder(x, mask=key_padding_mask(src != self.config.pad_id), bias=bias, deterministic=deterministic)
         return self.dropout(x, deterministic=deterministic)
 
     def decode(self, tgt_in: Array, encoded: Array, src: Array, *, deterministic: bool = True) -> Array:
@@ -105,7 +105,7 @@ class T5(nn.Module):
         bias = self.decoder_relative_bias(q_pos, kv_pos).astype(y.dtype)
         self_mask = None if cfg.block.decode else and_masks(causal_mask(t), key_padding_mask(tgt_in != cfg.pad_id))
         cross_mask = key_padding_mask(src != cfg.pad_id)
-        y = self.decoder(y, encoded, self_mask, cross_mask, bias, None, deterministic=deterministic)
+        y = self.decoder(y, encoded=encoded, mask=self_mask, cross_mask=cross_mask, bias=bias, deterministic=deterministic)
         y = self.dropout(y, deterministic=deterministic)
         if cfg.tie_embeddings:
             # Mesh TF T5 rescales before the tied projection.

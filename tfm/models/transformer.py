@@ -134,7 +134,7 @@ class Transformer(nn.Module):
         if src_segment_ids is not None:
             self._check_no_segments()
             mask = and_masks(mask, segment_mask(src_segment_ids))
-        return self.encoder(x, mask, None, None, deterministic=deterministic)
+        return self.encoder(x, mask=mask, deterministic=deterministic)
 
     def decode(
         self,
@@ -165,7 +165,7 @@ class Transformer(nn.Module):
             self._check_no_segments()
             self_mask = and_masks(self_mask, segment_mask(tgt_segment_ids))
             cross_mask = and_masks(cross_mask, segment_mask(tgt_segment_ids, src_segment_ids))
-        y = self.decoder(y, encoded, self_mask, cross_mask, None, None, deterministic=deterministic)
+        y = self.decoder(y, encoded=encoded, mask=self_mask, cross_mask=cross_mask, deterministic=deterministic)
         if cfg.tie_output:
             return self.tgt_embed.attend(y)
         return self.logits_proj("BTD,DV->BTV", y).astype(jnp.float32)

@@ -110,7 +110,7 @@ class ViT(nn.Module):
         x = x + pos(jnp.arange(cfg.num_patches + 1)).astype(x.dtype)
         x = nn.Dropout(blk.dropout_rate)(x, deterministic=deterministic)
         x = Stack(EncoderBlock, blk, cfg.num_layers, cfg.scan_layers, cfg.remat_policy, name="encoder")(
-            x, None, None, None, deterministic=deterministic
+            x, deterministic=deterministic
         )
         x = x[:, 0] if cfg.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
         head = Einsum((blk.d_model, cfg.num_classes), (sh.EMBED, sh.CLASSES), use_bias=True, kernel_init=nn.initializers.zeros_init(), dtype=blk.dtype, param_dtype=blk.param_dtype, name="head")

@@ -89,7 +89,9 @@ def default_config() -> ConfigDict:
     c.train.progress = "auto"  # auto | bar | lines | none
     c.train.tensorboard = True
     c.train.peak_flops = 0.0  # per device, for MFU; 0: look the device kind up
-    c.train.init_from = ""  # a workdir: start from its newest parameters (same paths, same shapes), fresh optimizer
+    # Start from trained parameters (same paths, same shapes), fresh optimizer: a tfm workdir's newest
+    # checkpoint ("DIR" or "workdir:DIR"), or a Hugging Face checkpoint ("hf:DIR" or "hf:REPO_ID").
+    c.train.init_from = ""
 
     c.mesh = ConfigDict()
     c.mesh.data = -1

@@ -165,10 +165,12 @@ class Loop:
             self.interval["t0"] += compile_s  # compiling is not step time
             self.compile_total += compile_s
             self.writer.write(step, {"compile_time_s": compile_s})
-            self.costs[shape_key(batch)] = self.flops_and_units(batch)
             shape = next(v.shape for k, v in batch.items() if k in ("targets", "labels"))
             self.progress.message(f"compiled the train step for batch {tuple(shape)} in {compile_s:.1f} s")
-        return self.steps(state, batch), self.costs[shape_key(batch)]
+        key = shape_key(batch)
+        if key not in self.costs:  # also for a step compiled before the loop (``Trainer.train_step``)
+            self.costs[key] = self.flops_and_units(batch)
+        return self.steps(state, batch), self.costs[key]
 
     def _flush(self) -> None:
         """Fetch the metrics of the step in ``pending`` (blocks until it ran); check them; log."""

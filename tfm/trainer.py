@@ -132,9 +132,9 @@ class Trainer:
                 f"trainable presets: {trainable}"
             )
         self.task = tasks_lib.get_task(self.preset.task)
-        source = config.train.init_from
-        if source and not os.path.isdir(os.path.join(source, "checkpoints")):
-            raise config_lib.ConfigError(f"train.init_from={source!r}: not a tfm workdir with checkpoints")
+        if config.train.init_from:
+            warm_start.check(config.train.init_from)
+            config = warm_start.with_checkpoint_tokenizer(config)
         try:
             self.dataset = data_lib.make_dataset(config.data.to_dict())
         except data_lib.DataError as e:
@@ -205,9 +205,13 @@ class Trainer:
         source = self.config.train.init_from
         if not source:
             return state
-        step, saved = warm_start.read_params(source)
+        if warm_start.parse(source)[0] == "hf":
+            origin, saved = warm_start.read_hf_params(source, self.model_config, state.params)
+        else:
+            step, saved = warm_start.read_params(source)
+            origin = f"step {step}"
         params, _ = warm_start.merge(state.params, saved, source)
-        log.info("parameters from %s (step %d); a fresh optimizer", source, step)
+        log.info("parameters from %s (%s); a fresh optimizer", source, origin)
         return state.replace(params=params)
 
     def compile_step(self, state: TrainState, batch: dict) -> jax.stages.Compiled:

@@ -34,7 +34,7 @@ log = logging.getLogger("tfm")
 CONFIG = "config.json"
 LOCK = "lock"
 # Files that give the checkpoints their meaning, written by the dataset (``Dataset.artifacts()``).
-ARTIFACTS = ("tokenizer.model", "vocab.json")
+ARTIFACTS = ("tokenizer.model", "vocab.json", "tokenizer.json")
 
 
 def write_atomic(path: str, content: bytes | str) -> None:

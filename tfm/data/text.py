@@ -5,9 +5,11 @@ holding the whole text; the prepared copy is named after the file's content hash
 and read back with ``as_data_source()``. ``tokenizer="char"``: the vocabulary is
 the sorted set of characters in the whole file (65 for tiny Shakespeare).
 ``tokenizer="bpe"`` / ``"unigram"``: a sentencepiece model of ``vocab_size``
-pieces trained on the training split's lines. Either is saved with the run
-(``vocab.json``, a JSON list of the characters in id order, or
-``tokenizer.model``) and read back from there through ``tokenizer_path``, so a
+pieces trained on the training split's lines. ``tokenizer="hf"``: a pretrained
+checkpoint's own tokenizer (``tokenizer_path``: its directory or ``tokenizer.json``),
+for fine-tuning an imported model (``tfm.hub``). Each is saved with the run
+(``vocab.json``, a JSON list of the characters in id order,
+``tokenizer.model`` or ``tokenizer.json``) and read back from there through ``tokenizer_path``, so a
 trained run decodes with its own vocabulary whatever the corpus holds now. The first ``train_fraction`` (90 %)
 of the text is the training split, the rest validation, as in nanoGPT's
 ``prepare.py``. A batch is ``batch_size`` windows of ``block_size + 1`` tokens at
@@ -104,14 +106,28 @@ class CharLM(Dataset):
         full = os.path.join(data_dir_(data_dir), path)
         if not 0.0 < train_fraction < 1.0:
             raise DataError(f"data.train_fraction={train_fraction}: must be in (0, 1)")
-        if tokenizer not in ("char", "bpe", "unigram"):
-            raise DataError(f"data.tokenizer={tokenizer!r}: choose 'char', 'bpe' or 'unigram'")
+        if tokenizer not in ("char", "bpe", "unigram", "hf"):
+            raise DataError(f"data.tokenizer={tokenizer!r}: choose 'char', 'bpe', 'unigram' or 'hf'")
+        if tokenizer == "hf" and not tokenizer_path:
+            raise DataError("data.tokenizer='hf' reads a checkpoint's tokenizer: set data.tokenizer_path to its "
+                            "directory or tokenizer.json")  # fmt: skip
         if not isinstance(block_size, int) or block_size < 1:
             raise DataError(f"data.block_size={block_size!r}: must be >= 1")
         text = read_corpus(full, tfds_dir)
         cut = int(len(text) * train_fraction)
-        self.sp = None
-        if tokenizer == "char":
+        self.sp = self.hf = None
+        if tokenizer == "hf":
+            from tfm.hub.tokenizer import load_tokenizer
+
+            try:
+                self.hf = load_tokenizer(tokenizer_path)
+            except ValueError as e:
+                raise DataError(f"data.tokenizer_path={tokenizer_path!r}: {e}") from None
+            self.vocab_size = self.hf.vocab_size
+            train_ids = self.hf.encode(text[:cut])
+            ids = np.concatenate([train_ids, self.hf.encode(text[cut:])])
+            n = len(train_ids)
+        elif tokenizer == "char":
             self.chars = load_char_vocab(tokenizer_path) if tokenizer_path else sorted(set(text))
             self.stoi = {c: i for i, c in enumerate(self.chars)}
             missing = sorted(set(text) - set(self.stoi))
@@ -136,7 +152,9 @@ class CharLM(Dataset):
         self.batch_size, self.block_size, self.seed, self.path = batch_size, block_size, seed, full
 
     def artifacts(self) -> dict[str, bytes]:
-        """The tokenizer, saved beside the checkpoints: the sentencepiece model or the character list."""
+        """The tokenizer, saved beside the checkpoints: the sentencepiece model, tokenizer.json or the character list."""
+        if self.hf is not None:
+            return {self.hf.filename: self.hf.serialized()}
         if self.sp is not None:
             return {"tokenizer.model": self.sp.serialized_model_proto()}
         return {"vocab.json": json.dumps(self.chars, ensure_ascii=False).encode("utf-8")}
@@ -162,11 +180,15 @@ class CharLM(Dataset):
         return load_sentencepiece(prefix + ".model")
 
     def encode(self, text: str) -> np.ndarray:
+        if self.hf is not None:
+            return self.hf.encode(text)
         if self.sp is not None:
             return np.array(self.sp.encode(text), np.int32)
         return np.array([self.stoi[c] for c in text], np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:
+        if self.hf is not None:
+            return self.hf.decode(ids)
         if self.sp is not None:
             return self.sp.decode([int(i) for i in ids])
         return "".join(self.chars[int(i)] for i in ids)

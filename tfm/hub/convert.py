@@ -57,6 +57,16 @@ def fit(flat: Flat, abstract: Any, source: str) -> dict[str, np.ndarray]:
 
     Raises ``HubError`` listing missing or unused tensors and shape mismatches.
     """
+    out, missing, bad, unused = relayout(flat, abstract)
+    if missing or bad or unused:
+        raise HubError(f"{source}: the parameters do not fit the model: "
+                       + "; ".join(s for s in (_list("missing", missing), _list("shape", bad), _list("unused", unused)) if s))  # fmt: skip
+    return unflatten(out)
+
+
+def relayout(flat: Flat, abstract: Any) -> tuple[Flat, list[str], list[str], list[str]]:
+    """``(found, missing, shape mismatches, unused)``: the unscanned ``flat`` parameters that ``abstract``
+    has, by ``abstract``'s paths (layers stacked where its stacks are scanned), and what does not fit."""
     want = flatten(abstract)
     used: set[str] = set()
     out: dict[str, np.ndarray] = {}
@@ -84,11 +94,7 @@ def fit(flat: Flat, abstract: Any, source: str) -> dict[str, np.ndarray]:
             continue
         used.update(keys)
         out[path] = value.astype(leaf.dtype) if hasattr(leaf, "dtype") else value
-    unused = sorted(set(flat) - used)
-    if missing or bad or unused:
-        raise HubError(f"{source}: the parameters do not fit the model: "
-                       + "; ".join(s for s in (_list("missing", missing), _list("shape", bad), _list("unused", unused)) if s))  # fmt: skip
-    return unflatten(out)
+    return out, missing, bad, sorted(set(flat) - used)
 
 
 def unscan(params: Any) -> Flat:
@@ -172,5 +178,5 @@ def refuse(hf: dict, source: str, **allowed: Any) -> None:
             raise HubError(f"{source}: {key}={value!r} is not implemented in tfm (supported: {values})")
 
 
-__all__ = ["Architecture", "Flat", "HubError", "fit", "flatten", "heads_in", "heads_out", "refuse", "take",
-           "unflatten", "unscan"]  # fmt: skip
+__all__ = ["Architecture", "Flat", "HubError", "fit", "flatten", "heads_in", "heads_out", "refuse", "relayout",
+           "take", "unflatten", "unscan"]  # fmt: skip

@@ -6,7 +6,6 @@ import os
 import jax
 import numpy as np
 import pytest
-
 from _hub import save_hf, transformers_or_skip
 
 transformers = transformers_or_skip()
@@ -91,3 +90,48 @@ def test_imported_params_are_the_checkpoints(checkpoint):
     q = np.asarray(params["decoder"]["layers"]["self_attention"]["query"]["kernel"])  # [L, D, N, H], scanned
     c_attn = ref.transformer.h[1].attn.c_attn.weight.detach().numpy()
     np.testing.assert_array_equal(q[1].reshape(32, 32), c_attn[:, :32])
+
+
+def test_export_of_a_fine_tuned_run_loads_in_transformers(checkpoint, tmp_path):
+    from tfm import export, inference
+
+    directory, _, tok = checkpoint
+    workdir = str(tmp_path / "run")
+    Trainer(_config(directory, "train.steps=2"), workdir, devices=jax.devices()[:1]).train()
+    out = str(tmp_path / "exported")
+    assert export.main(["--workdir", workdir, "--out", out]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    run = inference.load(workdir)
+    tokens = run.dataset.batch("validation", 0)["inputs"]
+    ours = np.asarray(run.model.apply({"params": run.params}, tokens))
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    assert float(np.abs(ours - theirs).max()) <= 1e-4
+    # The exported tokenizer is the run's: tokenizers reads it and encodes as the run does.
+    again = tokenizers.Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    assert again.encode("ROMEO: peace").ids == tok.encode("ROMEO: peace").ids
+    # A second export to the same place is refused, and leaves the first intact.
+    assert export.main(["--workdir", workdir, "--out", out]) == 2
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_a_model_without_a_hf_layout_exports_as_orbax_params(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from tfm import export, inference
+
+    c = config_lib.load_config(os.path.join(ROOT, "configs", "shakespeare_char.py:tiny"))
+    c = config_lib.apply_overrides(c, QUIET + [f"data.data_dir={DATA}", "train.steps=2"])
+    workdir = str(tmp_path / "char")
+    Trainer(c, workdir, devices=jax.devices()[:1]).train()
+    out = str(tmp_path / "exported")
+    assert export.main(["--workdir", workdir, "--out", out]) == 0  # no biases: not GPT-2's layout
+    assert sorted(os.listdir(out)) == ["params", "tfm_config.json", "vocab.json"]
+    run = inference.load(workdir)
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(os.path.join(out, "params"))
+    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert export.main(["--workdir", workdir, "--out", str(tmp_path / "x"), "--format", "hf"]) == 2
+    assert not os.path.exists(tmp_path / "x")

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _hub import maxerr, save_hf, torch_logits, transformers_or_skip
 
 transformers = transformers_or_skip()
@@ -163,3 +162,29 @@ def test_unsupported_options_and_files_are_named(gpt2_dir, tmp_path):
     save_file({k: v for k, v in tensors.items() if ".h.1.mlp." not in k}, str(d / "model.safetensors"))
     with pytest.raises(HubError, match="h.1.mlp"):
         from_pretrained(d)
+
+
+def test_generate_cli_continues_a_prompt_with_the_checkpoints_tokenizer(gpt2_dir, tmp_path, capsys):
+    """``python -m tfm.generate --hf DIR``: greedy output equals transformers' greedy continuation, as text."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tfm import generate
+
+    directory, ref = gpt2_dir
+    vocab = {chr(ord("a") + i): i for i in range(26)} | {" ": 26}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab | {"<unk>": 27}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
+    tok.decoder = tokenizers.decoders.Fuse()
+    d = tmp_path / "with_tokenizer"
+    d.mkdir()
+    for name in os.listdir(directory):
+        (d / name).write_bytes(open(os.path.join(directory, name), "rb").read())
+    tok.save(str(d / "tokenizer.json"))
+    assert generate.main(["--hf", str(d), "--prompt", "to be", "--max_new_tokens", "12", "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out.strip()
+    prompt = tok.encode("to be").ids
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=95,
+                              eos_token_id=95, attention_mask=torch.ones((1, len(prompt)), dtype=torch.long))  # fmt: skip
+    assert printed == tok.decode(theirs[0].tolist(), skip_special_tokens=True)
+    assert printed.startswith("to be")
+    assert generate.main(["--hf", str(tmp_path / "missing"), "--prompt", "x"]) == 2

@@ -1,8 +1,10 @@
-"""``python -m tfm.generate --workdir DIR --prompt "..." [--max_new_tokens 200] [--temperature 0.8] [--top_k 0] [--top_p 1.0] [--seed 0] [--num_samples 1]``.
+"""``python -m tfm.generate (--workdir DIR | --hf CHECKPOINT) --prompt "..." [--max_new_tokens 200] [--temperature 0.8] [--top_k 0] [--top_p 1.0] [--seed 0] [--num_samples 1]``.
 
-Continues a prompt with a trained decoder-only run, using the KV cache.
-``--temperature 0`` is greedy. The run's own tokenizer encodes the prompt and
-decodes the output. Exit status: 0 done, 2 bad arguments, prompt or workdir.
+Continues a prompt with a trained decoder-only run, or with a Hugging Face
+checkpoint (``--hf``: a directory, or a hub repo id with ``huggingface_hub``),
+using the KV cache. ``--temperature 0`` is greedy. The run's (or the
+checkpoint's) own tokenizer encodes the prompt and decodes the output; a
+checkpoint's sequences stop at its EOS token. Exit status: 0 done, 2 bad arguments, prompt or workdir.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from tfm import cli
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m tfm.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a tfm training run")
+    source.add_argument("--hf", help="a Hugging Face checkpoint directory (or hub repo id)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max_new_tokens", type=cli.int_at_least(0), default=200)
     p.add_argument("--temperature", type=cli.float_at_least(0.0, "0: greedy"), default=0.8)
@@ -33,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with cli.stdout_to_stderr():
-            run = inference.load(args.workdir)
+            run = inference.load(args.workdir) if args.workdir else inference.load_pretrained(args.hf)
         if run.task.name != "lm":
-            raise ValueError(f"{args.workdir} holds a {run.task.name} model; generate needs a decoder-only LM")
+            raise ValueError(f"{args.workdir or args.hf} holds a {run.task.name} model; generate needs a decoder-only LM")
         ids = run.dataset.encode(args.prompt)
     except KeyError as e:
         return cli.fail("generate", f"the prompt's character {e} is not in the run's vocabulary")
@@ -53,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
               f"continuing from its last {window // 2}", file=sys.stderr)  # fmt: skip
         # Keep the prompt's end, as the model can only see `window` tokens; the output still shows all of it.
         dropped, ids = ids[: -(window // 2)], ids[-(window // 2) :]
+    # A checkpoint's tokenizer knows its EOS: its sequences end there (pad after it, dropped when printed).
+    eos = getattr(run.dataset, "eos_id", None) if args.hf else None
+    pad = eos if eos is not None else 0
     seq = np.tile(ids[None], (args.num_samples, 1))
     key = jax.random.key(args.seed)
     remaining = args.max_new_tokens
@@ -63,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         n = remaining if window is None else min(remaining, window - context.shape[1])
         key, sub = jax.random.split(key)
         out = decode.generate(run.model, run.params, jnp.asarray(context), sub, max_new_tokens=n,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
+                              pad_id=pad)  # fmt: skip
         seq = np.concatenate([seq, np.asarray(out)[:, context.shape[1] :]], axis=1)
         remaining -= n
+        if eos is not None and (seq[:, ids.size :] == eos).any(axis=1).all():
+            break  # every sample has ended
     for row in seq:
         print(run.dataset.decode(np.concatenate([dropped, row])))
         if args.num_samples > 1:

@@ -133,6 +133,25 @@ def load(workdir: str, step: int | None = None, average: int = 1, *, dtype: jnp.
     return Run(config, model, task, dataset, params, found, os.path.abspath(workdir), mesh, rules, averaged)
 
 
+def load_pretrained(path_or_repo_id: str, *, dtype: jnp.dtype | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> Run:  # fmt: skip
+    """A Hugging Face checkpoint (``tfm.hub``) as a ``Run`` for the decoding CLIs: its own tokenizer
+    stands in for the dataset (``encode``, ``decode``, ``bos_id``/``eos_id``/``pad_id``)."""
+    from tfm import hub
+    from tfm.hub import files
+    from tfm.hub.tokenizer import load_tokenizer
+    from tfm.models import PRESETS
+
+    directory = files.resolve(path_or_repo_id)
+    devices = jax.devices()[:1]
+    mesh = sh.make_mesh({"data": 1}, devices) if mesh is None else mesh
+    model, params = hub.from_pretrained(directory, dtype=dtype, mesh=mesh)
+    task = next(p.task for p in PRESETS.values() if p.model_cls is type(model) and p.task)
+    tokenizer = load_tokenizer(directory)
+    return Run(None, model, tasks_lib.get_task(task), tokenizer, params, 0, os.path.abspath(directory), mesh,
+               sh.make_rules())  # fmt: skip
+
+
 def exact_match(pred: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Per row: every weighted target position (the tokens and the EOS) predicted exactly."""
     width = min(pred.shape[1], targets.shape[1])

@@ -35,10 +35,9 @@ from tfm import config as config_lib
 from tfm import data as data_lib
 from tfm import loop as loop_lib
 from tfm import metrics as metrics_lib
-from tfm import placement
+from tfm import placement, warm_start
 from tfm import sharding as sh
 from tfm import tasks as tasks_lib
-from tfm import warm_start
 from tfm import workdir as workdir_lib
 from tfm.checkpoint import Checkpointer
 from tfm.loop import Loop, StepCache, StopSignals, TrainingError

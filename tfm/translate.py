@@ -1,7 +1,8 @@
-"""``python -m tfm.translate --workdir DIR [--beam_size 4] [--alpha 0.6] [--max_len 128] < input.txt > output.txt``.
+"""``python -m tfm.translate (--workdir DIR | --hf CHECKPOINT) [--beam_size 4] [--alpha 0.6] [--max_len 128] < input.txt > output.txt``.
 
 One source sentence per input line, one output line each, in order, with a
-trained encoder-decoder run: a blank line gives an empty line. Beam search by
+trained encoder-decoder run, or a Hugging Face checkpoint (``--hf``: Marian, T5) with
+its own tokenizer: a blank line gives an empty line. Beam search by
 default (the paper's beam 4, alpha 0.6); ``--beam_size 0`` decodes greedily.
 Input that is not UTF-8, or holds symbols the vocabulary lacks, is reported by
 line number on stderr and gives an empty output line; the other lines are
@@ -31,7 +32,9 @@ def read_lines(stream: Iterable[bytes]) -> tuple[list[str], list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m tfm.translate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a tfm training run")
+    source.add_argument("--hf", help="a Hugging Face checkpoint directory (or hub repo id)")
     p.add_argument("--beam_size", type=cli.int_at_least(0, "0: greedy"), default=4)
     p.add_argument("--average", type=cli.int_at_least(1), default=1,
                    help="average the parameters of the newest N checkpoints")
@@ -45,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with cli.stdout_to_stderr():
-            run = inference.load(args.workdir, average=args.average)
+            if args.hf:
+                if args.average != 1:
+                    raise ValueError("--average averages a run's checkpoints; a --hf checkpoint has one")
+                run = inference.load_pretrained(args.hf)
+            else:
+                run = inference.load(args.workdir, average=args.average)
         if run.task.name != "seq2seq":
-            raise ValueError(f"{args.workdir} holds a {run.task.name} model; translate needs an encoder-decoder")
+            raise ValueError(f"{args.workdir or args.hf} holds a {run.task.name} model; translate needs an encoder-decoder")
     except inference.USER_ERRORS as e:
         return cli.fail("translate", e)
     lines, bad = read_lines(getattr(sys.stdin, "buffer", sys.stdin))

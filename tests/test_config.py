@@ -54,7 +54,8 @@ BAD = [
     (["--config.optim.schedule=exp"], "optim.schedule='exp'"),
     (["--config.optim.name=adam", "--config.optim.weight_decay=0.1"], "optim.weight_decay=0.1"),
     (["--config.train.label_smoothing=1.5"], "train.label_smoothing=1.5"),
-    (["--config.train.steps"], "expected --config.KEY=VALUE"),
+    (["--config.train.steps"], "--config.train.steps: needs a value (--config.train.steps=VALUE)"),
+    (["--config.train.steps", "--config.train.tensorboard"], "--config.train.steps: needs a value"),
 ]
 
 
@@ -67,6 +68,34 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path, capsys, over
     assert err.startswith("config error: ") and err.count("\n") == 1, err
     assert message in err
     assert not workdir.exists()
+
+
+def test_overrides_take_every_form_absl_users_type():
+    """``--config.k=v``, ``--config.k v`` and a bare boolean ``--config.k``, as ml_collections' config_flags."""
+    rest = ["--config.train.steps", "70", "--config.train.tensorboard", "--config.optim.learning_rate=0.5",
+            "--config.train.async_checkpoint", "--config.mesh.data", "-1", "--config.model.d_model", "48"]  # fmt: skip
+    overrides = train.split_overrides(rest, error=pytest.fail)
+    assert overrides == ["train.steps=70", "train.tensorboard", "optim.learning_rate=0.5", "train.async_checkpoint",
+                         "mesh.data=-1", "model.d_model=48"]  # fmt: skip
+    base = config_lib.apply_overrides(config_lib.load_config(COPY + ":tiny"),
+                                      ["train.tensorboard=false", "train.async_checkpoint=false"])  # fmt: skip
+    c = config_lib.apply_overrides(base, overrides)
+    assert c.train.steps == 70 and c.train.tensorboard is True and c.train.async_checkpoint is True
+    assert c.optim.learning_rate == 0.5 and c.mesh.data == -1 and c.model.d_model == 48
+    errors = []
+    train.split_overrides(["--config.train.steps=1", "--workdirr", "x"], error=errors.append)
+    assert errors and "unrecognised argument '--workdirr'" in errors[0]
+
+
+def test_help_lists_every_key_with_its_type_and_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("train.steps (int, default 1000)", "train.tensorboard (bool, default True)",
+                 "optim.learning_rate (float, default 0.001)", "model.preset (str, default 'gpt_tiny')"):  # fmt: skip
+        assert line in out
+    assert "model.FIELD" in out
 
 
 def test_missing_config_file_and_bad_variant(tmp_path, capsys):

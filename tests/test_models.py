@@ -2,6 +2,7 @@
 KV-cache decoding, bf16, sharding annotations."""
 
 import functools
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,26 @@ def test_summary_cli_prints_table_and_total():
     assert any(line.startswith("decoder/layers") for line in lines)
     bad = subprocess.run([sys.executable, "-m", "tfm.summary", "no_such_model"], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown preset" in bad.stderr
+
+
+def test_summary_of_a_recipe_is_the_model_tfm_train_builds(capsys):
+    """``--config RECIPE`` with overrides in every form; the vocabulary comes from the recipe's data (copy: 16)."""
+    from tfm import summary
+    from tfm.models import Transformer, count_params, transformer_tiny
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recipe = os.path.join(root, "configs", "copy.py:tiny")
+    assert summary.main(["--config", recipe, "--config.model.num_encoder_layers", "1"]) == 0
+    total = int(capsys.readouterr().out.strip().splitlines()[-1].split()[-1])
+    from tfm import config as config_lib
+
+    c = config_lib.load_config(recipe)
+    fields = {k: v for k, v in c.model.items() if k != "preset"} | {"num_encoder_layers": 1, "vocab_size": 16}
+    cfg = transformer_tiny.replace(**fields)
+    shapes = jax.eval_shape(lambda: Transformer(cfg).init(KEY, jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32)))
+    assert total == count_params(shapes["params"])
+    assert summary.main(["--config", recipe, "--config.model.nope=1"]) == 2
+    assert "nope" in capsys.readouterr().err
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -289,3 +289,18 @@ def test_aux_losses_sown_by_scanned_layers_are_summed():
             h = nn.Dense(4).apply({"params": nn.unbox(p)["Dense_0"]}, h)
             expected += float(jnp.mean(h**2))
         assert abs(float(_aux_loss(mutated)) - expected) < 1e-5 * expected, scan
+
+
+def test_the_start_up_banner_names_devices_mesh_parameters_and_cost():
+    from tfm.models import count_params
+
+    trainer = Trainer(copy_config("mesh.data=2", "mesh.tensor=2"), devices=jax.devices()[:4])
+    line = trainer.banner()
+    total = count_params(trainer.abstract_state.params)
+    assert line.startswith("4 device(s) (4 cpu), 1 process(es); mesh data 2 x fsdp 1 x tensor 2 x expert 1;")
+    assert f"Transformer (transformer_tiny) with {total:,} parameters;" in line
+    flops, units = trainer.flops_and_units(trainer.dataset.batch("train", 0))
+    assert line.endswith(f"; {units:,.0f} tok and {flops / 1e9:,.2f} GFLOP per step")
+    assert "active" not in line
+    moe = Trainer(copy_config("model.preset=transformer_moe_tiny"), devices=jax.devices()[:1]).banner()
+    assert "active per token" in moe

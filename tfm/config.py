@@ -181,13 +181,16 @@ def _coerce(key: str, old: Any, new: Any) -> Any:
     raise ConfigError(f"{key}={new!r}: expected {type(old).__name__} (the default is {old!r})")
 
 
+def section_is_open(parents: Sequence[str]) -> bool:
+    """Sections whose keys are checked later, against the preset or the dataset (``model``, ``data``, ``mesh.rules``)."""
+    return ".".join(parents) in ("model", "data", "mesh.rules")
+
+
 def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
     """Apply ``["train.steps=100", "model.d_model=64", ...]`` (the ``--config.`` prefix removed)."""
     config = ConfigDict(config.to_dict())  # a copy; the recipe's dict stays untouched
     for item in overrides:
         key, eq, text = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--config.{item}: expected --config.KEY=VALUE")
         *parents, leaf = key.split(".")
         node = config
         for i, name in enumerate(parents):
@@ -196,10 +199,15 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
             node = node[name]
         if not isinstance(node, ConfigDict):
             raise ConfigError(f"--config.{key}: {'.'.join(parents)!r} is not a section")
+        if not eq:  # a bare --config.KEY: a boolean switch
+            if not isinstance(node.get(leaf), bool) and not (leaf not in node and section_is_open(parents)):
+                raise ConfigError(f"--config.{key}: needs a value (--config.{key}=VALUE); only boolean keys "
+                                  f"may stand alone")  # fmt: skip
+            text = "true"
         new = _parse_value(text)
         section = ".".join(parents)
         # model.* keys and mesh.rules.* are checked against the preset / the logical names in validate().
-        open_section = section in ("model", "data", "mesh.rules")
+        open_section = section_is_open(parents)
         if leaf in node and isinstance(node[leaf], str):
             with node.ignore_type():
                 node[leaf] = text  # a string field takes the text as written ("none" stays "none")

@@ -1,5 +1,10 @@
 """``python -m tfm.train --config configs/<recipe>.py[:arg] --workdir DIR [--config.KEY=VALUE ...]``.
 
+Overrides are typed as ml_collections' ``config_flags`` users type them:
+``--config.train.steps=100``, ``--config.train.steps 100``, and a bare
+``--config.train.tensorboard`` for ``true`` (boolean keys only). ``--help``
+lists every key with its type and default.
+
 A thin shell over ``tfm.trainer.Trainer``: parse, start multi-process JAX if
 asked, validate (nothing is written before the config is known to be good),
 train, print one summary line. Exit status: 0 when done or stopped by
@@ -21,22 +26,60 @@ if TYPE_CHECKING:
     from ml_collections import ConfigDict
 
 
+def keys_help() -> str:
+    """Every key of the run config with its type and default: the epilogue of ``--help``."""
+    from tfm.config import default_config
+
+    lines = ["config keys (--config.KEY=VALUE, --config.KEY VALUE, or a bare --config.KEY for a boolean true):"]
+
+    def walk(node, prefix):
+        for key in sorted(node.keys()):
+            value, name = node[key], f"{prefix}{key}"
+            if hasattr(value, "keys"):
+                walk(value, name + ".")
+            else:
+                lines.append(f"  {name} ({type(value).__name__}, default {value!r})")
+
+    walk(default_config(), "")
+    lines.append("  model.FIELD: any field of the preset's config or of its block (python -m tfm.summary --config ...)")
+    lines.append("  data.OPTION: the options of the dataset named by data.name")
+    return "\n".join(lines)
+
+
+def split_overrides(rest: list[str], error) -> list[str]:
+    """``["--config.a.b=1", "--config.c", "2", "--config.flag"]`` -> ``["a.b=1", "c=2", "flag"]``.
+
+    A key with no ``=`` takes the next argument as its value unless that is another
+    option (``--...``); a key left without a value is a boolean switch (``apply_overrides``
+    refuses it for keys that are not boolean).
+    """
+    out, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--config."):
+            error(f"unrecognised argument {item!r} (overrides look like --config.train.steps=100)")
+        body = item[len("--config.") :]
+        if "=" not in body and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            body, i = f"{body}={rest[i + 1]}", i + 1
+        out.append(body)
+        i += 1
+    return out
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    import argparse as argparse_lib
+
     from tfm.cli import Parser
 
-    parser = Parser(prog="python -m tfm.train", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m tfm.train", description=__doc__.split("\n\n")[0], epilog=keys_help(),
+                    formatter_class=argparse_lib.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--config", required=True, help="configs/<recipe>.py[:arg]")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics and the resolved config go here")
     parser.add_argument(
         "--allow_model_change", action="store_true", help="train a different model config in an existing workdir"
     )
     args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r} (overrides look like --config.train.steps=100)")
-        overrides.append(item[len("--config.") :])
-    return args, overrides
+    return args, split_overrides(rest, parser.error)
 
 
 def maybe_initialize_distributed(config: ConfigDict) -> None:
@@ -74,9 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         maybe_initialize_distributed(config)
         from tfm.checkpoint import CheckpointError
-        from tfm.trainer import Trainer, TrainingError, format_summary
-
         from tfm.cli import stdout_to_stderr
+        from tfm.trainer import Trainer, TrainingError, format_summary
 
         try:
             with stdout_to_stderr():  # stdout carries only the summary line

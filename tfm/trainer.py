@@ -20,6 +20,7 @@ one is refused.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -234,6 +235,25 @@ class Trainer:
         params = self.abstract_state.params
         return self.task.flops_per_step(self.model_config, params, shapes), self.task.units(shapes)
 
+    def banner(self) -> str:
+        """One line at start-up: devices, mesh, parameters (total and active), units and FLOPs per step."""
+        from tfm.summary import active_params
+
+        devices = self.mesh.devices.flat
+        kinds = collections.Counter(getattr(d, "device_kind", "") or d.platform for d in devices)
+        mesh = " x ".join(f"{a} {n}" for a, n in self.mesh.shape.items())
+        params = self.abstract_state.params
+        total = sum(int(x.size) for x in jax.tree.leaves(params))
+        active = active_params(params, self.model_config)
+        batch = {k: np.asarray(v) for k, v in self.dataset.batch("train", 0).items()}
+        flops, units = self.flops_and_units(batch)  # the global batch, whatever its micro-batching
+        line = (f"{self.mesh.devices.size} device(s) ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
+                f"{jax.process_count()} process(es); mesh {mesh}; {type(self.model).__name__} "
+                f"({self.config.model.preset}) with {total:,} parameters")  # fmt: skip
+        if active != total:
+            line += f" ({active:,} active per token)"
+        return line + f"; {units:,.0f} {self.task.unit} and {flops / 1e9:,.2f} GFLOP per step"
+
     def train(self) -> dict:
         """Train to ``train.steps`` (resuming from the workdir) and return the summary.
 
@@ -268,6 +288,8 @@ class Trainer:
             data_it.set_state(data_state)
             log.info("resumed from step %d", start)
         progress = metrics_lib.Progress(t.steps, start, t.progress, unit=self.task.unit)
+        if jax.process_index() == 0:
+            progress.message(self.banner())
         if restored is not None:
             progress.message(f"resumed from {ckpt.directory}/{start}")
         t_begin = time.perf_counter()

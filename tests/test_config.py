@@ -129,3 +129,20 @@ def test_data_task_must_match_the_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "data.name='copy' yields seq2seq batches" in err and "model.preset='gpt_tiny' is a GPT (lm) model" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_shipped_recipes_load_by_name_and_ship_in_the_package():
+    import tomllib
+
+    assert "copy" in config_lib.recipe_names() and "shakespeare_char" in config_lib.recipe_names()
+    by_name = config_lib.load_config("tfm:copy:tiny")
+    assert by_name.to_dict() == config_lib.load_config(COPY + ":tiny").to_dict() == config_lib.load_config("copy:tiny").to_dict()
+    with pytest.raises(config_lib.ConfigError, match="no shipped recipe of that name"):
+        config_lib.load_config("tfm:nope")
+    # Every subpackage is listed for setuptools, and configs/ is mapped into the package as tfm.configs.
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        setup = tomllib.load(f)["tool"]["setuptools"]
+    found = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(ROOT, "tfm"))
+             if "__init__.py" in files}  # fmt: skip
+    assert set(setup["packages"]) == found | {"tfm.configs"}
+    assert setup["package-dir"]["tfm.configs"] == "configs"

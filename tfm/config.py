@@ -111,9 +111,36 @@ def default_config() -> ConfigDict:
 # Loading -------------------------------------------------------------------
 
 
+def recipe_names() -> list[str]:
+    """The recipes that ship with tfm (``configs/`` in a checkout, ``tfm.configs`` in an installed package)."""
+    folder = _recipe_folder()
+    return sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_")) if folder else []
+
+
+def _recipe_folder() -> str | None:
+    try:
+        import importlib.resources
+
+        folder = str(importlib.resources.files("tfm.configs"))
+        if os.path.isdir(folder):
+            return folder
+    except ModuleNotFoundError:  # an editable checkout: the recipes sit beside the package
+        pass
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    return folder if os.path.isdir(folder) else None
+
+
 def load_config(spec: str) -> ConfigDict:
-    """``path/to/recipe.py[:arg]`` -> the ConfigDict its ``get_config(arg)`` returns."""
+    """``path/to/recipe.py[:arg]``, or a shipped recipe by name (``tfm:copy[:arg]`` or ``copy[:arg]``)
+    -> the ConfigDict its ``get_config(arg)`` returns."""
+    if spec.startswith("tfm:"):
+        spec = spec[len("tfm:") :]
     path, _, arg = spec.partition(":")
+    if not os.path.isfile(path) and os.sep not in path and not path.endswith(".py"):
+        if path not in recipe_names():
+            raise ConfigError(f"--config: no such file {path!r}, and no shipped recipe of that name "
+                              f"(shipped: {', '.join(recipe_names())})")  # fmt: skip
+        path = os.path.join(_recipe_folder(), path + ".py")
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r}")
     module_spec = importlib.util.spec_from_file_location(f"tfm_recipe_{abs(hash(path))}", path)

@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
     parser = Parser(prog="python -m tfm.train", description=__doc__.split("\n\n")[0], epilog=keys_help(),
                     formatter_class=argparse_lib.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--config", required=True, help="configs/<recipe>.py[:arg]")
+    parser.add_argument("--config", required=True,
+                        help="configs/<recipe>.py[:arg], or a shipped recipe by name (copy, tfm:shakespeare_char:tiny)")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics and the resolved config go here")
     parser.add_argument(
         "--allow_model_change", action="store_true", help="train a different model config in an existing workdir"

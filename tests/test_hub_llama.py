@@ -126,16 +126,16 @@ def test_greedy_generation_equals_transformers(hf_dir):
     prompt = _tokens(b=2, t=5, seed=5)
     ours = decode.generate(model, params, jnp.asarray(prompt), max_new_tokens=20)
     with torch.no_grad():
-        theirs = ref.generate(torch.as_tensor(prompt, dtype=torch.long), max_new_tokens=20, do_sample=False,
-                              min_new_tokens=20, pad_token_id=0, attention_mask=torch.ones(prompt.shape, dtype=torch.long))  # fmt: skip
+        ids = torch.as_tensor(prompt, dtype=torch.long)
+        theirs = ref.generate(ids, max_new_tokens=20, do_sample=False, min_new_tokens=20, pad_token_id=0,
+                              attention_mask=torch.ones_like(ids))  # fmt: skip
     np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
 
 
 @pytest.mark.parametrize("cfg", [
     llama_tiny,
     llama_tiny.replace(attention="local", attention_window=4),
-    llama_tiny.replace(num_experts=4, experts_per_token=2, moe_every=1, moe_dispatch="dropless"),
-], ids=["llama", "mistral", "mixtral"])  # fmt: skip
+], ids=["llama", "mistral"])  # fmt: skip
 def test_a_fresh_tfm_model_exports_and_round_trips(cfg, tmp_path):
     """A model tfm initialised itself (not imported) leaves tfm and comes back bit for bit."""
     import flax.linen as nn
@@ -160,7 +160,8 @@ def test_claims_llama_style_models_only():
     assert claims(gpt(local), local) == "MistralForCausalLM"
     for cfg in (gpt2_small, gpt_moe_tiny, llama_tiny.replace(position="learned"), llama_tiny.replace(norm="layernorm"),
                 llama_tiny.replace(activation="geglu"), llama_tiny.replace(attention_scale=1.0),
-                llama_tiny.replace(num_experts=4, moe_every=2), llama_tiny.replace(num_experts=4, moe_renormalize=False),
+                llama_tiny.replace(num_experts=4, moe_every=2),
+                llama_tiny.replace(num_experts=4, moe_renormalize=False),
                 local.replace(attention_bias=True)):  # fmt: skip
         assert claims(gpt(cfg), cfg) is None, cfg
 
@@ -200,7 +201,7 @@ def test_unsupported_options_are_named(hf_dir, tmp_path):
     with pytest.raises(HubError, match="rope_type='linear' is not implemented"):
         config_from_pretrained(write("linear", rope_scaling={"type": "linear", "factor": 2.0}))
     with pytest.raises(HubError, match="rope_type='llama3' is not implemented"):
-        config_from_pretrained(write("llama3", rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}))
+        config_from_pretrained(write("llama3", rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8}))
     with pytest.raises(HubError, match="hidden_act='gelu' is not implemented"):
         config_from_pretrained(write("gelu", hidden_act="gelu"))
     if name == "mixtral":

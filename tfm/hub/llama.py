@@ -71,7 +71,8 @@ def to_tfm(hf: dict, arch: str) -> tuple[type, GPTConfig]:
         num_layers=hf["num_hidden_layers"], d_model=d, num_heads=n, num_kv_heads=hf.get("num_key_value_heads") or n,
         head_dim=hf.get("head_dim") or None, d_ff=hf["intermediate_size"], activation=ACTIVATIONS[act],
         norm_epsilon=hf.get("rms_norm_eps", DEFAULT_EPS[arch]), rope_base=rope_theta(hf, arch),
-        attention_bias=biases and bool(hf.get("attention_bias", False)), mlp_bias=biases and bool(hf.get("mlp_bias", False)),
+        attention_bias=biases and bool(hf.get("attention_bias", False)),
+        mlp_bias=biases and bool(hf.get("mlp_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
         attention_dropout_rate=attention_dropout,
         **(dict(attention="local", attention_window=window) if window is not None else {}),
@@ -97,12 +98,14 @@ def to_params(tensors: Flat, cfg: GPTConfig, arch: str) -> Flat:
     t = dict(tensors)
     b, src = cfg.block, arch
     get = lambda name: take(t, name, src)  # noqa: E731
-    out: Flat = {"embed/embedding": get("model.embed_tokens.weight"), "decoder/final_norm/scale": get("model.norm.weight")}
+    out: Flat = {"embed/embedding": get("model.embed_tokens.weight"),
+                 "decoder/final_norm/scale": get("model.norm.weight")}  # fmt: skip
     for i in range(cfg.num_layers):
         h, o = f"model.layers.{i}.", f"decoder/layers_{i}/"
-        for name, heads in (("q", b.num_heads), ("k", b.kv_heads), ("v", b.kv_heads)):
-            tfm_name = {"q": "query", "k": "key", "v": "value"}[name]
-            out[o + f"self_attention/{tfm_name}/kernel"] = heads_in(_linear_in(get(h + f"self_attn.{name}_proj.weight")), heads)
+        for name, tfm_name, heads in (("q", "query", b.num_heads), ("k", "key", b.kv_heads),
+                                      ("v", "value", b.kv_heads)):  # fmt: skip
+            kernel = _linear_in(get(h + f"self_attn.{name}_proj.weight"))
+            out[o + f"self_attention/{tfm_name}/kernel"] = heads_in(kernel, heads)
             if b.attention_bias:
                 out[o + f"self_attention/{tfm_name}/bias"] = get(h + f"self_attn.{name}_proj.bias").reshape(heads, -1)
         out[o + "self_attention/out/kernel"] = heads_out(_linear_in(get(h + "self_attn.o_proj.weight")), b.num_heads)

@@ -19,7 +19,8 @@ VOCAB, PAD, EOS = 80, 0, 1
 TINY = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
             relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=PAD,
             eos_token_id=EOS, decoder_start_token_id=PAD)  # fmt: skip
-VERSIONS = {"v1_0": dict(feed_forward_proj="relu"), "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
+VERSIONS = {"v1_0": dict(feed_forward_proj="relu"),
+            "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
 
 
 def _random_t5(seed: int, **config):
@@ -147,8 +148,9 @@ def _count_hf_meta(config: dict, untied_head: bool) -> int:
     return model.num_parameters()
 
 
-T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, feed_forward_proj="relu",
-                architectures=["T5ForConditionalGeneration"], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                feed_forward_proj="relu", architectures=["T5ForConditionalGeneration"], pad_token_id=0,
+                eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
 T5_V1_1_SMALL = dict(T5_SMALL, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6,
                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # fmt: skip
 

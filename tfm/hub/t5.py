@@ -108,7 +108,7 @@ def to_params(tensors: Flat, cfg: T5Config, arch: str) -> Flat:
         out[f"{stack}_relative_bias/embedding"] = get(bias)
         copy = t.pop(f"{stack}.embed_tokens.weight", None)  # older checkpoints store the tied copies
         if copy is not None and not np.array_equal(copy, shared):
-            raise HubError(f"{src}: {stack}.embed_tokens.weight differs from shared.weight (tfm's T5 has one embedding)")
+            raise HubError(f"{src}: {stack}.embed_tokens.weight differs from shared.weight (tfm's T5 has one)")
     t.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)  # unused by transformers
     for _, _, parts in _stacks(cfg):
         for hf, ours in parts:
@@ -137,7 +137,8 @@ def from_params(flat: Flat, cfg: T5Config, arch: str) -> Flat:
     out: Flat = {"shared.weight": p["embed/embedding"]}
     for stack in ("encoder", "decoder"):
         out[f"{stack}.final_layer_norm.weight"] = p[f"{stack}/final_norm/scale"]
-        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = p[f"{stack}_relative_bias/embedding"]
+        bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        out[bias] = p[f"{stack}_relative_bias/embedding"]
     for _, _, parts in _stacks(cfg):
         for hf, ours in parts:
             if ours.endswith("attention/"):

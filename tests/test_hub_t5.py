@@ -23,12 +23,18 @@ VERSIONS = {"v1_0": dict(feed_forward_proj="relu"),
             "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
 
 
+def _randomise(model):
+    """Every parameter random (layer norms start at ones); norm scales near one keep the activations O(1)."""
+    for name, p in model.named_parameters():
+        norm = "layer_norm" in name
+        torch.nn.init.normal_(p, mean=1.0 if norm else 0.0, std=0.5 if norm else 0.2)
+
+
 def _random_t5(seed: int, **config):
     torch.manual_seed(seed)
     model = transformers.T5ForConditionalGeneration(transformers.T5Config(**TINY, **config))
     with torch.no_grad():
-        for p in model.parameters():  # layer norms start at ones: randomise everything
-            torch.nn.init.normal_(p, std=0.2)
+        _randomise(model)
         if not model.config.scale_decoder_outputs:  # v1.1: a head of its own (as real checkpoints have)
             model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, TINY["d_model"]) * 0.2)
     return model.eval()
@@ -173,8 +179,7 @@ def test_a_v1_1_checkpoint_without_a_head_ties_it_as_transformers_does(tmp_path)
     torch.manual_seed(1)
     ref = transformers.T5ForConditionalGeneration(transformers.T5Config(**TINY, **VERSIONS["v1_1"]))
     with torch.no_grad():
-        for p in ref.parameters():
-            torch.nn.init.normal_(p, std=0.2)
+        _randomise(ref)
     ref.eval()
     assert ref.lm_head.weight is ref.shared.weight and not ref.config.scale_decoder_outputs
     model, params = from_pretrained(save_hf(ref, tmp_path / "tied"))

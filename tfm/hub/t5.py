@@ -23,13 +23,13 @@ import numpy as np
 from tfm.hub.convert import Architecture, Flat, HubError, heads_in, heads_out, refuse, take
 from tfm.models.t5 import T5, T5Config, t5_small
 
-# (dense_act_fn, is_gated_act) -> tfm activation
+# (dense_act_fn, is_gated_act) -> tfm activation; "gated-gelu" means gelu_new in transformers
 ACTIVATIONS = {
     ("relu", False): "relu", ("gelu", False): "gelu", ("gelu_python", False): "gelu",
     ("gelu_new", False): "gelu_tanh", ("gelu_pytorch_tanh", False): "gelu_tanh",
     ("silu", False): "silu", ("swish", False): "silu",
     ("gelu_new", True): "geglu_tanh", ("gelu_pytorch_tanh", True): "geglu_tanh",
-    ("gelu", True): "geglu", ("gelu_python", True): "geglu", ("silu", True): "swiglu", ("swish", True): "swiglu",
+    ("gelu_python", True): "geglu", ("silu", True): "swiglu", ("swish", True): "swiglu",
 }  # fmt: skip
 FEED_FORWARD = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu",
                 "geglu_tanh": "gated-gelu", "geglu": "gated-gelu_python", "swiglu": "gated-silu"}  # fmt: skip
@@ -54,7 +54,8 @@ def _activation(hf: dict, src: str) -> str:
 def to_tfm(hf: dict, arch: str) -> tuple[type, T5Config]:
     src = f"{arch} config"
     refuse(hf, src, is_encoder_decoder=True, is_decoder=False, tie_encoder_decoder=False)
-    if hf.get("pad_token_id") is None:
+    pad = hf.get("pad_token_id", 0)
+    if pad is None:
         raise HubError(f"{src}: pad_token_id=None is not implemented in tfm (its T5 masks the source by the pad id)")
     tied = hf.get("tie_word_embeddings", True) is not False
     scaled = hf.get("scale_decoder_outputs", tied)
@@ -68,7 +69,7 @@ def to_tfm(hf: dict, arch: str) -> tuple[type, T5Config]:
         num_decoder_layers=hf.get("num_decoder_layers") or layers,
         num_buckets=hf.get("relative_attention_num_buckets", 32),
         max_distance=hf.get("relative_attention_max_distance", 128), tie_embeddings=bool(scaled),
-        pad_id=hf["pad_token_id"], mask_decoder_padding=False, d_model=hf.get("d_model", 512),
+        pad_id=pad, mask_decoder_padding=False, d_model=hf.get("d_model", 512),
         num_heads=hf.get("num_heads", 8), head_dim=hf.get("d_kv", 64), d_ff=hf.get("d_ff", 2048),
         activation=_activation(hf, src), norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dropout_rate=dropout,
         attention_dropout_rate=dropout, activation_dropout_rate=dropout,

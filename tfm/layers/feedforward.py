@@ -3,7 +3,8 @@
 ``relu`` is the paper's FFN(x) = max(0, x W1 + b1) W2 + b2. ``gelu`` (exact,
 BERT/ViT), ``gelu_tanh`` (GPT-2's approximation) and ``silu`` swap the
 nonlinearity. ``swiglu`` / ``geglu`` are Shazeer's (2020) gated units:
-(act(x W_gate) * x W_up) W_down.
+(act(x W_gate) * x W_up) W_down; ``geglu_tanh`` gates with the tanh approximation
+of GELU (T5 v1.1's "gated-gelu" as Hugging Face computes it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jax import Array
 
 from tfm import sharding as sh
 from tfm.layers.linear import Einsum, Initializer
+
 
 def gelu(x: Array) -> Array:
     """Exact GELU, x * Phi(x) = x/2 * (1 + erf(x / sqrt 2)) (Hendrycks & Gimpel 2016).
@@ -35,7 +37,7 @@ ACTIVATIONS = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "silu": jax.nn.silu,
 }
-GATED = {"swiglu": jax.nn.silu, "geglu": gelu}
+GATED = {"swiglu": jax.nn.silu, "geglu": gelu, "geglu_tanh": ACTIVATIONS["gelu_tanh"]}
 
 
 class MLP(nn.Module):

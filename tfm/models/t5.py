@@ -34,6 +34,10 @@ class T5Config(ModelConfig):
 
     Every ``block`` field is also addressed by its name (``ModelConfig``):
     ``t5_tiny.replace(activation="geglu", num_experts=4)`` (a Switch-style T5).
+
+    ``mask_decoder_padding=False``: the decoder's self-attention is causal only, as in
+    Hugging Face T5, whose decoder starts from the pad id (a key padding mask would hide
+    that start token). Right-padded targets give the same logits either way.
     """
 
     vocab_size: int = 32128
@@ -43,6 +47,7 @@ class T5Config(ModelConfig):
     max_distance: int = 128
     tie_embeddings: bool = True
     pad_id: int = 0
+    mask_decoder_padding: bool = True
     scan_layers: bool = True
     remat_policy: str = "none"
     block: BlockConfig = BlockConfig(
@@ -103,7 +108,8 @@ class T5(nn.Module):
         q_pos, kv_pos = self.decode_positions(t)
         y = self.dropout(self.embed(tgt_in), deterministic=deterministic)
         bias = self.decoder_relative_bias(q_pos, kv_pos).astype(y.dtype)
-        self_mask = None if cfg.block.decode else and_masks(causal_mask(t), key_padding_mask(tgt_in != cfg.pad_id))
+        tgt_pad = key_padding_mask(tgt_in != cfg.pad_id) if cfg.mask_decoder_padding else None
+        self_mask = None if cfg.block.decode else and_masks(causal_mask(t), tgt_pad)
         cross_mask = key_padding_mask(src != cfg.pad_id)
         y = self.decoder(y, encoded=encoded, mask=self_mask, cross_mask=cross_mask, bias=bias, deterministic=deterministic)
         y = self.dropout(y, deterministic=deterministic)

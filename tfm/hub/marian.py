@@ -45,7 +45,8 @@ def to_tfm(hf: dict, arch: str) -> tuple[type, TransformerConfig]:
             raise HubError(f"{src}: {enc}={hf[enc]} differs from {dec}={hf[dec]}; tfm's stacks share one width")
     act = hf.get("activation_function", "gelu")
     if act not in ACTIVATIONS:
-        raise HubError(f"{src}: activation_function={act!r} is not implemented in tfm (supported: {tuple(ACTIVATIONS)})")
+        raise HubError(f"{src}: activation_function={act!r} is not implemented in tfm "
+                       f"(supported: {tuple(ACTIVATIONS)})")  # fmt: skip
     d = hf["d_model"]
     if d % 2:
         raise HubError(f"{src}: d_model={d} is not implemented in tfm (sinusoidal positions need an even width)")
@@ -124,10 +125,10 @@ def to_params(tensors: Flat, cfg: TransformerConfig, arch: str) -> Flat:
                         w, b = get(h + f"{hf_name}.{hp}.weight").T, get(h + f"{hf_name}.{hp}.bias")
                         out[o + f"{tfm_name}/{tp}/kernel"] = heads_out(w, n) if tp == "out" else heads_in(w, n)
                         out[o + f"{tfm_name}/{tp}/bias"] = b if tp == "out" else b.reshape(n, -1)
-                elif hf_name.endswith("norm"):
-                    out[o + f"{tfm_name}/scale"], out[o + f"{tfm_name}/bias"] = get(h + f"{hf_name}.weight"), get(h + f"{hf_name}.bias")  # fmt: skip
-                else:
-                    out[o + f"{tfm_name}/kernel"], out[o + f"{tfm_name}/bias"] = get(h + f"{hf_name}.weight").T, get(h + f"{hf_name}.bias")  # fmt: skip
+                else:  # a norm (weight = scale) or a linear layer (weight = kernel^T)
+                    w, norm = get(h + f"{hf_name}.weight"), hf_name.endswith("norm")
+                    out[o + tfm_name + ("/scale" if norm else "/kernel")] = w if norm else w.T
+                    out[o + f"{tfm_name}/bias"] = get(h + f"{hf_name}.bias")
     if t:
         raise HubError(f"{src}: tensors tfm does not map: {sorted(t)[:4]}")
     return out
@@ -157,10 +158,11 @@ def from_params(flat: Flat, cfg: TransformerConfig, arch: str) -> Flat:
                         w = p[o + f"{tfm_name}/{tp}/kernel"]
                         out[h + f"{hf_name}.{hp}.weight"] = (w.reshape(-1, d) if tp == "out" else w.reshape(d, -1)).T
                         out[h + f"{hf_name}.{hp}.bias"] = p[o + f"{tfm_name}/{tp}/bias"].reshape(-1)
-                elif hf_name.endswith("norm"):
-                    out[h + f"{hf_name}.weight"], out[h + f"{hf_name}.bias"] = p[o + f"{tfm_name}/scale"], p[o + f"{tfm_name}/bias"]  # fmt: skip
                 else:
-                    out[h + f"{hf_name}.weight"], out[h + f"{hf_name}.bias"] = p[o + f"{tfm_name}/kernel"].T, p[o + f"{tfm_name}/bias"]  # fmt: skip
+                    norm = hf_name.endswith("norm")
+                    w = p[o + tfm_name + ("/scale" if norm else "/kernel")]
+                    out[h + f"{hf_name}.weight"] = w if norm else w.T
+                    out[h + f"{hf_name}.bias"] = p[o + f"{tfm_name}/bias"]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 

@@ -97,7 +97,8 @@ class Transformer(nn.Module):
 
     def setup(self) -> None:
         cfg, b = self.config, self.config.block
-        embed = lambda n, name: Embed(n, b.d_model, scale_by_sqrt_dim=cfg.scale_embeddings, dtype=b.dtype, param_dtype=b.param_dtype, name=name)  # noqa: E731
+        embed = lambda n, name: Embed(n, b.d_model, scale_by_sqrt_dim=cfg.scale_embeddings, dtype=b.dtype,  # noqa: E731
+                                      param_dtype=b.param_dtype, name=name)  # fmt: skip
         if cfg.share_embeddings:
             self.src_embed = self.tgt_embed = embed(cfg.vocab_size, "embed")
         else:

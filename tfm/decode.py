@@ -12,7 +12,9 @@ and its ``cache`` collection created at the maximal length, as the layers expect
 * ``beam_search``: encoder-decoder, beam ``k`` with the GNMT length penalty
   ``((5 + |Y|) / 6) ** alpha`` (the paper: k = 4, alpha = 0.6, §6.1).
 
-After a sequence's EOS, the remaining positions hold ``pad_id``.
+After a sequence's EOS, the remaining positions hold ``pad_id``. The encoder-decoder searches also take
+Hugging Face's generation constraints: ``suppress_ids`` (tokens never produced, e.g. Marian's pad) and
+``force_eos`` (the last position is EOS, ``forced_eos_token_id``).
 """
 
 from __future__ import annotations
@@ -78,14 +80,29 @@ def _batch_axes(dec, params, make_args, batch: int, method=None):
     return jax.tree.map(axis, a, b)
 
 
+def constrain(logp: Array, i: Array, last: int, suppress_ids: tuple[int, ...] = (), force_eos: bool = False,
+              eos_id: int | None = None) -> Array:  # fmt: skip
+    """Scores ``[..., V]`` of step ``i``: ``suppress_ids`` set to ``NEG``; with ``force_eos``, at step ``last``
+    every token but ``eos_id`` is ``NEG`` and ``eos_id`` scores 0 (Hugging Face's processors, in their order)."""
+    if suppress_ids:
+        logp = logp.at[..., jnp.asarray(suppress_ids)].set(NEG)
+    if force_eos:
+        if eos_id is None:
+            raise ValueError("force_eos needs an eos_id")
+        forced = jnp.where(jnp.arange(logp.shape[-1]) == eos_id, 0.0, NEG).astype(logp.dtype)
+        logp = jnp.where(i == last, forced, logp)
+    return logp
+
+
 def _finish(token, done, eos_id, pad_id):
     token = jnp.where(done, pad_id, token)
     return token, done | (token == eos_id) if eos_id is not None else done
 
 
-def _sample_loop(step, cache, last, tokens, offset, steps, rng, sampling):
+def _sample_loop(step, cache, last, tokens, offset, steps, rng, sampling, adjust=None):
     """Draw ``steps`` tokens into ``tokens[:, offset:]``, feeding each back through ``step(cache, token)
-    -> (next logits, cache)``, until every row has produced EOS (later positions keep ``pad_id``)."""
+    -> (next logits, cache)``, until every row has produced EOS (later positions keep ``pad_id``).
+    ``adjust(logits, i)``, if given, changes the logits of step ``i`` before the draw."""
     temperature, top_k, top_p, eos_id, pad_id = sampling
 
     def cond(carry):
@@ -95,7 +112,8 @@ def _sample_loop(step, cache, last, tokens, offset, steps, rng, sampling):
     def body(carry):
         i, tokens, cache, last, done, rng = carry
         rng, sub = jax.random.split(rng)
-        token, done = _finish(sample_logits(last, sub, temperature, top_k, top_p), done, eos_id, pad_id)
+        logits = last if adjust is None else adjust(last, i)
+        token, done = _finish(sample_logits(logits, sub, temperature, top_k, top_p), done, eos_id, pad_id)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, offset + i))
         last, cache = step(cache, token)
         return i + 1, tokens, cache, last, done, rng
@@ -139,7 +157,8 @@ def generate(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id", "pad_id", "temperature", "top_k", "top_p")
+    jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id", "pad_id", "temperature", "top_k", "top_p",
+                              "suppress_ids", "force_eos"),
 )
 def generate_seq2seq(
     model: nn.Module,
@@ -154,8 +173,13 @@ def generate_seq2seq(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    suppress_ids: tuple[int, ...] = (),
+    force_eos: bool = False,
 ) -> Array:
-    """Encoder-decoder, greedy or sampled: ``src [B, S]`` -> ``[B, max_len]`` (no start token)."""
+    """Encoder-decoder, greedy or sampled: ``src [B, S]`` -> ``[B, max_len]`` (no start token).
+
+    ``suppress_ids`` are never drawn; ``force_eos`` makes position ``max_len - 1`` EOS (see ``constrain``).
+    """
     b = src.shape[0]
     rng = jax.random.key(0) if rng is None else rng
     dec = _decoding_twin(model)
@@ -170,7 +194,12 @@ def generate_seq2seq(
 
     last, cache = step(cache, jnp.full((b,), bos_id, jnp.int32))
     tokens = jnp.full((b, max_len), pad_id, jnp.int32)
-    return _sample_loop(step, cache, last, tokens, 0, max_len, rng, (temperature, top_k, top_p, eos_id, pad_id))
+    adjust = None
+    if suppress_ids or force_eos:
+        adjust = functools.partial(constrain, last=max_len - 1, suppress_ids=suppress_ids, force_eos=force_eos,
+                                   eos_id=eos_id)  # fmt: skip
+    sampling = (temperature, top_k, top_p, eos_id, pad_id)
+    return _sample_loop(step, cache, last, tokens, 0, max_len, rng, sampling, adjust)
 
 
 def length_penalty(length: Array | int, alpha: float) -> Array:
@@ -178,7 +207,8 @@ def length_penalty(length: Array | int, alpha: float) -> Array:
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beam_size", "alpha", "max_len", "bos_id", "eos_id", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "alpha", "max_len", "bos_id", "eos_id", "pad_id",
+                                             "suppress_ids", "force_eos", "finish_top_k_only"))  # fmt: skip
 def beam_search(
     model: nn.Module,
     params: Any,
@@ -190,6 +220,9 @@ def beam_search(
     bos_id: int,
     eos_id: int,
     pad_id: int = 0,
+    suppress_ids: tuple[int, ...] = (),
+    force_eos: bool = False,
+    finish_top_k_only: bool = False,
 ) -> tuple[Array, Array]:
     """Encoder-decoder beam search -> ``(tokens [B, max_len], scores [B])``, the best hypothesis per row.
 
@@ -198,6 +231,12 @@ def beam_search(
     its worst finished one (the bound uses the longest possible length). If no
     beam finishes within ``max_len``, the best live beam is returned.
     With ``beam_size=1`` and ``alpha=0`` it is greedy decoding.
+
+    ``suppress_ids`` and ``force_eos`` apply to the log-probabilities (``constrain``: a forced EOS adds 0).
+    ``finish_top_k_only``: only an EOS among the K best of a step's 2K candidates finishes a hypothesis
+    (Hugging Face's rule); by default any of the 2K does. With ``alpha=0``, ``force_eos`` and
+    ``finish_top_k_only`` this is ``transformers``' beam search with ``length_penalty=0`` and
+    ``early_stopping=False``, up to ties.
     """
     b, k = src.shape[0], beam_size
     dec = _decoding_twin(model)
@@ -232,7 +271,8 @@ def beam_search(
         logits, variables = dec.apply(
             {"params": params, "cache": cache}, token, encoded_k, src_k, method="decode", mutable=["cache"]
         )
-        logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)).reshape(b, k, -1)
+        logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32))
+        logp = constrain(logp, i, max_len - 1, suppress_ids, force_eos, eos_id).reshape(b, k, -1)
         vocab = logp.shape[-1]
         cand = (alive_lp[:, :, None] + logp).reshape(b, k * vocab)
         top_lp, top_idx = jax.lax.top_k(cand, 2 * k)  # 2K: enough to keep K alive after K finish
@@ -240,6 +280,7 @@ def beam_search(
         top_seqs = jnp.take_along_axis(seqs, origin[:, :, None], axis=1)
         top_seqs = jax.lax.dynamic_update_slice(top_seqs, new_tok[:, :, None], (0, 0, i + 1))
         is_eos = new_tok == eos_id
+        finishes = is_eos & (jnp.arange(2 * k) < k) if finish_top_k_only else is_eos
 
         # The K best candidates that did not end go on.
         alive_cand = jnp.where(is_eos, NEG, top_lp)
@@ -248,10 +289,10 @@ def beam_search(
         cache = gather_beams(variables["cache"], jnp.take_along_axis(origin, keep, axis=1))
 
         # Candidates that ended join the finished set if they beat its members.
-        scores = jnp.where(is_eos, top_lp / length_penalty(i + 1, alpha), NEG)
+        scores = jnp.where(finishes, top_lp / length_penalty(i + 1, alpha), NEG)
         all_seqs = jnp.concatenate([fin_seqs, top_seqs], axis=1)
         all_scores = jnp.concatenate([fin_scores, scores], axis=1)
-        all_flags = jnp.concatenate([fin_flags, is_eos], axis=1)
+        all_flags = jnp.concatenate([fin_flags, finishes], axis=1)
         fin_scores, best = jax.lax.top_k(jnp.where(all_flags, all_scores, NEG), k)
         fin_seqs = jnp.take_along_axis(all_seqs, best[:, :, None], axis=1)
         fin_flags = jnp.take_along_axis(all_flags, best, axis=1)
@@ -265,4 +306,4 @@ def beam_search(
     return tokens, scores
 
 
-__all__ = ["beam_search", "generate", "generate_seq2seq", "length_penalty", "sample_logits"]
+__all__ = ["beam_search", "constrain", "generate", "generate_seq2seq", "length_penalty", "sample_logits"]

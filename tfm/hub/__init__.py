@@ -17,12 +17,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tfm.hub import files, gpt2, llama, t5
+from tfm.hub import files, gpt2, llama, marian, t5
 from tfm.hub.convert import Architecture, HubError, fit, unscan
 
-_FAMILIES = (gpt2, llama, t5)
+_FAMILIES = (gpt2, llama, t5, marian)
 ARCHITECTURES: dict[str, Architecture] = {name: m.ARCHITECTURE for m in _FAMILIES for name in m.ARCHITECTURE.names}
 
 

@@ -16,21 +16,31 @@ from jax import Array
 
 from tfm import sharding as sh
 
+SINUSOID_LAYOUTS = ("interleaved", "halves")
 
-def sinusoidal_positions(positions: int | Array, d_model: int, max_timescale: float = 10_000.0) -> Array:
+
+def sinusoidal_positions(
+    positions: int | Array, d_model: int, max_timescale: float = 10_000.0, layout: str = "interleaved"
+) -> Array:
     """The paper's fixed encoding (§3.5), interleaved exactly as written there.
 
     PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
 
+    ``layout="halves"`` puts the same values as all sines first, then all cosines
+    (``[sin(pos w_0) .. sin(pos w_{D/2-1}), cos(pos w_0) ..]``: tensor2tensor, fairseq, Marian).
     ``positions`` is a length (a Python or NumPy integer -> positions
     0..length-1) or an integer array of any shape ``[...]``; returns float32
     ``[..., d_model]``.
     """
     if d_model % 2:
         raise ValueError(f"sinusoidal positions need an even d_model, got {d_model}")
+    if layout not in SINUSOID_LAYOUTS:
+        raise ValueError(f"sinusoid layout must be one of {SINUSOID_LAYOUTS}, got {layout!r}")
     pos = jnp.arange(positions) if isinstance(positions, (int, np.integer)) else jnp.asarray(positions)
     two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)  # 2i
     angle = pos[..., None].astype(jnp.float32) / jnp.power(max_timescale, two_i / d_model)
+    if layout == "halves":
+        return jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
     # Stack (sin, cos) on a new last axis and flatten: sin at even, cos at odd indices.
     return jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(*pos.shape, d_model)
 

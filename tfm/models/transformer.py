@@ -22,7 +22,7 @@ from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
 from tfm.layers.embed import Embed
 from tfm.layers.linear import Einsum
 from tfm.layers.masks import and_masks, causal_mask, key_padding_mask, segment_mask
-from tfm.layers.position import LearnedPositionEmbedding, sinusoidal_positions
+from tfm.layers.position import SINUSOID_LAYOUTS, LearnedPositionEmbedding, sinusoidal_positions
 from tfm.models.common import DecodePositions, ModelConfig
 
 POSITIONS = ("sinusoidal", "learned")
@@ -46,6 +46,12 @@ class TransformerConfig(ModelConfig):
     share_embeddings: bool = True  # one table for source and target
     tie_output: bool = True  # pre-softmax projection = target embedding^T
     pad_id: int = 0
+    scale_embeddings: bool = True  # token embeddings * sqrt(D) (§3.4)
+    sinusoid_layout: str = "interleaved"  # the paper's; "halves": all sines, then all cosines (Marian)
+    mask_target_padding: bool = True  # False: the decoder's self-attention sees pad tokens (Marian starts with pad)
+    logits_bias: bool = False  # a learned bias [V] added to the logits (Marian's final_logits_bias)
+    bos_id: int | None = None  # the target's start and end tokens, for generation and export; None: unknown
+    eos_id: int | None = None
     scan_layers: bool = True
     remat_policy: str = "none"
     block: BlockConfig = BlockConfig(d_model=512, num_heads=8, d_ff=2048, norm_epsilon=1e-6, dropout_rate=0.1)
@@ -55,6 +61,8 @@ class TransformerConfig(ModelConfig):
     def check(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+        if self.sinusoid_layout not in SINUSOID_LAYOUTS:
+            raise ValueError(f"sinusoid_layout must be one of {SINUSOID_LAYOUTS}, got {self.sinusoid_layout!r}")
         if self.share_embeddings and self.target_vocab_size not in (None, self.vocab_size):
             raise ValueError(
                 f"share_embeddings needs one vocabulary, got vocab_size={self.vocab_size}, "
@@ -89,7 +97,8 @@ class Transformer(nn.Module):
 
     def setup(self) -> None:
         cfg, b = self.config, self.config.block
-        embed = lambda n, name: Embed(n, b.d_model, scale_by_sqrt_dim=True, dtype=b.dtype, param_dtype=b.param_dtype, name=name)  # noqa: E731
+        embed = lambda n, name: Embed(n, b.d_model, scale_by_sqrt_dim=cfg.scale_embeddings, dtype=b.dtype,  # noqa: E731
+                                      param_dtype=b.param_dtype, name=name)  # fmt: skip
         if cfg.share_embeddings:
             self.src_embed = self.tgt_embed = embed(cfg.vocab_size, "embed")
         else:
@@ -104,11 +113,15 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(b.dropout_rate)
         if not cfg.tie_output:
             self.logits_proj = Einsum((b.d_model, cfg.tgt_vocab), (sh.EMBED, sh.VOCAB), dtype=b.dtype, param_dtype=b.param_dtype)
+        if cfg.logits_bias:
+            init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.VOCAB,))
+            self.final_logits_bias = self.param("logits_bias", init, (cfg.tgt_vocab,), b.param_dtype)
 
     def _embed(self, tokens, positions, embed, pos_table, deterministic):
         x = embed(tokens)
         if self.config.position == "sinusoidal":
-            x = x + sinusoidal_positions(positions, self.config.block.d_model).astype(x.dtype)
+            pe = sinusoidal_positions(positions, self.config.block.d_model, layout=self.config.sinusoid_layout)
+            x = x + pe.astype(x.dtype)
         else:
             x = x + pos_table(positions).astype(x.dtype)
         return self.dropout(x, deterministic=deterministic)
@@ -160,15 +173,14 @@ class Transformer(nn.Module):
             self_mask = None  # the KV cache masks positions beyond the current one
         else:
             causal = causal_mask(t) if cfg.block.attention == "full" else None  # efficient kinds take causal=True
-            self_mask = and_masks(causal, key_padding_mask(tgt_in != cfg.pad_id))
+            self_mask = and_masks(causal, key_padding_mask(tgt_in != cfg.pad_id) if cfg.mask_target_padding else None)
         if tgt_segment_ids is not None:
             self._check_no_segments()
             self_mask = and_masks(self_mask, segment_mask(tgt_segment_ids))
             cross_mask = and_masks(cross_mask, segment_mask(tgt_segment_ids, src_segment_ids))
         y = self.decoder(y, encoded=encoded, mask=self_mask, cross_mask=cross_mask, deterministic=deterministic)
-        if cfg.tie_output:
-            return self.tgt_embed.attend(y)
-        return self.logits_proj("BTD,DV->BTV", y).astype(jnp.float32)
+        logits = self.tgt_embed.attend(y) if cfg.tie_output else self.logits_proj("BTD,DV->BTV", y).astype(jnp.float32)
+        return logits + self.final_logits_bias.astype(jnp.float32) if cfg.logits_bias else logits
 
     def __call__(
         self,

@@ -54,6 +54,8 @@ class Run:
     mesh: jax.sharding.Mesh
     rules: tuple
     averaged_steps: tuple[int, ...] = ()  # the checkpoints whose parameters were averaged, if any
+    # Extra arguments of the seq2seq decoders: a Hugging Face checkpoint's generation rules (``tfm.decode``).
+    decode_options: dict = dataclasses.field(default_factory=dict)
 
     def evaluate(self, steps: int = -1, split: str = "validation") -> dict:
         """Teacher-forced loss, accuracy (and perplexity) over ``steps`` batches of ``split`` (-1: all of it)."""
@@ -149,7 +151,26 @@ def load_pretrained(path_or_repo_id: str, *, dtype: jnp.dtype | None = None,
     task = next(p.task for p in PRESETS.values() if p.model_cls is type(model) and p.task)
     tokenizer = load_tokenizer(directory)
     return Run(None, model, tasks_lib.get_task(task), tokenizer, params, 0, os.path.abspath(directory), mesh,
-               sh.make_rules())  # fmt: skip
+               sh.make_rules(), decode_options=generation_rules(directory))  # fmt: skip
+
+
+def generation_rules(directory: str) -> dict:
+    """The seq2seq decoders' options that reproduce a checkpoint's ``generate`` (``config.json``, then
+    ``generation_config.json``): tokens it bans (``bad_words_ids`` of length 1, Marian's pad), an EOS
+    forced at the last position, and transformers' rule that only an EOS among a step's best K
+    candidates finishes a beam."""
+    rules: dict = {}
+    for name in ("config.json", "generation_config.json"):
+        if os.path.isfile(os.path.join(directory, name)):
+            with open(os.path.join(directory, name)) as f:
+                rules.update({k: v for k, v in json.load(f).items() if v is not None})
+    banned = tuple(int(w[0]) for w in rules.get("bad_words_ids") or [] if len(w) == 1)
+    options: dict = {"finish_top_k_only": True}
+    if banned:
+        options["suppress_ids"] = banned
+    if rules.get("forced_eos_token_id") is not None:
+        options["force_eos"] = True
+    return options
 
 
 def exact_match(pred: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -190,10 +211,12 @@ def translate_ids(run: Run, src: np.ndarray, beam_size: int, alpha: float, max_l
     ds = run.dataset
     if beam_size:
         out, _ = decode.beam_search(run.model, run.params, jnp.asarray(src), beam_size=beam_size, alpha=alpha,
-                                    max_len=max_len, bos_id=ds.bos_id, eos_id=ds.eos_id, pad_id=ds.pad_id)  # fmt: skip
+                                    max_len=max_len, bos_id=ds.bos_id, eos_id=ds.eos_id, pad_id=ds.pad_id,
+                                    **run.decode_options)  # fmt: skip
     else:
+        options = {k: v for k, v in run.decode_options.items() if k != "finish_top_k_only"}
         out = decode.generate_seq2seq(run.model, run.params, jnp.asarray(src), max_len=max_len, bos_id=ds.bos_id,
-                                      eos_id=ds.eos_id, pad_id=ds.pad_id)  # fmt: skip
+                                      eos_id=ds.eos_id, pad_id=ds.pad_id, **options)  # fmt: skip
     return np.asarray(out)
 
 

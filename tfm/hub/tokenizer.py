@@ -127,7 +127,8 @@ class MarianTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         specials = {self.eos_id, self.pad_id}
         pieces = [self.itos.get(int(i), "") for i in ids if int(i) not in specials]
-        return self.target.decode_pieces([p for p in pieces if p])
+        # As transformers' MarianTokenizer: pieces the target model lacks keep their text, "▁" read as a space.
+        return self.target.decode_pieces([p for p in pieces if p]).replace("\u2581", " ").strip()
 
 
 def load_tokenizer(path: str) -> Tokenizer:

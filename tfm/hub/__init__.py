@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfm.hub import files, gpt2
+from tfm.hub import bert, files, gpt2, vit
 from tfm.hub.convert import Architecture, HubError, fit, unscan
 
-_FAMILIES = (gpt2,)
+_FAMILIES = (gpt2, bert, vit)
 ARCHITECTURES: dict[str, Architecture] = {name: m.ARCHITECTURE for m in _FAMILIES for name in m.ARCHITECTURE.names}
 
 

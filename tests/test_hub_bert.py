@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _hub import maxerr, save_hf, transformers_or_skip
 
 transformers = transformers_or_skip()
@@ -55,7 +54,8 @@ def _inputs(seed=0):
 def torch_outputs(model, tokens, types) -> tuple[np.ndarray, ...]:
     """What each architecture predicts: (hidden states, pooled) / MLM logits / class logits / (start, end)."""
     with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(tokens, dtype=torch.long), token_type_ids=torch.as_tensor(types, dtype=torch.long),
+        out = model(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                    token_type_ids=torch.as_tensor(types, dtype=torch.long),
                     attention_mask=torch.as_tensor(tokens != 0, dtype=torch.long))  # fmt: skip
     if isinstance(model, transformers.BertModel):
         return out.last_hidden_state.numpy(), out.pooler_output.numpy()
@@ -70,7 +70,7 @@ def tfm_outputs(model, params, tokens, types) -> tuple[np.ndarray, ...]:
 
 
 def assert_same(ours, theirs, arch, tol):
-    """Every output at the real positions: the whole of row 0, row 1 before its padding (pooled/class logits: per row)."""
+    """Every output at the real positions: all of row 0, row 1 before its padding (pooled and class logits: per row)."""
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape, (arch, a.shape, b.shape)
@@ -112,7 +112,7 @@ def test_export_loads_in_transformers_with_the_same_outputs(checkpoints, arch, t
 
 @pytest.mark.parametrize("preset", ["bert_tiny", "bert_tiny_mlm", "bert_tiny_classifier", "bert_tiny_qa"])
 def test_a_fresh_tfm_bert_exports_and_round_trips(preset, tmp_path):
-    """A model tfm initialised itself leaves tfm and comes back; the MLM's pooler (unused by its logits) stays behind."""
+    """A model tfm built itself leaves tfm and comes back; the MLM's pooler (unused by its logits) stays behind."""
     module = PRESETS[preset].model()
     tokens, types = _inputs(seed=3)
     rng = np.random.default_rng(4)  # drawn for the model's shapes: no zero bias hides a bad map; norm scales around 1
@@ -132,13 +132,16 @@ def test_a_fresh_tfm_bert_exports_and_round_trips(preset, tmp_path):
 
 
 BASE_UNCASED = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                    intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                    max_position_embeddings=512, type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12,
-                    pad_token_id=0, position_embedding_type="absolute", model_type="bert")  # fmt: skip
+                    intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
+                    attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
+                    initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0, position_embedding_type="absolute",
+                    model_type="bert")  # fmt: skip
 
 
-@pytest.mark.parametrize("arch, preset, expected", [("BertModel", bert_base, 109_482_240),
-                                                    ("BertForQuestionAnswering", bert_base_qa, 108_893_186)])  # fmt: skip
+COUNTS = [("BertModel", bert_base, 109_482_240), ("BertForQuestionAnswering", bert_base_qa, 108_893_186)]
+
+
+@pytest.mark.parametrize("arch, preset, expected", COUNTS)
 def test_full_size_bert_config_counts_as_the_preset_and_transformers(arch, preset, expected):
     cls, cfg = ARCHITECTURES[arch].to_tfm({**BASE_UNCASED, "architectures": [arch]}, arch)
     assert cfg == preset
@@ -159,13 +162,13 @@ def test_unsupported_options_are_named(checkpoints, tmp_path):
         (d / "config.json").write_text(json.dumps({**hf, **changes}))
         return d
 
-    cases = [(dict(position_embedding_type="relative_key"), "position_embedding_type='relative_key' is not implemented"),
+    cases = [(dict(position_embedding_type="relative_key"), "position_embedding_type='relative_key' is not"),
              (dict(is_decoder=True), "is_decoder=True is not implemented"),
              (dict(add_cross_attention=True), "add_cross_attention=True is not implemented"),
              (dict(hidden_act="gelu_fast"), "hidden_act='gelu_fast' is not implemented"),
              (dict(tie_word_embeddings=False), "tie_word_embeddings=False is not implemented"),
              (dict(classifier_dropout=0.3), "classifier_dropout=0.3 is not implemented"),
-             (dict(architectures=["BertForQuestionAnswering"], num_labels=3), "num_labels=3 is not implemented")]  # fmt: skip
+             (dict(architectures=["BertForQuestionAnswering"], num_labels=3), "num_labels=3 is not")]  # fmt: skip
     for i, (changes, message) in enumerate(cases):
         with pytest.raises(HubError, match=message):
             config_from_pretrained(write(f"case{i}", **changes))
@@ -177,8 +180,9 @@ def test_a_checkpoint_missing_a_tensor_or_with_an_extra_one_is_named(checkpoints
 
     directory, _ = checkpoints["BertForSequenceClassification"]
     tensors = load_file(os.path.join(directory, "model.safetensors"))
-    for name, changed in [("short", {k: v for k, v in tensors.items() if k != "bert.pooler.dense.weight"}),
-                          ("extra", {**tensors, "bert.encoder.layer.0.attention.self.rotary": np.zeros(3, np.float32)})]:  # fmt: skip
+    short = {k: v for k, v in tensors.items() if k != "bert.pooler.dense.weight"}
+    extra = {**tensors, "bert.encoder.layer.0.attention.self.rotary": np.zeros(3, np.float32)}
+    for name, changed in [("short", short), ("extra", extra)]:
         d = tmp_path / name
         d.mkdir()
         (d / "config.json").write_text(open(os.path.join(directory, "config.json")).read())

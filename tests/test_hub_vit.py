@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from _hub import maxerr, save_hf, torch_logits, transformers_or_skip
 
 transformers = transformers_or_skip()

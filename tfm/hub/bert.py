@@ -132,7 +132,7 @@ def to_params(tensors: Flat, cfg: BertConfig, arch: str) -> Flat:
 
 
 def from_params(flat: Flat, cfg: BertConfig, arch: str) -> Flat:
-    p, n = flat, cfg.block.num_heads
+    p = flat
     base = "bert/" if any(k.startswith("bert/") for k in p) else ""  # a head model's backbone, or a BertModel
     pre = "" if arch == "BertModel" else "bert."
     out: Flat = {}
@@ -186,7 +186,8 @@ def to_hf(cfg: BertConfig, arch: str) -> dict:
         "hidden_act": HF_ACTIVATIONS[b.activation], "hidden_dropout_prob": b.dropout_rate,
         "attention_probs_dropout_prob": b.attention_dropout_rate, "max_position_embeddings": cfg.max_len,
         "type_vocab_size": cfg.type_vocab_size, "initializer_range": cfg.init_std, "layer_norm_eps": b.norm_epsilon,
-        "pad_token_id": None if cfg.pad_id < 0 else cfg.pad_id, "is_decoder": False, "add_cross_attention": False, "tie_word_embeddings": True, "classifier_dropout": None,
+        "pad_token_id": None if cfg.pad_id < 0 else cfg.pad_id, "is_decoder": False, "add_cross_attention": False,
+        "tie_word_embeddings": True, "classifier_dropout": None,
     }  # fmt: skip
     if arch == "BertForSequenceClassification":
         hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}

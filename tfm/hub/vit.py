@@ -135,7 +135,8 @@ def claims(module, cfg) -> str | None:
     plain = (not cfg.stem_channels and cfg.pool == "cls" and b.norm == "layernorm" and b.norm_position == "pre"
              and b.attention_bias and b.mlp_bias and b.activation in HF_ACTIVATIONS
              and b.num_kv_heads in (None, b.num_heads) and b.head_dim in (None, b.d_model // b.num_heads)
-             and b.attention == "full" and not b.num_experts and b.attention_scale is None and not b.use_rope)  # fmt: skip
+             and b.attention == "full" and not b.num_experts and b.attention_scale is None
+             and not b.use_rope)  # fmt: skip
     return ARCH if plain else None
 
 

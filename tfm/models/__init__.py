@@ -116,9 +116,11 @@ def get_preset(name: str) -> Preset:
 
 
 __all__ = [
-    "BertConfig", "BertForMaskedLM", "BertForQuestionAnswering", "BertForSequenceClassification", "BertModel", "GPT", "GPTConfig",
+    "BertConfig", "BertForMaskedLM", "BertForQuestionAnswering", "BertForSequenceClassification", "BertModel",
+    "GPT", "GPTConfig",
     "PRESETS", "Preset", "T5", "T5Config", "Transformer", "TransformerConfig", "ViT", "ViTConfig",
-    "bert_base", "bert_base_qa", "bert_tiny", "bert_tiny_qa", "count_params", "get_preset", "gpt2_small", "gpt_moe_tiny", "gpt_tiny", "llama_tiny", "mixtral_8x7b",
+    "bert_base", "bert_base_qa", "bert_tiny", "bert_tiny_qa",
+    "count_params", "get_preset", "gpt2_small", "gpt_moe_tiny", "gpt_tiny", "llama_tiny", "mixtral_8x7b",
     "t5_small", "t5_tiny", "transformer_base", "transformer_big", "transformer_moe_tiny", "transformer_tiny",
     "vit_b16", "vit_tiny",
 ]  # fmt: skip

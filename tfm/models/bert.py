@@ -88,7 +88,8 @@ class BertModel(nn.Module):
         self.dropout = nn.Dropout(b.dropout_rate)
         self.encoder = Stack(EncoderBlock, cfg.layer_config(), cfg.num_layers, cfg.scan_layers, cfg.remat_policy)
         if cfg.pooler:
-            self.pooler = Einsum((b.d_model, b.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init, dtype=b.dtype, param_dtype=b.param_dtype)
+            self.pooler = Einsum((b.d_model, b.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init,
+                                 dtype=b.dtype, param_dtype=b.param_dtype)
 
     def __call__(
         self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True
@@ -151,9 +152,13 @@ class BertForQuestionAnswering(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True) -> tuple[Array, Array]:
+    def __call__(
+        self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True
+    ) -> tuple[Array, Array]:
         cfg, b = self.config, self.config.block
         x, _ = BertModel(cfg, name="bert")(tokens, segment_ids, deterministic=deterministic)
-        head = Einsum((b.d_model, 2), (sh.EMBED, None), use_bias=True, kernel_init=nn.initializers.normal(stddev=cfg.init_std), dtype=b.dtype, param_dtype=b.param_dtype, name="qa_outputs")
+        init = nn.initializers.normal(stddev=cfg.init_std)
+        head = Einsum((b.d_model, 2), (sh.EMBED, None), use_bias=True, kernel_init=init, dtype=b.dtype,
+                      param_dtype=b.param_dtype, name="qa_outputs")
         logits = head("BTD,DS->BTS", x).astype(jnp.float32)
         return logits[..., 0], logits[..., 1]

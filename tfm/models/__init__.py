@@ -14,7 +14,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tfm.models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, bert_base, bert_tiny
+from tfm.models.bert import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertModel,
+    bert_base,
+    bert_base_qa,
+    bert_tiny,
+    bert_tiny_qa,
+)  # fmt: skip
 from tfm.models.common import count_params
 from tfm.models.gpt import GPT, GPTConfig, gpt2_small, gpt_moe_tiny, gpt_tiny, llama_tiny, mixtral_8x7b
 from tfm.models.t5 import T5, T5Config, t5_small, t5_tiny
@@ -84,6 +94,8 @@ PRESETS: dict[str, Preset] = {
         Preset("bert_tiny_mlm", bert_tiny, BertForMaskedLM, _tokens(8), "mlm"),
         Preset("bert_base_classifier", bert_base, BertForSequenceClassification, _tokens(8), "text_classify"),
         Preset("bert_tiny_classifier", bert_tiny, BertForSequenceClassification, _tokens(8), "text_classify"),
+        Preset("bert_base_qa", bert_base_qa, BertForQuestionAnswering, _tokens(8)),
+        Preset("bert_tiny_qa", bert_tiny_qa, BertForQuestionAnswering, _tokens(8)),
         Preset("gpt2_small", gpt2_small, GPT, _tokens(8), "lm"),
         Preset("gpt_tiny", gpt_tiny, GPT, _tokens(8), "lm"),
         Preset("llama_tiny", llama_tiny, GPT, _tokens(8), "lm"),
@@ -104,9 +116,11 @@ def get_preset(name: str) -> Preset:
 
 
 __all__ = [
-    "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "GPT", "GPTConfig",
+    "BertConfig", "BertForMaskedLM", "BertForQuestionAnswering", "BertForSequenceClassification", "BertModel",
+    "GPT", "GPTConfig",
     "PRESETS", "Preset", "T5", "T5Config", "Transformer", "TransformerConfig", "ViT", "ViTConfig",
-    "bert_base", "bert_tiny", "count_params", "get_preset", "gpt2_small", "gpt_moe_tiny", "gpt_tiny", "llama_tiny", "mixtral_8x7b",
+    "bert_base", "bert_base_qa", "bert_tiny", "bert_tiny_qa",
+    "count_params", "get_preset", "gpt2_small", "gpt_moe_tiny", "gpt_tiny", "llama_tiny", "mixtral_8x7b",
     "t5_small", "t5_tiny", "transformer_base", "transformer_big", "transformer_moe_tiny", "transformer_tiny",
     "vit_b16", "vit_tiny",
 ]  # fmt: skip

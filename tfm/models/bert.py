@@ -7,7 +7,9 @@
 ``bert_base`` preset exactly BERT-base-uncased's 109,482,240 parameters.
 ``BertForMaskedLM`` adds the MLM transform and the output layer tied to the
 token embedding; ``BertForSequenceClassification`` adds dropout + a linear
-classifier on the pooled vector.
+classifier on the pooled vector; ``BertForQuestionAnswering`` a linear span head
+(start and end logits per position). ``pooler=False`` builds the backbone without
+the pooler, as Hugging Face's masked-LM and question-answering models do.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class BertConfig(ModelConfig):
     num_layers: int = 12
     init_std: float = 0.02
     num_labels: int = 2
-    pad_id: int = 0
+    pad_id: int = 0  # tokens with this id are padding (keys masked); -1: no token is padding
+    pooler: bool = True  # False: no pooler (BertModel returns pooled=None), as in HF's masked-LM and QA models
     scan_layers: bool = True
     remat_policy: str = "none"
     block: BlockConfig = BlockConfig(
@@ -62,10 +65,12 @@ class BertConfig(ModelConfig):
 bert_base = BertConfig()
 bert_tiny = bert_base.replace(vocab_size=64, max_len=32, d_model=32, num_heads=4, num_layers=2, d_ff=64,
                               dropout_rate=0.0, attention_dropout_rate=0.0)  # fmt: skip
+bert_base_qa = bert_base.replace(pooler=False)  # BertForQuestionAnswering: 108,893,186 parameters, as Hugging Face's
+bert_tiny_qa = bert_tiny.replace(pooler=False)
 
 
 class BertModel(nn.Module):
-    """``tokens [B, T]`` (+ ``segment_ids``) -> ``(sequence [B, T, D], pooled [B, D])``.
+    """``tokens [B, T]`` (+ ``segment_ids``) -> ``(sequence [B, T, D], pooled [B, D])`` (pooled None without a pooler).
 
     Token ``pad_id`` is padding (keys masked). ``segment_ids`` here are BERT's
     sentence A/B *token types*, not packing segments.
@@ -82,11 +87,13 @@ class BertModel(nn.Module):
         self.embed_norm = LayerNorm(b.norm_epsilon, dtype=b.dtype, param_dtype=b.param_dtype)
         self.dropout = nn.Dropout(b.dropout_rate)
         self.encoder = Stack(EncoderBlock, cfg.layer_config(), cfg.num_layers, cfg.scan_layers, cfg.remat_policy)
-        self.pooler = Einsum((b.d_model, b.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init, dtype=b.dtype, param_dtype=b.param_dtype)
+        if cfg.pooler:
+            self.pooler = Einsum((b.d_model, b.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init,
+                                 dtype=b.dtype, param_dtype=b.param_dtype)
 
     def __call__(
         self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True
-    ) -> tuple[Array, Array]:
+    ) -> tuple[Array, Array | None]:
         cfg = self.config
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T] ids, got shape {tokens.shape}")
@@ -97,7 +104,7 @@ class BertModel(nn.Module):
         x = self.token_embed(tokens) + self.pos_embed(jnp.arange(t)).astype(cfg.block.dtype) + self.type_embed(segment_ids)
         x = self.dropout(self.embed_norm(x), deterministic=deterministic)
         x = self.encoder(x, mask=key_padding_mask(tokens != cfg.pad_id), deterministic=deterministic)
-        pooled = jnp.tanh(self.pooler("BD,DE->BE", x[:, 0]))
+        pooled = jnp.tanh(self.pooler("BD,DE->BE", x[:, 0])) if cfg.pooler else None
         return x, pooled
 
 
@@ -126,7 +133,32 @@ class BertForSequenceClassification(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True) -> Array:
         cfg, b = self.config, self.config.block
+        if not cfg.pooler:
+            raise ValueError("BertForSequenceClassification classifies the pooled [CLS] vector: it needs pooler=True")
         _, pooled = BertModel(cfg, name="bert")(tokens, segment_ids, deterministic=deterministic)
         pooled = nn.Dropout(b.dropout_rate)(pooled, deterministic=deterministic)
         head = Einsum((b.d_model, cfg.num_labels), (sh.EMBED, sh.CLASSES), use_bias=True, kernel_init=nn.initializers.normal(stddev=cfg.init_std), dtype=b.dtype, param_dtype=b.param_dtype, name="classifier")
         return head("BD,DC->BC", pooled).astype(jnp.float32)
+
+
+class BertForQuestionAnswering(nn.Module):
+    """Backbone + linear span head: ``tokens -> (start_logits [B, T], end_logits [B, T])`` (float32).
+
+    Extractive QA (SQuAD): the answer is the span from the argmax of ``start_logits``
+    to that of ``end_logits`` (over the context's positions). The presets build it
+    without the pooler, which the head does not read.
+    """
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(
+        self, tokens: Array, segment_ids: Array | None = None, *, deterministic: bool = True
+    ) -> tuple[Array, Array]:
+        cfg, b = self.config, self.config.block
+        x, _ = BertModel(cfg, name="bert")(tokens, segment_ids, deterministic=deterministic)
+        init = nn.initializers.normal(stddev=cfg.init_std)
+        head = Einsum((b.d_model, 2), (sh.EMBED, None), use_bias=True, kernel_init=init, dtype=b.dtype,
+                      param_dtype=b.param_dtype, name="qa_outputs")
+        logits = head("BTD,DS->BTS", x).astype(jnp.float32)
+        return logits[..., 0], logits[..., 1]

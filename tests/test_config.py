@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tfm import config as config_lib
-from tfm import train
+from tfm import cli, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COPY = os.path.join(ROOT, "configs", "copy.py")
@@ -74,7 +74,7 @@ def test_overrides_take_every_form_absl_users_type():
     """``--config.k=v``, ``--config.k v`` and a bare boolean ``--config.k``, as ml_collections' config_flags."""
     rest = ["--config.train.steps", "70", "--config.train.tensorboard", "--config.optim.learning_rate=0.5",
             "--config.train.async_checkpoint", "--config.mesh.data", "-1", "--config.model.d_model", "48"]  # fmt: skip
-    overrides = train.split_overrides(rest, error=pytest.fail)
+    overrides = cli.split_overrides(rest, error=pytest.fail)
     assert overrides == ["train.steps=70", "train.tensorboard", "optim.learning_rate=0.5", "train.async_checkpoint",
                          "mesh.data=-1", "model.d_model=48"]  # fmt: skip
     base = config_lib.apply_overrides(config_lib.load_config(COPY + ":tiny"),
@@ -83,7 +83,7 @@ def test_overrides_take_every_form_absl_users_type():
     assert c.train.steps == 70 and c.train.tensorboard is True and c.train.async_checkpoint is True
     assert c.optim.learning_rate == 0.5 and c.mesh.data == -1 and c.model.d_model == 48
     errors = []
-    train.split_overrides(["--config.train.steps=1", "--workdirr", "x"], error=errors.append)
+    cli.split_overrides(["--config.train.steps=1", "--workdirr", "x"], error=errors.append)
     assert errors and "unrecognised argument '--workdirr'" in errors[0]
 
 

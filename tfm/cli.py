@@ -72,4 +72,26 @@ def fail(prog: str, message: object, status: int = 2) -> int:
     return status
 
 
-__all__ = ["Parser", "fail", "float_at_least", "int_at_least", "quiet_libraries", "stdout_to_stderr"]
+
+
+def split_overrides(rest: list[str], error) -> list[str]:
+    """``["--config.a.b=1", "--config.c", "2", "--config.flag"]`` -> ``["a.b=1", "c=2", "flag"]``.
+
+    A key with no ``=`` takes the next argument as its value unless that is another
+    option (``--...``); a key left without a value is a boolean switch (``apply_overrides``
+    refuses it for keys that are not boolean).
+    """
+    out, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--config."):
+            error(f"unrecognised argument {item!r} (overrides look like --config.train.steps=100)")
+        body = item[len("--config.") :]
+        if "=" not in body and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            body, i = f"{body}={rest[i + 1]}", i + 1
+        out.append(body)
+        i += 1
+    return out
+
+
+__all__ = ["Parser", "fail", "float_at_least", "int_at_least", "quiet_libraries", "split_overrides", "stdout_to_stderr"]

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 
 from tfm.models import PRESETS, get_preset
+from tfm.models.common import active_params
 
 if TYPE_CHECKING:
     from tfm.models.common import ModelConfig
@@ -30,23 +31,6 @@ def module_table(params: Any, depth: int = 2) -> list[tuple[str, int]]:
         module = "/".join(keys[: min(depth, len(keys) - 1)]) or keys[0]
         counts[module] = counts.get(module, 0) + int(leaf.size)
     return list(counts.items())
-
-
-EXPERT_WEIGHTS = ("wi", "wi_0", "wi_1", "wo", "wi_bias", "wi_0_bias", "wi_1_bias", "wo_bias")
-
-
-def active_params(params: Any, config: ModelConfig) -> int:
-    """Parameters one token uses: everything but the experts, plus k of the E experts of each MoE layer."""
-    experts = config.block.num_experts
-    total = expert = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(params)):
-        keys = [str(getattr(k, "key", k)) for k in path]
-        total += int(leaf.size)
-        if "moe" in keys and keys[-1] in EXPERT_WEIGHTS:
-            expert += int(leaf.size)
-    if not experts:
-        return total
-    return total - expert + expert * config.block.experts_per_token // experts
 
 
 def summary(name: str, depth: int = 2, config: ModelConfig | None = None) -> str:
@@ -82,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(args.preset, args.depth))
         return 0
     from tfm import config as config_lib
-    from tfm.cli import stdout_to_stderr
-    from tfm.train import split_overrides
+    from tfm.cli import split_overrides, stdout_to_stderr
 
     try:
         with stdout_to_stderr():

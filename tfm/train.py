@@ -46,26 +46,6 @@ def keys_help() -> str:
     return "\n".join(lines)
 
 
-def split_overrides(rest: list[str], error) -> list[str]:
-    """``["--config.a.b=1", "--config.c", "2", "--config.flag"]`` -> ``["a.b=1", "c=2", "flag"]``.
-
-    A key with no ``=`` takes the next argument as its value unless that is another
-    option (``--...``); a key left without a value is a boolean switch (``apply_overrides``
-    refuses it for keys that are not boolean).
-    """
-    out, i = [], 0
-    while i < len(rest):
-        item = rest[i]
-        if not item.startswith("--config."):
-            error(f"unrecognised argument {item!r} (overrides look like --config.train.steps=100)")
-        body = item[len("--config.") :]
-        if "=" not in body and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            body, i = f"{body}={rest[i + 1]}", i + 1
-        out.append(body)
-        i += 1
-    return out
-
-
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     import argparse as argparse_lib
 
@@ -80,6 +60,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "--allow_model_change", action="store_true", help="train a different model config in an existing workdir"
     )
     args, rest = parser.parse_known_args(argv)
+    from tfm.cli import split_overrides
+
     return args, split_overrides(rest, parser.error)
 
 

@@ -237,7 +237,7 @@ class Trainer:
 
     def banner(self) -> str:
         """One line at start-up: devices, mesh, parameters (total and active), units and FLOPs per step."""
-        from tfm.summary import active_params
+        from tfm.models.common import active_params
 
         devices = self.mesh.devices.flat
         kinds = collections.Counter(getattr(d, "device_kind", "") or d.platform for d in devices)

@@ -2,7 +2,7 @@
 
 from tfm.layers.attention import MultiHeadAttention
 from tfm.layers.attention_kinds import ATTENTION_KINDS, AttentionKind, AttentionOptions, register
-from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, REMAT_POLICIES, Stack
+from tfm.layers.blocks import REMAT_POLICIES, BlockConfig, DecoderBlock, EncoderBlock, Stack
 from tfm.layers.dot_product import dot_product_attention
 from tfm.layers.embed import Embed
 from tfm.layers.feedforward import MLP

@@ -109,3 +109,20 @@ class DecodePositions(nn.Module):
 def count_params(tree: Any) -> int:
     """Number of scalars in a (possibly boxed / ShapeDtypeStruct) pytree."""
     return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(tree)))
+
+
+EXPERT_WEIGHTS = ("wi", "wi_0", "wi_1", "wo", "wi_bias", "wi_0_bias", "wi_1_bias", "wo_bias")
+
+
+def active_params(params: Any, config: "ModelConfig") -> int:
+    """Parameters one token uses: everything but the experts, plus k of the E experts of each MoE layer."""
+    experts = config.block.num_experts
+    total = expert = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(params)):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        total += int(leaf.size)
+        if "moe" in keys and keys[-1] in EXPERT_WEIGHTS:
+            expert += int(leaf.size)
+    if not experts:
+        return total
+    return total - expert + expert * config.block.experts_per_token // experts

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from tfm import config as config_lib
 from tfm import cli, train
+from tfm import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COPY = os.path.join(ROOT, "configs", "copy.py")
@@ -56,6 +56,8 @@ BAD = [
     (["--config.train.label_smoothing=1.5"], "train.label_smoothing=1.5"),
     (["--config.train.steps"], "--config.train.steps: needs a value (--config.train.steps=VALUE)"),
     (["--config.train.steps", "--config.train.tensorboard"], "--config.train.steps: needs a value"),
+    (["--config.train.profile_steps=5"], "train.profile_steps='5': expected 'a:b'"),
+    (["--config.train.profile_steps=3:2"], "train.profile_steps='3:2'"),
 ]
 
 

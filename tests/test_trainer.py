@@ -304,3 +304,51 @@ def test_the_start_up_banner_names_devices_mesh_parameters_and_cost():
     assert "active" not in line
     moe = Trainer(copy_config("model.preset=transformer_moe_tiny"), devices=jax.devices()[:1]).banner()
     assert "active per token" in moe
+
+
+def test_dry_run_reports_the_compiled_steps_memory_and_writes_nothing(tmp_path, capsys):
+    from tfm import train
+
+    workdir = tmp_path / "run"
+    argv = ["--config", os.path.join(ROOT, "configs", "copy.py:tiny"), "--workdir", str(workdir), "--dry_run",
+            "--config.train.progress=none", "--config.mesh.data=-1"]  # fmt: skip
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"dry run: {len(jax.devices())} device(s)") and out[1].startswith("per device: peak ")
+    assert not workdir.exists()
+    trainer = Trainer(copy_config("mesh.data=2"), devices=jax.devices()[:2])
+    report = trainer.memory_report()
+    params = trainer.abstract_state.params
+    replicated = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    assert report["state"] >= 3 * replicated  # parameters + Adam's two moments, replicated over data
+    batch = sum(v.nbytes for v in trainer.dataset.batch("train", 0).values()) // 2  # half the rows per device
+    assert abs(report["argument"] - (report["state"] + batch)) <= 0.1 * report["argument"]
+    assert report["alias"] >= 0.9 * report["state"]  # the state is donated
+    assert report["peak"] >= report["argument"] and report["temp"] > 0
+
+
+def test_out_of_memory_is_one_line_naming_the_knobs(tmp_path, capsys, monkeypatch):
+    """A RESOURCE_EXHAUSTED from XLA (simulated) becomes one line with this run's values, exit 1."""
+    from tfm import train
+
+    def exhausted(self):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB.\\nmore")
+
+    monkeypatch.setattr(Trainer, "train", exhausted)
+    argv = ["--config", os.path.join(ROOT, "configs", "copy.py:tiny"), "--workdir", str(tmp_path / "run"),
+            "--config.train.progress=none", "--config.train.grad_accum_steps=2"]  # fmt: skip
+    assert train.main(argv) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in lines if not line.startswith(("INFO ", "WARNING "))]  # the log, not the error
+    assert len(err) == 1 and err[0].startswith("out of memory: RESOURCE_EXHAUSTED: Out of memory while trying")
+    for knob in ("model.remat_policy=full", "train.grad_accum_steps=4 (now 2)", "mesh.fsdp=-1",
+                 "model.dtype=bfloat16", "data.batch_size (now 32)", "--dry_run"):  # fmt: skip
+        assert knob in err[0]
+
+
+def test_profile_steps_write_a_trace_tensorboard_and_perfetto_open(tmp_path):
+    workdir = tmp_path / "run"
+    Trainer(copy_config("train.steps=4", "train.profile_steps=1:3"), str(workdir), devices=jax.devices()[:1]).train()
+    traces = glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*"))
+    assert any(t.endswith(".xplane.pb") for t in traces), traces
+    assert any(t.endswith("perfetto_trace.json.gz") for t in traces), traces

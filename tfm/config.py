@@ -89,6 +89,7 @@ def default_config() -> ConfigDict:
     c.train.progress = "auto"  # auto | bar | lines | none
     c.train.tensorboard = True
     c.train.peak_flops = 0.0  # per device, for MFU; 0: look the device kind up
+    c.train.profile_steps = ""  # "a:b": a jax.profiler trace of steps a..b-1 in WORKDIR/profile (TensorBoard, Perfetto)
     # Start from trained parameters (same paths, same shapes), fresh optimizer: a tfm workdir's newest
     # checkpoint ("DIR" or "workdir:DIR"), or a Hugging Face checkpoint ("hf:DIR" or "hf:REPO_ID").
     c.train.init_from = ""
@@ -333,6 +334,21 @@ def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict) -> None:
     finite("optim.clip_norm", o.clip_norm)
     finite("train.z_loss", t.z_loss, low=0.0)
     finite("train.aux_loss_weight", t.aux_loss_weight, low=0.0)
+    profile_window(t.get("profile_steps", ""))
+
+
+def profile_window(text: str) -> tuple[int, int] | None:
+    """``train.profile_steps="a:b"`` -> ``(a, b)``: trace the steps a..b-1 (``None`` for "")."""
+    if not text:
+        return None
+    a, sep, b = str(text).partition(":")
+    try:
+        start, stop = int(a), int(b)
+    except ValueError:
+        start, stop = -1, -1
+    if not sep or not 0 <= start < stop:
+        raise ConfigError(f"train.profile_steps={text!r}: expected 'a:b' with 0 <= a < b (trace steps a to b-1)")
+    return start, stop
 
 
 def validate(

@@ -67,6 +67,29 @@ class StepCache:
         return self.compiled[key]
 
 
+class Profiler:
+    """A ``jax.profiler`` trace of the steps ``window = (a, b)``, ``a <= step < b``, written to ``directory``."""
+
+    def __init__(self, window: tuple[int, int] | None, directory: str):
+        self.window, self.directory, self.active = window, directory, False
+
+    def before(self, step: int) -> None:
+        if self.window and step == self.window[0] and not self.active:
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.active = True
+
+    def after(self, step: int, metrics: Any) -> None:
+        """``step``: the number of steps done; stops the trace once the window's last step has finished."""
+        if self.active and step >= self.window[1]:
+            jax.block_until_ready(metrics)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 class StopSignals:
     """While entered, SIGTERM and SIGINT (main thread only) set ``received`` instead of killing the run."""
 
@@ -144,7 +167,8 @@ class Loop:
     """One training run's cadence. ``flops_and_units(batch) -> (model FLOPs, units)`` per step."""
 
     def __init__(self, train_cfg, *, steps: StepCache, place: Callable, evaluate: Callable, flops_and_units: Callable,
-                 unit: str, ckpt, writer, progress, n_devices: int, stop: StopSignals):  # fmt: skip
+                 unit: str, ckpt, writer, progress, n_devices: int, stop: StopSignals,
+                 profiler: Profiler | None = None):  # fmt: skip
         self.t, self.steps, self.place, self.evaluate = train_cfg, steps, place, evaluate
         self.flops_and_units, self.unit = flops_and_units, unit
         self.ckpt, self.writer, self.progress, self.stop = ckpt, writer, progress, stop
@@ -153,6 +177,7 @@ class Loop:
         self.last: dict = {}
         self.compile_total = 0.0
         self.costs: dict = {}  # batch shapes -> (FLOPs, units) per step
+        self.profiler = profiler or Profiler(None, "")
 
     def _reset_interval(self, step: int) -> None:
         self.interval = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "s0": step, "units": 0.0, "flops": 0.0}
@@ -232,7 +257,9 @@ class Loop:
         while step < t.steps:
             batch = self.place(next(data_it), local=True)
             step_fn, (flops, units) = self._step_fn(state, batch, step)
+            self.profiler.before(step)
             state, metrics = step_fn(state, batch)
+            self.profiler.after(step + 1, metrics)
             self.interval["units"] += units
             self.interval["flops"] += flops
             self._flush()  # the previous step's metrics; this step runs meanwhile
@@ -251,14 +278,16 @@ class Loop:
                 self.ckpt.save(step, state, data_it.get_state(), metrics=best)
             self.interval["t0"] += time.perf_counter() - paused
             if stop:
+                self.profiler.stop()
                 self.ckpt.wait()
                 name = signal.Signals(self.stop.received).name
                 self.progress.message(f"{name}: saved a checkpoint at step {step}; exiting")
                 return {"step": step, "preempted": True, **{f"final/{k}": v for k, v in self.last.items()}}
+        self.profiler.stop()
         self._flush()
         self.ckpt.wait()
         return {"step": step, "train_loss": self.last.get("train/loss"), "compile_time_s": self.compile_total,
                 **last_eval}  # fmt: skip
 
 
-__all__ = ["Loop", "StepCache", "StopSignals", "TrainingError", "check_finite", "evaluate", "shape_key"]
+__all__ = ["Loop", "Profiler", "StepCache", "StopSignals", "TrainingError", "check_finite", "evaluate", "shape_key"]

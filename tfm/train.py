@@ -3,7 +3,10 @@
 Overrides are typed as ml_collections' ``config_flags`` users type them:
 ``--config.train.steps=100``, ``--config.train.steps 100``, and a bare
 ``--config.train.tensorboard`` for ``true`` (boolean keys only). ``--help``
-lists every key with its type and default.
+lists every key with its type and default. ``--dry_run`` compiles the train
+step from shapes alone and prints its per-device memory (XLA's
+``memory_analysis``: arguments, outputs, donated buffers, temporaries), then
+exits 0 without training or writing the workdir.
 
 A thin shell over ``tfm.trainer.Trainer``: parse, start multi-process JAX if
 asked, validate (nothing is written before the config is known to be good),
@@ -59,6 +62,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--allow_model_change", action="store_true", help="train a different model config in an existing workdir"
     )
+    parser.add_argument("--dry_run", action="store_true",
+                        help="compile the train step, print its per-device memory, and exit without training")
     args, rest = parser.parse_known_args(argv)
     from tfm.cli import split_overrides
 
@@ -106,18 +111,61 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with stdout_to_stderr():  # stdout carries only the summary line
                 trainer = Trainer(config, args.workdir, allow_model_change=args.allow_model_change)
-                summary = trainer.train()
+                if args.dry_run:
+                    report = trainer.memory_report()
+                else:
+                    summary = trainer.train()
         except config_lib.ConfigError as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         except (TrainingError, CheckpointError) as e:
             print(f"training stopped: {e}", file=sys.stderr)
             return 1
+        except Exception as e:  # an accelerator out of memory: say what to turn, not a raw XLA error
+            if not is_out_of_memory(e):
+                raise
+            print(out_of_memory_message(e, config), file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
         print("interrupted; the checkpoints already on disk are kept", file=sys.stderr)
         return 130
+    if args.dry_run:
+        print(format_memory(report, trainer.banner()), flush=True)
+        return 0
     print(format_summary(summary), flush=True)
     return 0
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    import jax
+
+    text = str(e)
+    return isinstance(e, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
+
+
+def out_of_memory_message(e: BaseException, config: ConfigDict) -> str:
+    """One line: what XLA could not allocate, and the knobs that shrink the step, with this run's values."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    m, t, d = config.model, config.train, config.data
+    return (
+        f"out of memory: {first[:300]} | the checkpoints already on disk are kept. To fit: "
+        f"--config.model.remat_policy=full (now {m.get('remat_policy', 'none')!r}), "
+        f"--config.train.grad_accum_steps={2 * t.grad_accum_steps} (now {t.grad_accum_steps}), "
+        f"--config.mesh.fsdp=-1 to shard parameters and optimizer state (now {config.mesh.fsdp}), "
+        f"--config.model.dtype=bfloat16 (now {m.get('dtype', 'float32')!r}), "
+        f"or a smaller --config.data.batch_size (now {d.batch_size}); --dry_run prints the step's memory per device"
+    )
+
+
+def format_memory(report: dict, banner: str) -> str:
+    """The ``--dry_run`` lines: what the run is, and the compiled step's memory per device."""
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    return "\n".join([
+        f"dry run: {banner}",
+        f"per device: peak {mib(report['peak'])} = arguments {mib(report['argument'])} + outputs "
+        f"{mib(report['output'])} - donated {mib(report['alias'])} + temporaries {mib(report['temp'])}; "
+        f"of the arguments, the training state is {mib(report['state'])}; code {mib(report['generated_code'])}",
+    ])  # fmt: skip
 
 
 if __name__ == "__main__":

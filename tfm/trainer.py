@@ -41,7 +41,7 @@ from tfm import sharding as sh
 from tfm import tasks as tasks_lib
 from tfm import workdir as workdir_lib
 from tfm.checkpoint import Checkpointer
-from tfm.loop import Loop, StepCache, StopSignals, TrainingError
+from tfm.loop import Loop, Profiler, StepCache, StopSignals, TrainingError
 from tfm.models import PRESETS
 from tfm.optim import make_optimizer, make_schedule
 from tfm.step import TrainState, make_eval_step, make_train_step
@@ -254,6 +254,24 @@ class Trainer:
             line += f" ({active:,} active per token)"
         return line + f"; {units:,.0f} {self.task.unit} and {flops / 1e9:,.2f} GFLOP per step"
 
+    def memory_report(self) -> dict[str, int]:
+        """Per-device bytes of the compiled train step (XLA's ``memory_analysis``), compiled from shapes
+        only: nothing is allocated, no data beyond one example batch is read, nothing is written."""
+        batch = {k: np.asarray(v) for k, v in self.dataset.batch("train", 0).items()}
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
+        with self._context():
+            compiled = self._train_step.lower(self.abstract_state, abstract_batch).compile()
+        m = compiled.memory_analysis()
+        names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes")  # fmt: skip
+        report = {n.removesuffix("_size_in_bytes"): int(getattr(m, n, 0) or 0) for n in names}
+        # Donated state: outputs alias the arguments, so they are counted once.
+        report["peak"] = report["argument"] + report["output"] - report["alias"] + report["temp"]
+        # The training state's share of it: each array's shard on one device (parameters + optimizer state).
+        report["state"] = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                              for x in jax.tree.leaves(self.abstract_state))  # fmt: skip
+        return report
+
     def train(self) -> dict:
         """Train to ``train.steps`` (resuming from the workdir) and return the summary.
 
@@ -298,7 +316,9 @@ class Trainer:
             with StopSignals() as stop:
                 loop = Loop(t, steps=self.compiled_steps, place=self.place, evaluate=self.evaluate,
                             flops_and_units=self.flops_and_units, unit=self.task.unit, ckpt=ckpt, writer=writer,
-                            progress=progress, n_devices=self.mesh.devices.size, stop=stop)  # fmt: skip
+                            progress=progress, n_devices=self.mesh.devices.size, stop=stop,
+                            profiler=Profiler(config_lib.profile_window(t.profile_steps),
+                                              os.path.join(self.workdir, "profile")))  # fmt: skip
                 summary.update(loop.run(state, start, data_it))
         finally:
             progress.close()

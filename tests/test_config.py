@@ -148,3 +148,28 @@ def test_shipped_recipes_load_by_name_and_ship_in_the_package():
              if "__init__.py" in files}  # fmt: skip
     assert set(setup["packages"]) == found | {"tfm.configs"}
     assert setup["package-dir"]["tfm.configs"] == "configs"
+
+
+def test_distributed_starts_by_itself_in_a_cluster_jax_detects(monkeypatch):
+    """A 2-task SLURM job: every worker runs the same command and JAX's own detection sets the rest."""
+    import jax
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    c = config_lib.load_config(COPY + ":tiny")
+    train.maybe_initialize_distributed(c)
+    assert calls == [] and train.detected_cluster() is None  # one machine: nothing to start
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
+    assert train.detected_cluster() == "SlurmCluster"
+    train.maybe_initialize_distributed(c)
+    assert calls == [{}]  # JAX reads the coordinator, process count and id from the environment
+    off = config_lib.apply_overrides(c, ["distributed.auto=false"])
+    train.maybe_initialize_distributed(off)
+    assert len(calls) == 1

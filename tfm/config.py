@@ -103,6 +103,7 @@ def default_config() -> ConfigDict:
 
     c.distributed = ConfigDict()
     c.distributed.enabled = False  # also started when JAX_COORDINATOR_ADDRESS is set
+    c.distributed.auto = True  # start it where JAX detects a multi-process cluster (TPU pod, SLURM, MPI, GKE)
     c.distributed.coordinator_address = ""
     c.distributed.num_processes = 0
     c.distributed.process_id = -1

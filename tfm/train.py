@@ -70,13 +70,34 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, split_overrides(rest, parser.error)
 
 
+def detected_cluster() -> str | None:
+    """The multi-process cluster JAX can configure itself from the environment (Cloud TPU pod slices,
+    SLURM, Open MPI, Kubernetes/GKE), when it runs more than one process; else None."""
+    try:
+        from jax._src import clusters
+    except ImportError:  # JAX moved its cluster detection: fall back to explicit configuration
+        return None
+    for env in clusters.ClusterEnv._cluster_types:
+        try:
+            if env.is_env_present() and int(env.get_process_count()) > 1:
+                return env.__name__
+        except Exception:  # noqa: BLE001 - a half-configured environment is not a cluster
+            continue
+    return None
+
+
 def maybe_initialize_distributed(config: ConfigDict) -> None:
-    """``jax.distributed.initialize`` when the config or the environment asks for it."""
+    """``jax.distributed.initialize`` when the config asks for it, ``JAX_COORDINATOR_ADDRESS`` is set,
+    or (``distributed.auto``) JAX detects a multi-process cluster, so pod workers launched with the
+    same command train as one job."""
     import jax
 
     d = config.distributed
-    if not (d.enabled or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+    cluster = detected_cluster() if d.get("auto", True) else None
+    if not (d.enabled or os.environ.get("JAX_COORDINATOR_ADDRESS") or cluster):
         return
+    if cluster and not d.enabled:
+        logging.getLogger("tfm").info("starting jax.distributed: detected a %s environment", cluster)
     kwargs = {}
     if d.coordinator_address:
         kwargs["coordinator_address"] = d.coordinator_address

@@ -148,7 +148,9 @@ def load_pretrained(path_or_repo_id: str, *, dtype: jnp.dtype | None = None,
     devices = jax.devices()[:1]
     mesh = sh.make_mesh({"data": 1}, devices) if mesh is None else mesh
     model, params = hub.from_pretrained(directory, dtype=dtype, mesh=mesh)
-    task = next(p.task for p in PRESETS.values() if p.model_cls is type(model) and p.task)
+    task = next((p.task for p in PRESETS.values() if p.model_cls is type(model) and p.task), None)
+    if task is None:
+        raise ValueError(f"{directory}: a {type(model).__name__} has no task tfm decodes or evaluates")
     tokenizer = load_tokenizer(directory)
     return Run(None, model, tasks_lib.get_task(task), tokenizer, params, 0, os.path.abspath(directory), mesh,
                sh.make_rules(), decode_options=generation_rules(directory))  # fmt: skip

@@ -35,6 +35,43 @@ HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu
 ATTENTION = (("attention.self.query", "query"), ("attention.self.key", "key"), ("attention.self.value", "value"))
 DENSE = (("intermediate.dense", "mlp/wi"), ("output.dense", "mlp/wo"))
 NORMS = (("attention.output.LayerNorm", "attention_norm"), ("output.LayerNorm", "mlp_norm"))
+LAYOUT = (ATTENTION, DENSE, NORMS)  # the names of one encoder layer's tensors (ViT has its own)
+
+
+def layer_to_tfm(get, h: str, o: str, n: int, layout: tuple = LAYOUT) -> Flat:
+    """One Hugging Face encoder layer (BERT's or ViT's ``layout``) under prefix ``h`` -> tfm's under ``o``."""
+    attention, dense, norms = layout
+    out: Flat = {}
+    for hf_name, tfm_name in attention:
+        out[o + f"self_attention/{tfm_name}/kernel"] = heads_in(get(h + f"{hf_name}.weight").T, n)
+        out[o + f"self_attention/{tfm_name}/bias"] = get(h + f"{hf_name}.bias").reshape(n, -1)
+    out[o + "self_attention/out/kernel"] = heads_out(get(h + "attention.output.dense.weight").T, n)
+    out[o + "self_attention/out/bias"] = get(h + "attention.output.dense.bias")
+    for hf_name, tfm_name in dense:  # nn.Linear [out, in] -> Einsum [in, out]
+        out[o + f"{tfm_name}/kernel"] = get(h + f"{hf_name}.weight").T
+        out[o + f"{tfm_name}/bias"] = get(h + f"{hf_name}.bias")
+    for hf_name, tfm_name in norms:
+        out[o + f"{tfm_name}/scale"] = get(h + f"{hf_name}.weight")
+        out[o + f"{tfm_name}/bias"] = get(h + f"{hf_name}.bias")
+    return out
+
+
+def layer_from_tfm(p: Flat, h: str, o: str, d: int, layout: tuple = LAYOUT) -> Flat:
+    """The inverse of ``layer_to_tfm``: tfm's layer under ``o`` -> Hugging Face tensors under ``h``."""
+    attention, dense, norms = layout
+    out: Flat = {}
+    for hf_name, tfm_name in attention:
+        out[h + f"{hf_name}.weight"] = p[o + f"self_attention/{tfm_name}/kernel"].reshape(d, -1).T
+        out[h + f"{hf_name}.bias"] = p[o + f"self_attention/{tfm_name}/bias"].reshape(-1)
+    out[h + "attention.output.dense.weight"] = p[o + "self_attention/out/kernel"].reshape(-1, d).T
+    out[h + "attention.output.dense.bias"] = p[o + "self_attention/out/bias"]
+    for hf_name, tfm_name in dense:
+        out[h + f"{hf_name}.weight"] = p[o + f"{tfm_name}/kernel"].T
+        out[h + f"{hf_name}.bias"] = p[o + f"{tfm_name}/bias"]
+    for hf_name, tfm_name in norms:
+        out[h + f"{hf_name}.weight"] = p[o + f"{tfm_name}/scale"]
+        out[h + f"{hf_name}.bias"] = p[o + f"{tfm_name}/bias"]
+    return out
 
 
 def num_labels(hf: dict) -> int:
@@ -98,16 +135,7 @@ def to_params(tensors: Flat, cfg: BertConfig, arch: str) -> Flat:
         out[f"{base}{tfm_name}/embedding"] = get(f"embeddings.{hf_name}_embeddings.weight")
     norm("embeddings.LayerNorm", base + "embed_norm")
     for i in range(cfg.num_layers):
-        h, o = f"encoder.layer.{i}.", f"{base}encoder/layers_{i}/"
-        for hf_name, tfm_name in ATTENTION:
-            out[o + f"self_attention/{tfm_name}/kernel"] = heads_in(get(h + f"{hf_name}.weight").T, n)
-            out[o + f"self_attention/{tfm_name}/bias"] = get(h + f"{hf_name}.bias").reshape(n, -1)
-        out[o + "self_attention/out/kernel"] = heads_out(get(h + "attention.output.dense.weight").T, n)
-        out[o + "self_attention/out/bias"] = get(h + "attention.output.dense.bias")
-        for hf_name, tfm_name in DENSE:
-            dense(h + hf_name, o + tfm_name)
-        for hf_name, tfm_name in NORMS:
-            norm(h + hf_name, o + tfm_name)
+        out.update(layer_to_tfm(get, f"encoder.layer.{i}.", f"{base}encoder/layers_{i}/", n))
     if cfg.pooler:
         dense("pooler.dense", base + "pooler")
     for name in ("pooler.dense.weight", "pooler.dense.bias", "embeddings.position_ids", "embeddings.token_type_ids"):
@@ -147,17 +175,7 @@ def from_params(flat: Flat, cfg: BertConfig, arch: str) -> Flat:
         out[f"{pre}embeddings.{hf_name}_embeddings.weight"] = p[f"{base}{tfm_name}/embedding"]
     norm(pre + "embeddings.LayerNorm", base + "embed_norm")
     for i in range(cfg.num_layers):
-        h, o = f"{pre}encoder.layer.{i}.", f"{base}encoder/layers_{i}/"
-        for hf_name, tfm_name in ATTENTION:
-            kernel = p[o + f"self_attention/{tfm_name}/kernel"]
-            out[h + f"{hf_name}.weight"] = kernel.reshape(kernel.shape[0], -1).T
-            out[h + f"{hf_name}.bias"] = p[o + f"self_attention/{tfm_name}/bias"].reshape(-1)
-        out[h + "attention.output.dense.weight"] = p[o + "self_attention/out/kernel"].reshape(-1, cfg.block.d_model).T
-        out[h + "attention.output.dense.bias"] = p[o + "self_attention/out/bias"]
-        for hf_name, tfm_name in DENSE:
-            dense(h + hf_name, o + tfm_name)
-        for hf_name, tfm_name in NORMS:
-            norm(h + hf_name, o + tfm_name)
+        out.update(layer_from_tfm(p, f"{pre}encoder.layer.{i}.", f"{base}encoder/layers_{i}/", cfg.block.d_model))
     if arch in POOLED:
         if not cfg.pooler:
             raise HubError(f"{arch} has a pooler, this tfm BERT does not (pooler=False): export it as "

@@ -9,8 +9,8 @@ does not have and are ignored.
 
 from __future__ import annotations
 
-from tfm.hub.bert import HF_ACTIVATIONS, activation, num_labels
-from tfm.hub.convert import Architecture, Flat, HubError, heads_in, heads_out, refuse, take
+from tfm.hub.bert import HF_ACTIVATIONS, activation, layer_from_tfm, layer_to_tfm, num_labels
+from tfm.hub.convert import Architecture, Flat, HubError, refuse, take
 from tfm.models.vit import ViT, ViTConfig, vit_b16
 
 ARCH = "ViTForImageClassification"
@@ -18,6 +18,7 @@ ATTENTION = (("attention.attention.query", "query"), ("attention.attention.key",
              ("attention.attention.value", "value"))  # fmt: skip
 DENSE = (("intermediate.dense", "mlp/wi"), ("output.dense", "mlp/wo"))
 NORMS = (("layernorm_before", "attention_norm"), ("layernorm_after", "mlp_norm"))
+LAYOUT = (ATTENTION, DENSE, NORMS)
 
 
 def _square(hf: dict, key: str, default: int, src: str) -> int:
@@ -65,16 +66,7 @@ def to_params(tensors: Flat, cfg: ViTConfig, arch: str) -> Flat:
     out["patch_embed/kernel"] = get("embeddings.patch_embeddings.projection.weight").transpose(2, 3, 1, 0)
     out["patch_embed/bias"] = get("embeddings.patch_embeddings.projection.bias")
     for i in range(cfg.num_layers):
-        h, o = f"encoder.layer.{i}.", f"encoder/layers_{i}/"
-        for hf_name, tfm_name in ATTENTION:
-            out[o + f"self_attention/{tfm_name}/kernel"] = heads_in(get(h + f"{hf_name}.weight").T, n)
-            out[o + f"self_attention/{tfm_name}/bias"] = get(h + f"{hf_name}.bias").reshape(n, -1)
-        out[o + "self_attention/out/kernel"] = heads_out(get(h + "attention.output.dense.weight").T, n)
-        out[o + "self_attention/out/bias"] = get(h + "attention.output.dense.bias")
-        for hf_name, tfm_name in DENSE:
-            dense(h + hf_name, o + tfm_name)
-        for hf_name, tfm_name in NORMS:
-            norm(h + hf_name, o + tfm_name)
+        out.update(layer_to_tfm(get, f"encoder.layer.{i}.", f"encoder/layers_{i}/", n, LAYOUT))
     norm("layernorm", "encoder/final_norm")
     dense("classifier", "head")
     for name in ("pooler.dense.weight", "pooler.dense.bias"):
@@ -99,16 +91,7 @@ def from_params(flat: Flat, cfg: ViTConfig, arch: str) -> Flat:
     out["vit.embeddings.patch_embeddings.projection.weight"] = p["patch_embed/kernel"].transpose(3, 2, 0, 1)
     out["vit.embeddings.patch_embeddings.projection.bias"] = p["patch_embed/bias"]
     for i in range(cfg.num_layers):
-        h, o = f"vit.encoder.layer.{i}.", f"encoder/layers_{i}/"
-        for hf_name, tfm_name in ATTENTION:
-            out[h + f"{hf_name}.weight"] = p[o + f"self_attention/{tfm_name}/kernel"].reshape(d, -1).T
-            out[h + f"{hf_name}.bias"] = p[o + f"self_attention/{tfm_name}/bias"].reshape(-1)
-        out[h + "attention.output.dense.weight"] = p[o + "self_attention/out/kernel"].reshape(-1, d).T
-        out[h + "attention.output.dense.bias"] = p[o + "self_attention/out/bias"]
-        for hf_name, tfm_name in DENSE:
-            dense(h + hf_name, o + tfm_name)
-        for hf_name, tfm_name in NORMS:
-            norm(h + hf_name, o + tfm_name)
+        out.update(layer_from_tfm(p, f"vit.encoder.layer.{i}.", f"encoder/layers_{i}/", d, LAYOUT))
     norm("vit.layernorm", "encoder/final_norm")
     dense("classifier", "head")
     return out

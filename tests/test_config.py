@@ -136,7 +136,9 @@ def test_data_task_must_match_the_model(tmp_path, capsys):
 def test_shipped_recipes_load_by_name_and_ship_in_the_package():
     import tomllib
 
-    assert "copy" in config_lib.recipe_names() and "shakespeare_char" in config_lib.recipe_names()
+    from tfm import recipes
+
+    assert "copy" in recipes.names() and "shakespeare_char" in recipes.names()
     by_name = config_lib.load_config("tfm:copy:tiny")
     assert by_name.to_dict() == config_lib.load_config(COPY + ":tiny").to_dict() == config_lib.load_config("copy:tiny").to_dict()
     with pytest.raises(config_lib.ConfigError, match="no shipped recipe of that name"):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tfm import config as config_lib
+from tfm import diagnosis
 from tfm.checkpoint import Checkpointer
 from tfm.trainer import Trainer, TrainingError
 
@@ -295,14 +296,14 @@ def test_the_start_up_banner_names_devices_mesh_parameters_and_cost():
     from tfm.models import count_params
 
     trainer = Trainer(copy_config("mesh.data=2", "mesh.tensor=2"), devices=jax.devices()[:4])
-    line = trainer.banner()
+    line = diagnosis.banner(trainer)
     total = count_params(trainer.abstract_state.params)
     assert line.startswith("4 device(s) (4 cpu), 1 process(es); mesh data 2 x fsdp 1 x tensor 2 x expert 1;")
     assert f"Transformer (transformer_tiny) with {total:,} parameters;" in line
     flops, units = trainer.flops_and_units(trainer.dataset.batch("train", 0))
     assert line.endswith(f"; {units:,.0f} tok and {flops / 1e9:,.2f} GFLOP per step")
     assert "active" not in line
-    moe = Trainer(copy_config("model.preset=transformer_moe_tiny"), devices=jax.devices()[:1]).banner()
+    moe = diagnosis.banner(Trainer(copy_config("model.preset=transformer_moe_tiny"), devices=jax.devices()[:1]))
     assert "active per token" in moe
 
 
@@ -317,7 +318,7 @@ def test_dry_run_reports_the_compiled_steps_memory_and_writes_nothing(tmp_path, 
     assert out[0].startswith(f"dry run: {len(jax.devices())} device(s)") and out[1].startswith("per device: peak ")
     assert not workdir.exists()
     trainer = Trainer(copy_config("mesh.data=2"), devices=jax.devices()[:2])
-    report = trainer.memory_report()
+    report = diagnosis.memory_report(trainer)
     params = trainer.abstract_state.params
     replicated = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(params))
     assert report["state"] >= 3 * replicated  # parameters + Adam's two moments, replicated over data

@@ -113,25 +113,6 @@ def default_config() -> ConfigDict:
 # Loading -------------------------------------------------------------------
 
 
-def recipe_names() -> list[str]:
-    """The recipes that ship with tfm (``configs/`` in a checkout, ``tfm.configs`` in an installed package)."""
-    folder = _recipe_folder()
-    return sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_")) if folder else []
-
-
-def _recipe_folder() -> str | None:
-    try:
-        import importlib.resources
-
-        folder = str(importlib.resources.files("tfm.configs"))
-        if os.path.isdir(folder):
-            return folder
-    except ModuleNotFoundError:  # an editable checkout: the recipes sit beside the package
-        pass
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    return folder if os.path.isdir(folder) else None
-
-
 def load_config(spec: str) -> ConfigDict:
     """``path/to/recipe.py[:arg]``, or a shipped recipe by name (``tfm:copy[:arg]`` or ``copy[:arg]``)
     -> the ConfigDict its ``get_config(arg)`` returns."""
@@ -139,10 +120,12 @@ def load_config(spec: str) -> ConfigDict:
         spec = spec[len("tfm:") :]
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path) and os.sep not in path and not path.endswith(".py"):
-        if path not in recipe_names():
+        from tfm import recipes
+
+        if path not in recipes.names():
             raise ConfigError(f"--config: no such file {path!r}, and no shipped recipe of that name "
-                              f"(shipped: {', '.join(recipe_names())})")  # fmt: skip
-        path = os.path.join(_recipe_folder(), path + ".py")
+                              f"(shipped: {', '.join(recipes.names())})")  # fmt: skip
+        path = recipes.path(path)
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r}")
     module_spec = importlib.util.spec_from_file_location(f"tfm_recipe_{abs(hash(path))}", path)
@@ -335,21 +318,12 @@ def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict) -> None:
     finite("optim.clip_norm", o.clip_norm)
     finite("train.z_loss", t.z_loss, low=0.0)
     finite("train.aux_loss_weight", t.aux_loss_weight, low=0.0)
-    profile_window(t.get("profile_steps", ""))
-
-
-def profile_window(text: str) -> tuple[int, int] | None:
-    """``train.profile_steps="a:b"`` -> ``(a, b)``: trace the steps a..b-1 (``None`` for "")."""
-    if not text:
-        return None
-    a, sep, b = str(text).partition(":")
     try:
-        start, stop = int(a), int(b)
-    except ValueError:
-        start, stop = -1, -1
-    if not sep or not 0 <= start < stop:
-        raise ConfigError(f"train.profile_steps={text!r}: expected 'a:b' with 0 <= a < b (trace steps a to b-1)")
-    return start, stop
+        from tfm.loop import profile_window
+
+        profile_window(t.get("profile_steps", ""))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate(

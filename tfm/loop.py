@@ -67,6 +67,20 @@ class StepCache:
         return self.compiled[key]
 
 
+def profile_window(text: str) -> tuple[int, int] | None:
+    """``train.profile_steps="a:b"`` -> ``(a, b)``: trace the steps a..b-1 (``None`` for ""); ``ValueError`` else."""
+    if not text:
+        return None
+    a, sep, b = str(text).partition(":")
+    try:
+        start, stop = int(a), int(b)
+    except ValueError:
+        start, stop = -1, -1
+    if not sep or not 0 <= start < stop:
+        raise ValueError(f"train.profile_steps={text!r}: expected 'a:b' with 0 <= a < b (trace steps a to b-1)")
+    return start, stop
+
+
 class Profiler:
     """A ``jax.profiler`` trace of the steps ``window = (a, b)``, ``a <= step < b``, written to ``directory``."""
 
@@ -290,4 +304,5 @@ class Loop:
                 **last_eval}  # fmt: skip
 
 
-__all__ = ["Loop", "Profiler", "StepCache", "StopSignals", "TrainingError", "check_finite", "evaluate", "shape_key"]
+__all__ = ["Loop", "Profiler", "StepCache", "StopSignals", "TrainingError", "check_finite", "evaluate", "profile_window",
+           "shape_key"]

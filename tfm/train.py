@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         maybe_initialize_distributed(config)
+        from tfm import diagnosis
         from tfm.checkpoint import CheckpointError
         from tfm.cli import stdout_to_stderr
         from tfm.trainer import Trainer, TrainingError, format_summary
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             with stdout_to_stderr():  # stdout carries only the summary line
                 trainer = Trainer(config, args.workdir, allow_model_change=args.allow_model_change)
                 if args.dry_run:
-                    report = trainer.memory_report()
+                    report = diagnosis.memory_report(trainer)
                 else:
                     summary = trainer.train()
         except config_lib.ConfigError as e:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; the checkpoints already on disk are kept", file=sys.stderr)
         return 130
     if args.dry_run:
-        print(format_memory(report, trainer.banner()), flush=True)
+        print(format_memory(report, diagnosis.banner(trainer)), flush=True)
         return 0
     print(format_summary(summary), flush=True)
     return 0

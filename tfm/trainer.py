@@ -20,7 +20,6 @@ one is refused.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -34,9 +33,9 @@ from jax.sharding import PartitionSpec as P
 
 from tfm import config as config_lib
 from tfm import data as data_lib
+from tfm import diagnosis, placement, warm_start
 from tfm import loop as loop_lib
 from tfm import metrics as metrics_lib
-from tfm import placement, warm_start
 from tfm import sharding as sh
 from tfm import tasks as tasks_lib
 from tfm import workdir as workdir_lib
@@ -235,43 +234,6 @@ class Trainer:
         params = self.abstract_state.params
         return self.task.flops_per_step(self.model_config, params, shapes), self.task.units(shapes)
 
-    def banner(self) -> str:
-        """One line at start-up: devices, mesh, parameters (total and active), units and FLOPs per step."""
-        from tfm.models.common import active_params
-
-        devices = self.mesh.devices.flat
-        kinds = collections.Counter(getattr(d, "device_kind", "") or d.platform for d in devices)
-        mesh = " x ".join(f"{a} {n}" for a, n in self.mesh.shape.items())
-        params = self.abstract_state.params
-        total = sum(int(x.size) for x in jax.tree.leaves(params))
-        active = active_params(params, self.model_config)
-        batch = {k: np.asarray(v) for k, v in self.dataset.batch("train", 0).items()}
-        flops, units = self.flops_and_units(batch)  # the global batch, whatever its micro-batching
-        line = (f"{self.mesh.devices.size} device(s) ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
-                f"{jax.process_count()} process(es); mesh {mesh}; {type(self.model).__name__} "
-                f"({self.config.model.preset}) with {total:,} parameters")  # fmt: skip
-        if active != total:
-            line += f" ({active:,} active per token)"
-        return line + f"; {units:,.0f} {self.task.unit} and {flops / 1e9:,.2f} GFLOP per step"
-
-    def memory_report(self) -> dict[str, int]:
-        """Per-device bytes of the compiled train step (XLA's ``memory_analysis``), compiled from shapes
-        only: nothing is allocated, no data beyond one example batch is read, nothing is written."""
-        batch = {k: np.asarray(v) for k, v in self.dataset.batch("train", 0).items()}
-        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
-        with self._context():
-            compiled = self._train_step.lower(self.abstract_state, abstract_batch).compile()
-        m = compiled.memory_analysis()
-        names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-                 "generated_code_size_in_bytes")  # fmt: skip
-        report = {n.removesuffix("_size_in_bytes"): int(getattr(m, n, 0) or 0) for n in names}
-        # Donated state: outputs alias the arguments, so they are counted once.
-        report["peak"] = report["argument"] + report["output"] - report["alias"] + report["temp"]
-        # The training state's share of it: each array's shard on one device (parameters + optimizer state).
-        report["state"] = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
-                              for x in jax.tree.leaves(self.abstract_state))  # fmt: skip
-        return report
-
     def train(self) -> dict:
         """Train to ``train.steps`` (resuming from the workdir) and return the summary.
 
@@ -307,7 +269,7 @@ class Trainer:
             log.info("resumed from step %d", start)
         progress = metrics_lib.Progress(t.steps, start, t.progress, unit=self.task.unit)
         if jax.process_index() == 0:
-            progress.message(self.banner())
+            progress.message(diagnosis.banner(self))
         if restored is not None:
             progress.message(f"resumed from {ckpt.directory}/{start}")
         t_begin = time.perf_counter()
@@ -317,7 +279,7 @@ class Trainer:
                 loop = Loop(t, steps=self.compiled_steps, place=self.place, evaluate=self.evaluate,
                             flops_and_units=self.flops_and_units, unit=self.task.unit, ckpt=ckpt, writer=writer,
                             progress=progress, n_devices=self.mesh.devices.size, stop=stop,
-                            profiler=Profiler(config_lib.profile_window(t.profile_steps),
+                            profiler=Profiler(loop_lib.profile_window(t.profile_steps),
                                               os.path.join(self.workdir, "profile")))  # fmt: skip
                 summary.update(loop.run(state, start, data_it))
         finally:

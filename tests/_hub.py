@@ -31,3 +31,20 @@ def torch_logits(model, *args, **kwargs) -> np.ndarray:
 
 def maxerr(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def config_writer(directory, tmp_path):
+    """``write(name, **changes) -> dir``: a new directory holding ``directory``'s config.json with ``changes``."""
+    import json
+    import os
+
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+
+    def write(name, **changes):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**hf, **changes}))
+        return d
+
+    return write

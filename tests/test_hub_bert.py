@@ -1,14 +1,13 @@
 """BERT checkpoints in and out of tfm: the backbone and its three heads against transformers, with padding;
 export, unscanned import, a fresh tfm model's round trip, full-size counts, unsupported options."""
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _hub import maxerr, save_hf, transformers_or_skip
+from _hub import config_writer, maxerr, save_hf, transformers_or_skip
 
 transformers = transformers_or_skip()
 torch = pytest.importorskip("torch")
@@ -153,14 +152,7 @@ def test_full_size_bert_config_counts_as_the_preset_and_transformers(arch, prese
 
 def test_unsupported_options_are_named(checkpoints, tmp_path):
     directory, _ = checkpoints["BertForMaskedLM"]
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-
-    def write(name, **changes):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps({**hf, **changes}))
-        return d
+    write = config_writer(directory, tmp_path)
 
     cases = [(dict(position_embedding_type="relative_key"), "position_embedding_type='relative_key' is not"),
              (dict(is_decoder=True), "is_decoder=True is not implemented"),

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _hub import maxerr, save_hf, torch_logits, transformers_or_skip
+from _hub import config_writer, maxerr, save_hf, torch_logits, transformers_or_skip
 
 transformers = transformers_or_skip()
 torch = pytest.importorskip("torch")
@@ -137,14 +137,7 @@ def test_full_size_gpt2_config_counts_as_the_preset():
 
 def test_unsupported_options_and_files_are_named(gpt2_dir, tmp_path):
     directory, _ = gpt2_dir
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-
-    def write(name, **changes):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps({**hf, **changes}))
-        return d
+    write = config_writer(directory, tmp_path)
 
     with pytest.raises(HubError, match="scale_attn_by_inverse_layer_idx=True is not implemented"):
         config_from_pretrained(write("inv", scale_attn_by_inverse_layer_idx=True))

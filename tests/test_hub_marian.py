@@ -1,13 +1,12 @@
 """Marian checkpoints in and out of tfm: logits, export, greedy and beam generation, errors, counts."""
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _hub import maxerr, save_hf, transformers_or_skip
+from _hub import config_writer, maxerr, save_hf, transformers_or_skip
 
 transformers = transformers_or_skip()
 torch = pytest.importorskip("torch")
@@ -219,14 +218,7 @@ def test_full_size_marian_counts_as_transformers():
 
 def test_unsupported_options_are_named(marian_dir, tmp_path):
     directory, _ = marian_dir
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-
-    def write(name, **changes):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps({**hf, **changes}))
-        return d
+    write = config_writer(directory, tmp_path)
 
     with pytest.raises(HubError, match="normalize_before=True is not implemented"):
         config_from_pretrained(write("pre", normalize_before=True))

@@ -1,12 +1,10 @@
 """T5 checkpoints (v1.0 and v1.1) in and out of tfm: logits with padding, export, generation, counts, errors."""
 
-import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _hub import maxerr, save_hf, transformers_or_skip
+from _hub import config_writer, maxerr, save_hf, transformers_or_skip
 
 transformers = transformers_or_skip()
 torch = pytest.importorskip("torch")
@@ -204,14 +202,7 @@ def test_a_v1_1_checkpoint_without_a_head_ties_it_as_transformers_does(tmp_path)
 
 def test_unsupported_options_are_named(t5_dir, tmp_path):
     directory, _ = t5_dir
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-
-    def write(name, **changes):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps({**hf, **changes}))
-        return d
+    write = config_writer(directory, tmp_path)
 
     with pytest.raises(HubError, match="feed_forward_proj='gated-relu6' is not implemented"):
         config_from_pretrained(write("act", feed_forward_proj="gated-relu6", dense_act_fn="relu6"))

@@ -1,14 +1,12 @@
 """ViT checkpoints in and out of tfm: logits against transformers (NCHW pixels vs NHWC images), export,
 unscanned import, a fresh tfm ViT's round trip, the full-size count, unsupported options."""
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _hub import maxerr, save_hf, torch_logits, transformers_or_skip
+from _hub import config_writer, maxerr, save_hf, torch_logits, transformers_or_skip
 
 transformers = transformers_or_skip()
 torch = pytest.importorskip("torch")
@@ -100,14 +98,7 @@ def test_full_size_vit_b16_config_counts_as_the_preset_and_transformers():
 
 def test_unsupported_options_are_named(vit_dir, tmp_path):
     directory, _ = vit_dir
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-
-    def write(name, **changes):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps({**hf, **changes}))
-        return d
+    write = config_writer(directory, tmp_path)
 
     cases = [(dict(qkv_bias=False), "qkv_bias=False is not implemented"),
              (dict(hidden_act="quick_gelu"), "hidden_act='quick_gelu' is not implemented"),

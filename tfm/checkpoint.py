@@ -10,7 +10,8 @@ Restoring walks the steps from the newest: a checkpoint that fails to restore
 (truncated, corrupt) is reported and the previous one is tried; once an older
 one restores, the damaged newer ones are moved aside into ``<directory>/../corrupt/``
 (kept for inspection, never deleted). If none restores, nothing is moved and
-the error says so.
+the error says so. ``directory`` may be a cloud URI (``gs://...``): orbax and
+TensorStore write it directly (``tfm.storage``).
 Restoring onto a different mesh works: the target shardings come from the
 caller's abstract state.
 
@@ -24,14 +25,14 @@ deletes (``keep``) while a reader restores it is retried from the then newest.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from tfm import storage
 
 log = logging.getLogger("tfm")
 
@@ -64,9 +65,9 @@ class Checkpointer:
         async_save: bool = True,
         read_only: bool = False,
     ):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.resolve(directory, "checkpoint directory")
         self.read_only = read_only
-        if read_only and not os.path.isdir(self.directory):
+        if read_only and not storage.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoints: {self.directory} does not exist")
         policies = [pp.LatestN(n=keep)]
         if best_metric:
@@ -144,7 +145,7 @@ class Checkpointer:
                 try:
                     restored = self._restore_step(s, abstract_state, params_only)
                 except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
-                    if self.read_only and not os.path.isdir(os.path.join(self.directory, str(s))):
+                    if self.read_only and not storage.isdir(storage.join(self.directory, str(s))):
                         if step is not None:
                             raise CheckpointError(f"checkpoint {self.directory}/{s} was deleted while being read") from e
                         vanished = True  # deleted under us by the run's keep policy, not damaged
@@ -188,12 +189,12 @@ class Checkpointer:
         return restored
 
     def _move_aside(self, step: int) -> None:
-        src = os.path.join(self.directory, str(step))
-        if jax.process_index() == 0 and os.path.isdir(src):
-            dest_root = os.path.join(os.path.dirname(self.directory), "corrupt")
-            os.makedirs(dest_root, exist_ok=True)
-            dest = os.path.join(dest_root, f"{step}-{int(time.time())}")
-            shutil.move(src, dest)
+        src = storage.join(self.directory, str(step))
+        if jax.process_index() == 0 and storage.isdir(src):
+            dest_root = storage.join(storage.parent(self.directory), "corrupt")
+            storage.makedirs(dest_root)
+            dest = storage.join(dest_root, f"{step}-{int(time.time())}")
+            storage.move(src, dest)
             log.warning("moved the damaged checkpoint to %s", dest)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

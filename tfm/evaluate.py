@@ -14,7 +14,6 @@ written); 1 the result was printed but a file could not be written.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from tfm import cli
@@ -22,17 +21,19 @@ from tfm import cli
 
 def write_json(path: str, record: dict) -> None:
     """Write ``record`` whole or not at all (``OSError`` if it cannot be written)."""
-    from tfm.workdir import write_atomic
+    from tfm import storage
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    path = storage.resolve(path, "--out")
+    storage.makedirs(storage.parent(path))
+    storage.write_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _check_out(path: str) -> str:
     """Why ``--out`` cannot be written, checked before any work ('' if it can)."""
+    from tfm import storage
     from tfm.workdir import unwritable
 
-    if os.path.isdir(path):
+    if storage.isdir(storage.resolve(path, "--out")):
         return f"--out {path}: is a directory"
     why = unwritable(path)
     return f"--out {path}: {why}" if why else ""
@@ -69,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail("evaluate", e)
     record = inference.result_record(run, metrics, split=args.split, batches=args.batches)
     print(json.dumps({"step": run.step, "split": args.split, **metrics}), flush=True)
+    from tfm import storage
+
     status = 0
-    for path in [os.path.join(args.workdir, f"eval_{args.split}.json")] + ([args.out] if args.out else []):
+    for path in [storage.join(run.workdir, f"eval_{args.split}.json")] + ([args.out] if args.out else []):
         try:
             write_json(path, record)
         except OSError as e:

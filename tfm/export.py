@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 from tfm import cli
 
@@ -31,16 +32,19 @@ def export(run, out: str, fmt: str = "auto", dtype: str | None = None) -> str:
     import jax
     import jax.numpy as jnp
 
-    from tfm import hub
+    from tfm import hub, storage
     from tfm.workdir import ARTIFACTS
 
-    if os.path.isdir(out) and os.listdir(out):
+    out = storage.resolve(out, "--out")
+    if storage.listdir(out):
         raise ValueError(f"--out {out}: exists and is not empty; give a new directory")
     if fmt == "auto":
         fmt = "hf" if any(m.ARCHITECTURE.claims(run.model, run.model.config) for m in hub._FAMILIES) else "orbax"
-    parent = os.path.dirname(os.path.abspath(out))
+    # Written whole into a temporary folder, then renamed (or, for a cloud --out, uploaded) into place.
+    remote = storage.is_remote(out)
+    parent = tempfile.gettempdir() if remote else os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.{os.getpid()}.tmp")
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -58,11 +62,14 @@ def export(run, out: str, fmt: str = "auto", dtype: str | None = None) -> str:
             with open(os.path.join(tmp, "tfm_config.json"), "w") as f:
                 json.dump(run.config.to_dict(), f, indent=2, sort_keys=True, default=str)
         for name in ARTIFACTS:
-            if os.path.isfile(os.path.join(run.workdir, name)):
-                shutil.copyfile(os.path.join(run.workdir, name), os.path.join(tmp, name))
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty, checked above
-        os.replace(tmp, out)
+            if storage.isfile(storage.join(run.workdir, name)):
+                storage.write_atomic(os.path.join(tmp, name), storage.read_bytes(storage.join(run.workdir, name)))
+        if remote:
+            storage.upload_tree(tmp, out)
+        else:
+            if os.path.isdir(out):
+                os.rmdir(out)  # empty, checked above
+            os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return fmt

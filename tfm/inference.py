@@ -26,7 +26,7 @@ import numpy as np
 
 from tfm import config as config_lib
 from tfm import data as data_lib
-from tfm import decode, placement
+from tfm import decode, placement, storage
 from tfm import loop as loop_lib
 from tfm import sharding as sh
 from tfm import tasks as tasks_lib
@@ -78,8 +78,8 @@ def _inference_config(workdir: str, mesh: jax.sharding.Mesh | None) -> ml_collec
         # The tokenizer saved beside the checkpoints, not whatever the data or a cache holds now.
         options = getattr(DATASETS.get(config.data.get("name")), "OPTIONS", {})
         for name in ARTIFACTS:
-            if os.path.isfile(os.path.join(workdir, name)) and "tokenizer_path" in options:
-                config.data.tokenizer_path = os.path.join(workdir, name)
+            if storage.isfile(storage.join(workdir, name)) and "tokenizer_path" in options:
+                config.data.tokenizer_path = storage.join(workdir, name)
     return config
 
 
@@ -94,9 +94,10 @@ def load(workdir: str, step: int | None = None, average: int = 1, *, dtype: jnp.
     """
     if average < 1:
         raise ValueError(f"average={average}: must be >= 1")
+    workdir = storage.resolve(workdir, "workdir")
     config = _inference_config(workdir, mesh)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    ckpt_dir = storage.join(workdir, "checkpoints")
+    if not any(d.isdigit() for d in storage.listdir(ckpt_dir)):
         raise FileNotFoundError(f"{workdir} has no checkpoint yet")
     devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
     preset, model_config, sizes, rules = config_lib.validate(config, len(devices), 1)
@@ -132,7 +133,7 @@ def load(workdir: str, step: int | None = None, average: int = 1, *, dtype: jnp.
             averaged = tuple(steps)
     finally:
         ckpt.close()
-    return Run(config, model, task, dataset, params, found, os.path.abspath(workdir), mesh, rules, averaged)
+    return Run(config, model, task, dataset, params, found, workdir, mesh, rules, averaged)
 
 
 def load_pretrained(path_or_repo_id: str, *, dtype: jnp.dtype | None = None,
@@ -302,8 +303,7 @@ def _portable(data: dict) -> dict:
 
 def result_record(run: Run, metrics: dict, **extra: Any) -> dict:
     """What ``tfm.evaluate`` writes: the metrics plus enough to know where they came from."""
-    with open(os.path.join(run.workdir, "config.json"), encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = json.loads(storage.read_text(storage.join(run.workdir, "config.json")))
     dev = jax.devices()[0]
     return {
         "metrics": metrics,

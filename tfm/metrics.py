@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
+import tempfile
 import time
 
 import jax
+
+from tfm import storage
 
 # Peak dense bf16 FLOP/s per device (vendor data sheets; SXM parts for GPUs).
 PEAK_FLOPS = {
@@ -63,19 +65,28 @@ def device_peak_bytes() -> int | None:
 
 
 class MetricWriter:
-    """Scalars to ``metrics.jsonl`` and TensorBoard; a no-op on processes other than 0."""
+    """Scalars to ``metrics.jsonl`` and TensorBoard; a no-op on processes other than 0.
+
+    On a cloud workdir the event files are written to a local folder and copied
+    up after each write (tensorboardX cannot write object stores itself).
+    """
 
     def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = self._tb = None
+        self._tb_upload = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        storage.makedirs(workdir)
+        self._jsonl = storage.AppendFile(storage.join(workdir, "metrics.jsonl"))
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            events = storage.join(workdir, "tensorboard")
+            if storage.is_remote(workdir):
+                self._tb_upload = (tempfile.mkdtemp(prefix="tfm-tensorboard-"), events)
+                events = self._tb_upload[0]
+            self._tb = SummaryWriter(events)
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.enabled:
@@ -88,12 +99,16 @@ class MetricWriter:
                 if math.isfinite(v):
                     self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
+            if self._tb_upload:
+                storage.upload_tree(*self._tb_upload)
 
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+            if self._tb_upload:
+                storage.upload_tree(*self._tb_upload)
 
 
 def _fmt_time(seconds: float) -> str:

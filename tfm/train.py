@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         from tfm import diagnosis
         from tfm.checkpoint import CheckpointError
         from tfm.cli import stdout_to_stderr
+        from tfm.storage import StorageError
         from tfm.trainer import Trainer, TrainingError, format_summary
 
         try:
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     report = diagnosis.memory_report(trainer)
                 else:
                     summary = trainer.train()
-        except config_lib.ConfigError as e:
+        except (config_lib.ConfigError, StorageError) as e:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         except (TrainingError, CheckpointError) as e:

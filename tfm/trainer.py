@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from tfm import config as config_lib
 from tfm import data as data_lib
-from tfm import diagnosis, placement, warm_start
+from tfm import diagnosis, placement, storage, warm_start
 from tfm import loop as loop_lib
 from tfm import metrics as metrics_lib
 from tfm import sharding as sh
@@ -118,7 +119,7 @@ class Trainer:
     def __init__(self, config, workdir: str | None = None, *, devices=None, allow_model_change: bool = False):
         devices = jax.devices() if devices is None else list(devices)
         self.config = config
-        self.workdir = os.path.abspath(workdir) if workdir else None
+        self.workdir = storage.resolve(workdir, "--workdir") if workdir else None
         self.preset, self.model_config, sizes, self.rules = config_lib.validate(config, len(devices), jax.process_count())
         if self.workdir:  # before any data is prepared: a workdir that cannot be used is refused at once
             workdir_lib.check_writable(self.workdir)
@@ -243,7 +244,7 @@ class Trainer:
             raise ValueError("Trainer.train() needs a workdir")
         lock = workdir_lib.Lock(self.workdir)
         try:
-            os.makedirs(self.workdir, exist_ok=True)
+            storage.makedirs(self.workdir)
             if jax.process_index() == 0:
                 lock.acquire()
         except OSError as e:
@@ -256,7 +257,7 @@ class Trainer:
     def _train(self) -> dict:
         t = self.config.train
         workdir_lib.prepare_run(self.workdir, config_lib.to_json(self.config), self.artifacts, self._replace_previous_run)
-        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=t.keep_checkpoints,
+        ckpt = Checkpointer(storage.join(self.workdir, "checkpoints"), keep=t.keep_checkpoints,
                             best_metric=t.best_metric, best_mode=t.best_mode, async_save=t.async_checkpoint)  # fmt: skip
         writer = metrics_lib.MetricWriter(self.workdir, tensorboard=t.tensorboard)
         data_it = self.dataset.iterator("train", rows=self.local_rows)  # only this process's rows are read
@@ -274,20 +275,24 @@ class Trainer:
             progress.message(f"resumed from {ckpt.directory}/{start}")
         t_begin = time.perf_counter()
         summary: dict = {"start_step": start, "preempted": False}
+        # The profiler writes local files; a cloud workdir gets a copy when the run ends.
+        remote = storage.is_remote(self.workdir)
+        profile_dir = tempfile.mkdtemp(prefix="tfm-profile-") if remote else storage.join(self.workdir, "profile")
         try:
             with StopSignals() as stop:
                 loop = Loop(t, steps=self.compiled_steps, place=self.place, evaluate=self.evaluate,
                             flops_and_units=self.flops_and_units, unit=self.task.unit, ckpt=ckpt, writer=writer,
                             progress=progress, n_devices=self.mesh.devices.size, stop=stop,
-                            profiler=Profiler(loop_lib.profile_window(t.profile_steps),
-                                              os.path.join(self.workdir, "profile")))  # fmt: skip
+                            profiler=Profiler(loop_lib.profile_window(t.profile_steps), profile_dir))  # fmt: skip
                 summary.update(loop.run(state, start, data_it))
         finally:
             progress.close()
             ckpt.close()
             writer.close()
+            if remote and os.listdir(profile_dir):
+                storage.upload_tree(profile_dir, storage.join(self.workdir, "profile"))
         summary["wall_time_s"] = time.perf_counter() - t_begin
-        summary["checkpoint"] = os.path.join(ckpt.directory, str(summary["step"]))
+        summary["checkpoint"] = storage.join(ckpt.directory, str(summary["step"]))
         return summary
 
 

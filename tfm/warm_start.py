@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tfm import storage
 from tfm.checkpoint import Checkpointer
 from tfm.config import ConfigError
 
@@ -52,7 +53,7 @@ def parse(source: str) -> tuple[str, str]:
 def check(source: str) -> None:
     """Refuse at start-up a ``train.init_from`` that names nothing usable."""
     kind, path = parse(source)
-    if kind == "workdir" and not os.path.isdir(os.path.join(path, "checkpoints")):
+    if kind == "workdir" and not storage.isdir(storage.join(storage.resolve(path, "train.init_from"), "checkpoints")):
         raise ConfigError(f"train.init_from={source!r}: not a tfm workdir with checkpoints")
     if kind == "hf" and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"train.init_from={source!r}: no config.json there (not a Hugging Face checkpoint)")
@@ -116,9 +117,9 @@ def _paths(tree) -> dict[str, object]:
 
 def read_params(source: str) -> tuple[int, dict[str, np.ndarray]]:
     """``(step, {path: array})``: the parameters of the newest checkpoint of the run in ``source``."""
-    workdir = parse(source)[1]
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    workdir = storage.resolve(parse(source)[1], "train.init_from")
+    directory = storage.join(workdir, "checkpoints")
+    if not storage.isdir(directory):
         raise ConfigError(f"train.init_from={workdir!r}: not a tfm workdir with checkpoints")
     ckpt = Checkpointer(directory, read_only=True)
     try:
@@ -126,7 +127,7 @@ def read_params(source: str) -> tuple[int, dict[str, np.ndarray]]:
         if step is None:
             raise ConfigError(f"train.init_from={workdir!r}: has no checkpoint yet")
         # The saved tree, from the checkpoint's own metadata: no model or config of that run is needed.
-        meta = ocp.PyTreeCheckpointer().metadata(os.path.join(directory, str(step), "state")).item_metadata
+        meta = ocp.PyTreeCheckpointer().metadata(storage.join(directory, str(step), "state")).item_metadata
         tree = getattr(meta, "tree", meta)
         if not isinstance(tree, dict) or "params" not in tree:
             raise ConfigError(f"train.init_from={workdir!r}: checkpoint {step} holds no parameters")

@@ -15,6 +15,10 @@
 Only the trainer holding the lock writes checkpoints; readers (evaluate,
 generate, translate) never write, move or delete anything but their own result
 file. Nothing here is ever deleted: what no longer belongs is moved aside.
+
+``W`` may be a cloud URI (``gs://bucket/run``; ``tfm.storage``). There the lock
+is advisory only: object stores have no ``flock``, so keeping one trainer per
+workdir is then the user's job (a warning says so).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import socket
 import time
 
+from tfm import storage
 from tfm.config import ConfigError
 
 log = logging.getLogger("tfm")
@@ -37,21 +42,16 @@ LOCK = "lock"
 ARTIFACTS = ("tokenizer.model", "vocab.json", "tokenizer.json")
 
 
-def write_atomic(path: str, content: bytes | str) -> None:
-    """``path`` holds all of ``content`` or keeps what it held: write a temporary file, then rename."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(content.encode("utf-8") if isinstance(content, str) else content)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+write_atomic = storage.write_atomic
 
 
 def unwritable(path: str) -> str:
-    """Why ``path`` (a file or folder to create) cannot be written, or '' if it can."""
+    """Why ``path`` (a file or folder to create) cannot be written, or '' if it can.
+
+    A URI is not probed: its credentials are checked by the first write.
+    """
+    if storage.is_remote(path):
+        return ""
     full = os.path.abspath(path)
     existing = full
     while not os.path.exists(existing):
@@ -66,7 +66,7 @@ def unwritable(path: str) -> str:
 
 def check_writable(workdir: str) -> None:
     """``ConfigError`` if ``workdir`` is a file, or neither it nor its nearest existing parent is writable."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if storage.isfile(workdir):
         raise ConfigError(f"--workdir {workdir}: is a file, not a directory")
     if why := unwritable(workdir):
         raise ConfigError(f"--workdir {workdir}: {why}")
@@ -74,12 +74,11 @@ def check_writable(workdir: str) -> None:
 
 def read_config(workdir: str) -> dict | None:
     """The saved run config, or None if ``workdir`` holds no run; ``ConfigError`` if it is unreadable."""
-    path = os.path.join(workdir, CONFIG)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, CONFIG)
+    if not storage.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        saved = json.loads(storage.read_text(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(saved, dict):
@@ -92,7 +91,8 @@ class Lock:
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        self.path = os.path.join(workdir, LOCK)
+        self.path = storage.join(workdir, LOCK)
+        self.remote = storage.is_remote(workdir)
         self._file = None
 
     def _holder(self, f) -> str:
@@ -106,7 +106,7 @@ class Lock:
 
     def check(self) -> None:
         """Refuse now if another trainer holds the lock (writes nothing)."""
-        if not os.path.isfile(self.path):
+        if self.remote or not os.path.isfile(self.path):
             return
         with open(self.path, encoding="utf-8", errors="replace") as f:
             try:
@@ -116,6 +116,10 @@ class Lock:
             fcntl.flock(f, fcntl.LOCK_UN)
 
     def acquire(self) -> None:
+        if self.remote:
+            log.warning("%s is on remote storage, which has no file locks: make sure no other trainer uses it",
+                        self.workdir)  # fmt: skip
+            return
         f = open(self.path, "a+", encoding="utf-8")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -157,34 +161,33 @@ def conflict(workdir: str, saved: dict | None, new: dict, artifacts: dict[str, b
     if saved.get("model") != new.get("model"):
         return f"a different model ({_first_difference(saved.get('model', {}), new['model'], 'model')})"
     for name, content in artifacts.items():
-        path = os.path.join(workdir, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                if f.read() != content:
-                    why = _first_difference(saved.get("data", {}), new.get("data", {}), "data")
-                    return f"another {name} ({why or 'the data files changed'})"
+        path = storage.join(workdir, name)
+        if storage.isfile(path):
+            if storage.read_bytes(path) != content:
+                why = _first_difference(saved.get("data", {}), new.get("data", {}), "data")
+                return f"another {name} ({why or 'the data files changed'})"
     return ""
 
 
 def move_previous_run_aside(workdir: str) -> str | None:
     """Move the checkpoints, config and tokenizer of the run in ``workdir`` into ``replaced-<time>/``."""
-    names = [n for n in ("checkpoints", CONFIG, *ARTIFACTS) if os.path.exists(os.path.join(workdir, n))]
+    names = [n for n in ("checkpoints", CONFIG, *ARTIFACTS) if storage.exists(storage.join(workdir, n))]
     if not names:
         return None
     stamp = int(time.time())
-    while os.path.exists(aside := os.path.join(workdir, f"replaced-{stamp}")):
+    while storage.exists(aside := storage.join(workdir, f"replaced-{stamp}")):
         stamp += 1
-    os.makedirs(aside)
+    storage.makedirs(aside)
     for name in names:
-        os.replace(os.path.join(workdir, name), os.path.join(aside, name))
+        storage.move(storage.join(workdir, name), storage.join(aside, name))
     return aside
 
 
 def write_run_files(workdir: str, config_json: str, artifacts: dict[str, bytes]) -> None:
     """The resolved config and the dataset's artifacts, each complete or not at all."""
-    write_atomic(os.path.join(workdir, CONFIG), config_json)
+    write_atomic(storage.join(workdir, CONFIG), config_json)
     for name, content in artifacts.items():
-        write_atomic(os.path.join(workdir, name), content)
+        write_atomic(storage.join(workdir, name), content)
 
 
 def prepare_run(workdir: str, config_json: str, artifacts: dict[str, bytes], replace_previous: bool) -> None:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tfm import storage
+
 if TYPE_CHECKING:
     import sentencepiece as spm
 
@@ -31,10 +33,10 @@ def load_sentencepiece(path: str) -> spm.SentencePieceProcessor:
     """The sentencepiece model at ``path``; ``DataError`` naming the file if it is missing or not a model."""
     import sentencepiece as spm
 
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise DataError(f"data.tokenizer_path={path!r}: no sentencepiece model there")
     try:
-        return spm.SentencePieceProcessor(model_file=path)
+        return spm.SentencePieceProcessor(model_proto=storage.read_bytes(path))
     except (OSError, RuntimeError) as e:
         raise DataError(f"{path!r} is not a sentencepiece model ({_first_line(e)})") from e
 
@@ -53,8 +55,21 @@ def train_sentencepiece(*, model_prefix: str, vocab_size: int, **options: Any) -
 
 
 def data_dir(option: str = "") -> str:
-    """Where local data lives: the option, else ``$TFM_DATA_DIR``, else ``./data``."""
-    return option or os.environ.get("TFM_DATA_DIR", "data")
+    """Where the raw data lives: the option, else ``$TFM_DATA_DIR``, else ``./data`` (a URI is kept as it is)."""
+    return storage.resolve(option or os.environ.get("TFM_DATA_DIR", "data"), "data.data_dir")
+
+
+def local_data(folder: str, path: str) -> str:
+    """``folder/path`` as a local file or folder: a cloud URI is mirrored into the local cache first."""
+    return storage.local_copy(storage.join(folder, path))
+
+
+def tokenizer_cache(folder: str) -> str:
+    """Where trained tokenizers are cached: ``folder``, or a local cache when ``folder`` is a URI
+    (sentencepiece writes only local files)."""
+    if storage.is_remote(folder):
+        return os.path.join(storage.cache_folder(folder), "tfm_tokenizers")
+    return folder
 
 
 class IndexedIterator:

@@ -23,12 +23,11 @@ Batch ``i`` of a split is a pure function of ``(seed, split, i)``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 
 import numpy as np
 
-from tfm.data.base import DataError, Dataset
+from tfm.data.base import DataError, Dataset, local_data
 from tfm.data.base import data_dir as data_dir_
 from tfm.data.builders import prepare
 from tfm.data.text import SPLIT_IDS, load_char_vocab, read_corpus
@@ -95,7 +94,7 @@ class MaskedCharLM(Dataset):
             raise DataError(f"data.mask_rate={mask_rate}: must be in (0, 1)")
         if not 0.0 < train_fraction < 1.0:
             raise DataError(f"data.train_fraction={train_fraction}: must be in (0, 1)")
-        text = read_corpus(os.path.join(data_dir_(data_dir), path), tfds_dir)
+        text = read_corpus(local_data(data_dir_(data_dir), path), tfds_dir)
         self.vocab = CharVocab.of(text, tokenizer_path)
         self.vocab_size, self.pad_id = self.vocab.size, PAD
         ids = self.vocab.encode(text)
@@ -138,7 +137,7 @@ class LanguageID(Dataset):
         if not isinstance(max_len, int) or max_len < 2:
             raise DataError(f"data.max_len={max_len!r}: must be >= 2 ([CLS] and a character)")
         files = [f"{stem}.{lang}" for stem in self.FILES.values() for lang in ("en", "de")]
-        sources = prepare(Multi30kText, os.path.join(data_dir_(data_dir), path), tfds_dir, files).as_data_source()
+        sources = prepare(Multi30kText, local_data(data_dir_(data_dir), path), tfds_dir, files).as_data_source()
         texts = {s: [(_text(ex[lang]), label) for ex in sources[s] for label, lang in enumerate(("en", "de"))]
                  for s in self.SPLITS}  # fmt: skip
         self.vocab = CharVocab.of("".join(t for t, _ in texts["train"]), tokenizer_path)

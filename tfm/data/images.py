@@ -18,12 +18,10 @@ zero-weight rows so every example counts exactly once.
 
 from __future__ import annotations
 
-import os
-
 import grain
 import numpy as np
 
-from tfm.data.base import DataError, RowReadingDataset
+from tfm.data.base import DataError, RowReadingDataset, local_data
 from tfm.data.base import data_dir as data_dir_
 from tfm.data.builders import IDX_FILES, FashionMnistIdx, prepare
 
@@ -47,7 +45,7 @@ class FashionMnist(RowReadingDataset):
         import tensorflow_datasets as tfds
 
         if source == "local":
-            folder = os.path.join(data_dir_(data_dir), path)
+            folder = local_data(data_dir_(data_dir), path)
             files = [f for pair in IDX_FILES.values() for f in pair]
             builder = prepare(FashionMnistIdx, folder, tfds_dir, files)
         elif source == "catalog":

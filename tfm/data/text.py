@@ -26,7 +26,8 @@ from collections.abc import Iterable
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfm.data.base import DataError, Dataset, load_sentencepiece, train_sentencepiece
+from tfm import storage
+from tfm.data.base import DataError, Dataset, load_sentencepiece, local_data, tokenizer_cache, train_sentencepiece
 from tfm.data.base import data_dir as data_dir_
 
 SPLIT_IDS = {"train": 0, "validation": 1}
@@ -78,11 +79,10 @@ def read_corpus(path: str, tfds_dir: str = "") -> str:
 
 def load_char_vocab(path: str) -> list[str]:
     """A character vocabulary saved as ``vocab.json`` (a JSON list of single characters, in id order)."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise DataError(f"data.tokenizer_path={path!r}: no character vocabulary (vocab.json) there")
     try:
-        with open(path, encoding="utf-8") as f:
-            chars = json.load(f)
+        chars = json.loads(storage.read_text(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"data.tokenizer_path={path!r} is not a character vocabulary ({type(e).__name__}: {e})") from e
     if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
@@ -103,7 +103,7 @@ class CharLM(Dataset):
 
     def __init__(self, *, batch_size: int, data_dir: str, path: str, tfds_dir: str, block_size: int,
                  train_fraction: float, tokenizer: str, vocab_size: int, tokenizer_path: str, seed: int):  # fmt: skip
-        full = os.path.join(data_dir_(data_dir), path)
+        full = local_data(data_dir_(data_dir), path)
         if not 0.0 < train_fraction < 1.0:
             raise DataError(f"data.train_fraction={train_fraction}: must be in (0, 1)")
         if tokenizer not in ("char", "bpe", "unigram", "hf"):
@@ -163,7 +163,7 @@ class CharLM(Dataset):
     def _subword(train_text: str, tfds_dir: str, model_type: str, vocab_size: int, tokenizer_path: str):
         if tokenizer_path:
             return load_sentencepiece(tokenizer_path)
-        cache = os.path.join(tfds_dir or os.path.expanduser("~/tensorflow_datasets"), "tfm_tokenizers")
+        cache = tokenizer_cache(storage.join(tfds_dir or os.path.expanduser("~/tensorflow_datasets"), "tfm_tokenizers"))
         os.makedirs(cache, exist_ok=True)
         digest = hashlib.sha256(train_text.encode()).hexdigest()[:12]
         prefix = os.path.join(cache, f"{model_type}_{vocab_size}_{digest}")

@@ -38,7 +38,15 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfm.data.base import DataError, RowReadingDataset, load_sentencepiece, shift_right, train_sentencepiece
+from tfm.data.base import (
+    DataError,
+    RowReadingDataset,
+    load_sentencepiece,
+    local_data,
+    shift_right,
+    tokenizer_cache,
+    train_sentencepiece,
+)
 from tfm.data.base import data_dir as data_dir_
 from tfm.data.builders import prepare
 
@@ -103,7 +111,7 @@ class Translation(RowReadingDataset):
             raise DataError(f"data.max_len={max_len!r}: must be >= 2 (a target row holds at least BOS/EOS and a token)")
         if not isinstance(vocab_size, int) or vocab_size < 5:
             raise DataError(f"data.vocab_size={vocab_size!r}: must be >= 5 (4 special ids and at least one piece)")
-        folder = os.path.join(data_dir_(data_dir), path)
+        folder = local_data(data_dir_(data_dir), path)
         files = [f"{stem}.{lang}" for stem in FILES.values() for lang in ("en", "de")]
         builder = prepare(Multi30kText, folder, tfds_dir, files)
         sources = builder.as_data_source()
@@ -128,6 +136,8 @@ class Translation(RowReadingDataset):
     def _train_tokenizer(self, cache_dir, vocab_size, model_type) -> str:
         sentences = [s for pair in self.pairs["train"] for s in pair]
         digest = hashlib.sha256("\n".join(sentences).encode()).hexdigest()[:12]
+        cache_dir = tokenizer_cache(cache_dir)
+        os.makedirs(cache_dir, exist_ok=True)
         prefix = os.path.join(cache_dir, f"spm_{model_type}_{vocab_size}_{digest}")
         if not os.path.isfile(prefix + ".model"):
             tmp = f"{prefix}.{os.getpid()}.tmp"

@@ -182,29 +182,64 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _launch_two(workdir, *overrides, signal_when_logged=None):
+    """Two CPU processes with 2 devices each form one 4-device mesh (gloo collectives). With
+    ``signal_when_logged=(step, sig)``, only process 1 gets ``sig`` once ``step`` is logged."""
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        cmd = cli("copy.py:tiny", workdir, "--config.distributed.enabled=true",
+                  f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
+                  f"--config.distributed.process_id={pid}", "--config.mesh.data=2", "--config.mesh.fsdp=2", *overrides)  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=ROOT))  # fmt: skip
+    if signal_when_logged:
+        step, sig = signal_when_logged
+        deadline = time.time() + 240
+        while time.time() < deadline and procs[1].poll() is None:
+            rows = metrics(workdir)
+            if rows and rows[-1]["step"] >= step:
+                procs[1].send_signal(sig)
+                break
+            time.sleep(0.01)
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
 def test_two_processes_train_together_and_resume(tmp_path):
-    """Two CPU processes with 2 devices each form one 4-device mesh (gloo collectives)."""
-
-    def launch(steps):
-        port = _free_port()
-        procs = []
-        for pid in range(2):
-            cmd = cli("copy.py:tiny", tmp_path, f"--config.train.steps={steps}", "--config.train.checkpoint_every=3",
-                      "--config.distributed.enabled=true", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                      "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
-                      "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.train.eval_steps=1")  # fmt: skip
-            procs.append(subprocess.Popen(cmd, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          cwd=ROOT))  # fmt: skip
-        outs = [p.communicate(timeout=300) for p in procs]
-        for p, (out, err) in zip(procs, outs):
-            assert p.returncode == 0, err[-3000:]
-        return outs
-
-    outs = launch(6)
+    args = ["--config.train.checkpoint_every=3", "--config.train.eval_steps=1"]
+    outs = _launch_two(tmp_path, "--config.train.steps=6", *args)
     assert "done: step 6" in outs[0][0]
     assert Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps() == [3, 6]
-    outs = launch(9)
+    outs = _launch_two(tmp_path, "--config.train.steps=9", *args)
     assert "resumed from" in outs[0][1] and "done: step 9" in outs[0][0]
     step, leaves, data_state = final_params(tmp_path)
     assert step == 9 and data_state == {"index": 9}
     assert all(np.isfinite(x).all() for x in leaves)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """A preemption notice to one host: both hosts save the same agreed step and exit 0, and the
+    resumed run ends bitwise equal to an uninterrupted one."""
+    args = ["--config.train.checkpoint_every=100000", "--config.train.log_every=1", "--config.train.eval_steps=0"]
+    stopped = tmp_path / "stopped"
+    outs = _launch_two(stopped, "--config.train.steps=100000", *args, signal_when_logged=(3, signal.SIGTERM))
+    said = [out.split("preempted: step ")[1].split()[0] if "preempted: step " in out else out for out, _ in outs]
+    assert said[0] == said[1] and said[0].isdigit(), said
+    step = int(said[0])
+    assert f"SIGTERM: saved a checkpoint at step {step} (agreed by all 2 processes)" in outs[0][1]
+    assert f"Reached preemption sync point, step={step}" in outs[1][1]  # process 1 logs only JAX's line
+    assert Checkpointer(os.path.join(stopped, "checkpoints")).all_steps() == [step]
+    end = step + 3
+    outs = _launch_two(stopped, f"--config.train.steps={end}", *args)
+    assert f"resumed from {stopped}/checkpoints/{step}" in outs[0][1] and f"done: step {end}" in outs[0][0]
+    straight = tmp_path / "straight"
+    _launch_two(straight, f"--config.train.steps={end}", *args)
+    s1, a, d1 = final_params(straight)
+    s2, b, d2 = final_params(stopped)
+    assert s1 == s2 == end and d1 == d2 == {"index": end}
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)

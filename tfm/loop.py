@@ -9,7 +9,10 @@
   naming the step and the metric (the step itself changed nothing; see ``tfm.step``).
 * SIGTERM (preemption) or SIGINT: the step in flight finishes, a checkpoint is
   written at that step and ``run`` returns with ``preempted=True``; a second
-  Ctrl-C stops at once, without the final save.
+  Ctrl-C stops at once, without the final save. With several processes
+  (``jax.distributed``) a signal to any one of them reaches all: JAX's preemption
+  service agrees on one step (``reached_preemption_sync_point``), every process
+  saves that step and returns, so no host waits forever in a collective.
 * An evaluation that fails: the state of that step is saved first, then the
   error is raised as ``TrainingError``.
 * Compiling, evaluating and saving do not count as step time.
@@ -104,22 +107,51 @@ class Profiler:
             self.active = False
 
 
+def _preemption_service() -> bool:
+    """True when this is one of several ``jax.distributed`` processes with JAX's preemption service."""
+    from jax._src import distributed
+
+    return jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None
+
+
 class StopSignals:
-    """While entered, SIGTERM and SIGINT (main thread only) set ``received`` instead of killing the run."""
+    """While entered, SIGTERM and SIGINT (main thread only) set ``received`` instead of killing the run.
+
+    With several processes, SIGTERM is left to JAX's preemption service (it
+    installs its own handler and tells every process); Ctrl-C is passed on to it
+    as a SIGTERM. ``should_stop(step)``, called by every process after every
+    step, then turns True on all of them at the same agreed step.
+    """
 
     def __init__(self):
         self.received: int | None = None
         self._previous: dict = {}
+        self.shared = False
 
     def _on_signal(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the final save
         self.received = signum
+        if self.shared:
+            signal.raise_signal(signal.SIGTERM)  # to the preemption service's handler
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save at ``step`` and stop: a local signal, or the step all processes agreed on."""
+        if not self.shared:
+            return self.received is not None
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.reached_preemption_sync_point(step):
+            self.received = self.received or signal.SIGTERM
+            return True
+        return False
 
     def __enter__(self):
         self.received = None
+        self.shared = _preemption_service()
         if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+            signals = (signal.SIGINT,) if self.shared else (signal.SIGTERM, signal.SIGINT)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in signals}
         return self
 
     def __exit__(self, *exc):
@@ -279,7 +311,7 @@ class Loop:
             self._flush()  # the previous step's metrics; this step runs meanwhile
             step += 1
             self.pending = (step, metrics)
-            stop = self.stop.received is not None
+            stop = self.stop.should_stop(step)
             do_eval = bool(t.eval_every and step % t.eval_every == 0) or step == t.steps
             save = step % t.checkpoint_every == 0 or step == t.steps or stop
             if do_eval or save:
@@ -295,7 +327,8 @@ class Loop:
                 self.profiler.stop()
                 self.ckpt.wait()
                 name = signal.Signals(self.stop.received).name
-                self.progress.message(f"{name}: saved a checkpoint at step {step}; exiting")
+                where = f" (agreed by all {jax.process_count()} processes)" if self.stop.shared else ""
+                self.progress.message(f"{name}: saved a checkpoint at step {step}{where}; exiting")
                 return {"step": step, "preempted": True, **{f"final/{k}": v for k, v in self.last.items()}}
         self.profiler.stop()
         self._flush()

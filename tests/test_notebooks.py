@@ -5,8 +5,11 @@ working directory and on ``PYTHONPATH``, on the CPU (``JAX_PLATFORMS=cpu``) with
 Agg matplotlib backend. A cell that raises fails the test with that cell's traceback.
 """
 
+import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,34 @@ def test_notebook_runs(path):
         o for c in code_cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})
     ]
     assert images, f"{path.name} produced no image/png output"
+
+
+def test_every_notebook_starts_with_the_one_tfm_source_cell():
+    cells = [nbformat.read(p, as_version=4).cells[0] for p in NOTEBOOKS]
+    assert all(c.cell_type == "code" and 'TFM_SOURCE = ""' in c.source for c in cells)
+    assert len({c.source for c in cells}) == 1, "the notebooks' setup cells differ"
+    for p in NOTEBOOKS:
+        meta = nbformat.read(p, as_version=4).metadata
+        assert meta.get("accelerator") == "TPU", f"{p.name} does not ask Colab for a TPU runtime"
+
+
+def test_the_setup_cell_installs_tfm_from_tfm_source(tmp_path):
+    """A fresh environment (a virtualenv that sees the machine's packages, but not tfm on a path):
+    the first cell with TFM_SOURCE set to this checkout installs it, and tfm imports from there."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    cell = nbformat.read(NOTEBOOKS[0], as_version=4).cells[0].source
+    probe = cell + "\nprint(tfm.__file__)"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["TFM_SOURCE"] = str(ROOT)
+    p = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"installing tfm from {ROOT}" in p.stdout
+    assert Path(p.stdout.strip().splitlines()[-1]).resolve() == ROOT / "tfm" / "__init__.py"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, env=env, check=True).stdout.strip()  # fmt: skip
+    dist = [n for n in os.listdir(site) if n.startswith("tfm_jax") and n.endswith(".dist-info")]
+    assert site.startswith(str(venv)) and len(dist) == 1, os.listdir(site)
+    direct = json.loads(Path(site, dist[0], "direct_url.json").read_text())
+    assert direct == {"dir_info": {"editable": True}, "url": ROOT.as_uri()}  # installed from the checkout, editable

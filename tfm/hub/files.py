@@ -2,7 +2,7 @@
 
 Read and written with the ``safetensors`` library in NumPy; torch is never needed.
 A repo id that is not a local directory is downloaded with ``huggingface_hub``
-when that optional package is installed (``pip install 'tfm[hub]'``).
+when that optional package is installed (``pip install 'tfm-jax[hub]'``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def resolve(path_or_repo_id: str, revision: str | None = None) -> str:
         import huggingface_hub
     except ImportError:
         raise HubError(f"{path_or_repo_id!r} is not a local directory, and huggingface_hub is not installed to "
-                       f"download it (pip install 'tfm[hub]')") from None  # fmt: skip
+                       f"download it (pip install 'tfm-jax[hub]')") from None  # fmt: skip
     try:
         return huggingface_hub.snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=PATTERNS)
     except Exception as e:  # offline, unknown repo, gated model: one line that says which

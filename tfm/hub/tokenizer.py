@@ -60,7 +60,7 @@ class JsonTokenizer(Tokenizer):
         try:
             from tokenizers import Tokenizer as Fast
         except ImportError:
-            raise HubError("tokenizer.json needs the tokenizers package (pip install 'tfm[hub]')") from None
+            raise HubError("tokenizer.json needs the tokenizers package (pip install 'tfm-jax[hub]')") from None
         try:
             self.fast = Fast.from_file(path)
         except Exception as e:  # a corrupt or foreign file: name it

@@ -353,3 +353,50 @@ def test_profile_steps_write_a_trace_tensorboard_and_perfetto_open(tmp_path):
     traces = glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*"))
     assert any(t.endswith(".xplane.pb") for t in traces), traces
     assert any(t.endswith("perfetto_trace.json.gz") for t in traces), traces
+
+
+class _FakeWandb:
+    """Records what the trainer asks of the wandb package (the real one needs an account or a service)."""
+
+    def __init__(self):
+        self.inits, self.logged, self.finished = [], [], 0
+        self.util = type("util", (), {"generate_id": staticmethod(lambda: f"run{len(self.inits)}")})
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        return self
+
+    def log(self, scalars, step):
+        self.logged.append((step, dict(scalars)))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_logging_goes_on_in_the_same_run_after_a_resume(tmp_path, monkeypatch):
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    workdir = tmp_path / "run"
+    args = ["train.wandb_project=tfm-tests", "train.log_every=1", "train.eval_steps=0", "train.checkpoint_every=2"]
+    Trainer(copy_config("train.steps=2", *args), str(workdir), devices=jax.devices()[:1]).train()
+    Trainer(copy_config("train.steps=4", *args), str(workdir), devices=jax.devices()[:1]).train()
+    assert [i["id"] for i in fake.inits] == ["run0", "run0"] and (workdir / "wandb_run_id").read_text() == "run0"
+    assert fake.inits[0]["project"] == "tfm-tests" and fake.inits[0]["resume"] == "allow" and fake.inits[0]["name"] == "run"
+    assert fake.inits[0]["config"]["train"]["steps"] == 2 and fake.inits[1]["config"]["train"]["steps"] == 4
+    steps = [s for s, m in fake.logged if "train/loss" in m]
+    assert steps == [1, 2, 3, 4] and fake.finished == 2
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["train/loss"] for r in rows if "train/loss" in r] == [m["train/loss"] for _, m in fake.logged if "train/loss" in m]
+
+
+def test_wandb_project_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    message = r"train.wandb_project='p' needs the wandb package \(pip install wandb\)"
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(copy_config("train.wandb_project=p"))  # what the CLI checks before it starts
+    with pytest.raises(ValueError, match=message):
+        Trainer(copy_config("train.steps=1", "train.wandb_project=p"), str(tmp_path), devices=jax.devices()[:1]).train()

@@ -88,6 +88,7 @@ def default_config() -> ConfigDict:
     c.train.async_checkpoint = True
     c.train.progress = "auto"  # auto | bar | lines | none
     c.train.tensorboard = True
+    c.train.wandb_project = ""  # a Weights & Biases project to log to as well (needs the wandb package)
     c.train.peak_flops = 0.0  # per device, for MFU; 0: look the device kind up
     c.train.profile_steps = ""  # "a:b": a jax.profiler trace of steps a..b-1 in WORKDIR/profile (TensorBoard, Perfetto)
     # Start from trained parameters (same paths, same shapes), fresh optimizer: a tfm workdir's newest
@@ -324,6 +325,11 @@ def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict) -> None:
         profile_window(t.get("profile_steps", ""))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if t.get("wandb_project"):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"train.wandb_project={t.wandb_project!r} needs the wandb package (pip install wandb)") from None
 
 
 def validate(

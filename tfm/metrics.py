@@ -2,7 +2,8 @@
 
 * ``MetricWriter``: one JSON object per line in ``metrics.jsonl`` and TensorBoard
   event files under ``tensorboard/`` (written with tensorboardX, which needs no
-  TensorFlow). Only process 0 writes.
+  TensorFlow), and to Weights & Biases when ``train.wandb_project`` names a
+  project (the optional ``wandb`` package). Only process 0 writes.
 * ``Progress``: a tqdm bar on a terminal; a compact line per log interval otherwise.
 * ``peak_flops``: the devices' peak FLOP/s, the denominator of MFU (model FLOPs
   per step come from the task: ``tfm.tasks.Task.flops_per_step``).
@@ -71,12 +72,15 @@ class MetricWriter:
     up after each write (tensorboardX cannot write object stores itself).
     """
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None):
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None,
+                 wandb_project: str = "", run_config: dict | None = None):  # fmt: skip
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._jsonl = self._tb = None
+        self._jsonl = self._tb = self._wandb = None
         self._tb_upload = None
         if not self.enabled:
             return
+        if wandb_project:
+            self._wandb = _wandb_run(workdir, wandb_project, run_config)
         storage.makedirs(workdir)
         self._jsonl = storage.AppendFile(storage.join(workdir, "metrics.jsonl"))
         if tensorboard:
@@ -101,14 +105,32 @@ class MetricWriter:
             self._tb.flush()
             if self._tb_upload:
                 storage.upload_tree(*self._tb_upload)
+        if self._wandb is not None:
+            self._wandb.log(clean, step=int(step))
 
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._tb:
             self._tb.close()
             if self._tb_upload:
                 storage.upload_tree(*self._tb_upload)
+
+
+def _wandb_run(workdir: str, project: str, run_config: dict | None):
+    """A W&B run for this workdir: its id is kept in ``WORKDIR/wandb_run_id``, so a resumed run
+    goes on logging into the same W&B run."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"train.wandb_project={project!r} needs the wandb package (pip install wandb)") from None
+    id_file = storage.join(workdir, "wandb_run_id")
+    run_id = storage.read_text(id_file).strip() if storage.exists(id_file) else wandb.util.generate_id()
+    storage.write_atomic(id_file, run_id)
+    name = str(workdir).rstrip("/").rsplit("/", 1)[-1]
+    return wandb.init(project=project, id=run_id, name=name, resume="allow", config=run_config)
 
 
 def _fmt_time(seconds: float) -> str:

@@ -259,7 +259,8 @@ class Trainer:
         workdir_lib.prepare_run(self.workdir, config_lib.to_json(self.config), self.artifacts, self._replace_previous_run)
         ckpt = Checkpointer(storage.join(self.workdir, "checkpoints"), keep=t.keep_checkpoints,
                             best_metric=t.best_metric, best_mode=t.best_mode, async_save=t.async_checkpoint)  # fmt: skip
-        writer = metrics_lib.MetricWriter(self.workdir, tensorboard=t.tensorboard)
+        writer = metrics_lib.MetricWriter(self.workdir, tensorboard=t.tensorboard, wandb_project=t.wandb_project,
+                                          run_config=self.config.to_dict())  # fmt: skip
         data_it = self.dataset.iterator("train", rows=self.local_rows)  # only this process's rows are read
         restored = ckpt.restore(self.abstract_state)
         if restored is None:

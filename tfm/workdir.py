@@ -170,8 +170,8 @@ def conflict(workdir: str, saved: dict | None, new: dict, artifacts: dict[str, b
 
 
 def move_previous_run_aside(workdir: str) -> str | None:
-    """Move the checkpoints, config and tokenizer of the run in ``workdir`` into ``replaced-<time>/``."""
-    names = [n for n in ("checkpoints", CONFIG, *ARTIFACTS) if storage.exists(storage.join(workdir, n))]
+    """Move the checkpoints, config, tokenizer and W&B run id of the run in ``workdir`` into ``replaced-<time>/``."""
+    names = [n for n in ("checkpoints", CONFIG, *ARTIFACTS, "wandb_run_id") if storage.exists(storage.join(workdir, n))]
     if not names:
         return None
     stamp = int(time.time())

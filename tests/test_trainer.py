@@ -328,6 +328,28 @@ def test_dry_run_reports_the_compiled_steps_memory_and_writes_nothing(tmp_path, 
     assert report["peak"] >= report["argument"] and report["temp"] > 0
 
 
+def test_dry_run_for_a_larger_mesh_than_the_machine_has(tmp_path, capsys):
+    """--dry_run_devices 4 with FSDP over all four: each device holds about a quarter of the state."""
+    from tfm import train
+
+    workdir = tmp_path / "run"
+    argv = ["--config", os.path.join(ROOT, "configs", "copy.py:tiny"), "--workdir", str(workdir), "--dry_run",
+            "--dry_run_devices", "4", "--config.train.progress=none", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+            "--config.model.d_model=256", "--config.model.d_ff=1024"]  # fmt: skip (a few MiB of state)
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("compiled for 4 CPU devices") and out[1].startswith("dry run: 4 device(s)")
+    assert "mesh data 1 x fsdp 4" in out[1] and not workdir.exists()
+    state_4 = float(out[2].split("the training state is ")[1].split(" MiB")[0])
+    one = Trainer(copy_config("mesh.data=1", "model.d_model=256", "model.d_ff=1024"), devices=jax.devices()[:1])
+    assert state_4 * 2**20 == pytest.approx(diagnosis.memory_report(one)["state"] / 4, rel=0.05)
+    here = [a for a in argv if a not in ("--dry_run_devices", "4")]
+    assert train.main([*here, "--dry_run_devices=0"]) == 0  # 0: this machine's devices, no subprocess
+    assert capsys.readouterr().out.startswith("dry run: ")
+    assert train.main([*here, "--dry_run_devices=-2"]) == 2
+    assert "--dry_run_devices=-2: must be at least 1" in capsys.readouterr().err
+
+
 def test_out_of_memory_is_one_line_naming_the_knobs(tmp_path, capsys, monkeypatch):
     """A RESOURCE_EXHAUSTED from XLA (simulated) becomes one line with this run's values, exit 1."""
     from tfm import train

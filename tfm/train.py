@@ -6,7 +6,8 @@ Overrides are typed as ml_collections' ``config_flags`` users type them:
 lists every key with its type and default. ``--dry_run`` compiles the train
 step from shapes alone and prints its per-device memory (XLA's
 ``memory_analysis``: arguments, outputs, donated buffers, temporaries), then
-exits 0 without training or writing the workdir.
+exits 0 without training or writing the workdir; ``--dry_run_devices N`` does
+it for a mesh of N devices that this machine does not have.
 
 A thin shell over ``tfm.trainer.Trainer``: parse, start multi-process JAX if
 asked, validate (nothing is written before the config is known to be good),
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--dry_run", action="store_true",
                         help="compile the train step, print its per-device memory, and exit without training")
+    parser.add_argument("--dry_run_devices", type=int, default=0, metavar="N",
+                        help="with --dry_run: compile for a mesh of N (CPU) devices this machine need not have, "
+                             "to see what a larger target mesh needs per device")  # fmt: skip
     args, rest = parser.parse_known_args(argv)
     from tfm.cli import split_overrides
 
@@ -112,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
+    if args.dry_run_devices:
+        return dry_run_on_devices(argv, args.dry_run_devices)
 
     from tfm import config as config_lib
 
@@ -178,6 +185,35 @@ def out_of_memory_message(e: BaseException, config: ConfigDict) -> str:
         f"--config.model.dtype=bfloat16 (now {m.get('dtype', 'float32')!r}), "
         f"or a smaller --config.data.batch_size (now {d.batch_size}); --dry_run prints the step's memory per device"
     )
+
+
+def dry_run_on_devices(argv: list[str], n: int) -> int:
+    """``--dry_run`` in a fresh process that has ``n`` CPU devices (the device count is fixed when
+    JAX starts). The sizes of the arguments and of the sharded state per device are those of an
+    accelerator mesh of the same shape; temporaries and code size depend on the backend."""
+    import subprocess
+
+    if n < 1:
+        print(f"config error: --dry_run_devices={n}: must be at least 1", file=sys.stderr)
+        return 2
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--dry_run_devices":
+            skip = True
+        elif not a.startswith("--dry_run_devices="):
+            rest.append(a)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = " ".join([*[f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f],
+                                 f"--xla_force_host_platform_device_count={n}"])  # fmt: skip
+    cmd = [sys.executable, "-m", "tfm.train", *rest, "--dry_run", "--config.distributed.auto=false"]
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    if p.returncode == 0:
+        print(f"compiled for {n} CPU devices standing in for the target mesh: arguments and state per device "
+              f"carry over to accelerators of that mesh; temporaries and code depend on the backend")  # fmt: skip
+    print(p.stdout, end="", flush=True)
+    return p.returncode
 
 
 def format_memory(report: dict, banner: str) -> str:

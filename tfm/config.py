@@ -323,13 +323,12 @@ def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict) -> None:
         from tfm.loop import profile_window
 
         profile_window(t.get("profile_steps", ""))
+        if t.get("wandb_project"):
+            from tfm.metrics import import_wandb
+
+            import_wandb(t.wandb_project)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if t.get("wandb_project"):
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"train.wandb_project={t.wandb_project!r} needs the wandb package (pip install wandb)") from None
 
 
 def validate(

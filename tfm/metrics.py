@@ -119,13 +119,19 @@ class MetricWriter:
                 storage.upload_tree(*self._tb_upload)
 
 
-def _wandb_run(workdir: str, project: str, run_config: dict | None):
-    """A W&B run for this workdir: its id is kept in ``WORKDIR/wandb_run_id``, so a resumed run
-    goes on logging into the same W&B run."""
+def import_wandb(project: str):
+    """The wandb module, or ValueError naming ``train.wandb_project`` when it is not installed."""
     try:
         import wandb
     except ImportError:
         raise ValueError(f"train.wandb_project={project!r} needs the wandb package (pip install wandb)") from None
+    return wandb
+
+
+def _wandb_run(workdir: str, project: str, run_config: dict | None):
+    """A W&B run for this workdir: its id is kept in ``WORKDIR/wandb_run_id``, so a resumed run
+    goes on logging into the same W&B run."""
+    wandb = import_wandb(project)
     id_file = storage.join(workdir, "wandb_run_id")
     run_id = storage.read_text(id_file).strip() if storage.exists(id_file) else wandb.util.generate_id()
     storage.write_atomic(id_file, run_id)

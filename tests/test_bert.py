@@ -88,6 +88,7 @@ def _langid_config(pretrained_dir, *overrides):
     ])  # fmt: skip
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_fine_tuning_starts_from_exactly_the_pretrained_parameters(pretrained, tmp_path):
     from tfm import warm_start
 

@@ -186,6 +186,7 @@ def test_the_prepared_copy_follows_the_source_files(tiny_multi30k):
         make_dataset(opts)
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_packed_pairs_do_not_see_each_other(tiny_multi30k):
     """Every target token's log-probability is the same packed (several pairs per row, kept apart
     by segment ids and per-pair positions) as when its pair is alone in a row."""

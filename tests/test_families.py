@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,3 +135,76 @@ def test_command_line_names_reach_the_block_and_derived_fields_are_refused():
 
 def test_every_kind_is_covered_here():
     assert set(KIND_OPTIONS) | {"full"} == set(KINDS), "a new attention kind needs a row in KIND_OPTIONS"
+
+
+def _sown_weights(tree, path=()):
+    """Every ``attention_weights`` the layers sowed: {path: [L, B, N, T, S]} (scanned stacks)."""
+    found = {}
+    for key, value in tree.items():
+        if key == "attention_weights":
+            found["/".join(path)] = np.asarray(value[0])
+        elif isinstance(value, dict):
+            found.update(_sown_weights(value, path + (key,)))
+    return found
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_exposes_its_attention_weights(family):
+    """``sow_attention_weights``: each attention layer's softmax weights land in ``intermediates``,
+    one distribution per query over the keys it may see; the output does not change."""
+    preset = PRESETS[FAMILIES[family]]
+    variables, plain, _ = _forward(preset)
+    model = preset.model(sow_attention_weights=True)
+    inputs = _inputs(preset)
+    out, state = model.apply(variables, *inputs, mutable=["intermediates", "aux_loss"])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    weights = _sown_weights(state["intermediates"])
+    cfg = preset.config
+    expected = {"t5": 3, "transformer": 3}.get(family, 1)  # encoder self, decoder self and cross
+    assert len(weights) == expected, sorted(weights)
+    for path, w in weights.items():
+        assert w.shape[:3] == (2, 2, cfg.block.num_heads), (path, w.shape)  # [L, B, N]: 2 layers in every tiny preset
+        np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+        visible = w > 0.0  # softmax weights are > 0 exactly where the masks let a query see a key
+        uniform = visible / visible.sum(-1, keepdims=True)
+        assert np.abs(w - uniform).max() > 1e-3, f"{path}: uniform weights, not the model's attention"
+        if path.startswith("decoder") and path.endswith("self_attention"):  # GPT's stack, and the decoders'
+            assert np.all(w[..., np.triu(np.ones(w.shape[-2:], bool), k=1)] == 0.0), f"{path} looks ahead"
+        if family not in ("gpt", "vit"):  # the others mask the padded keys (row 1, positions 6 and 7)
+            assert np.all(w[:, 1, ..., 6:] == 0.0), f"{path} attends to padding"
+
+
+def test_only_kinds_with_a_weight_matrix_can_expose_it():
+    with pytest.raises(ValueError, match="sow_attention_weights: attention='local' computes no weight matrix"):
+        PRESETS["gpt_tiny"].config.replace(attention="local", sow_attention_weights=True)
+
+
+def test_the_language_models_share_one_output_head():
+    """``OutputHead``: tied, it owns no parameter and projects with the token embedding; untied, its
+    ``kernel [D, V]`` is the family's head (``lm_head`` / ``logits_proj``), under the same path as before."""
+    from tfm.layers.embed import Embed, OutputHead
+
+    for name, head, tied in [("gpt_tiny", "lm_head", True), ("llama_tiny", "lm_head", False),
+                             ("t5_tiny", "lm_head", True), ("transformer_tiny", "logits_proj", True)]:  # fmt: skip
+        preset = PRESETS[name]
+        for tie in (tied, not tied):
+            field = {"gpt_tiny": "tie_embeddings", "llama_tiny": "tie_embeddings", "t5_tiny": "tie_embeddings",
+                     "transformer_tiny": "tie_output"}[name]  # fmt: skip
+            params = flax.linen.unbox(preset.init_shapes(**{field: tie})["params"])
+            if tie:
+                assert head not in params, f"{name}: a tied head has no parameter of its own"
+            else:
+                cfg = preset.config
+                assert params[head]["kernel"].shape == (cfg.block.d_model, cfg.vocab_size), name
+    class Toy(flax.linen.Module):  # the head inside a module that owns the token embedding, as in a model
+        @flax.linen.compact
+        def __call__(self, x):
+            return OutputHead(5, name="head")(x, Embed(5, 3, name="embed"))
+
+    x = jax.random.normal(jax.random.key(0), (1, 2, 3))
+    variables = Toy().init(jax.random.key(1), x)
+    assert list(variables["params"]) == ["embed"]
+    table = np.asarray(flax.linen.unbox(variables)["params"]["embed"]["embedding"])
+    np.testing.assert_allclose(Toy().apply(variables, x), np.einsum("btd,vd->btv", x, table), rtol=1e-6)
+    with pytest.raises(ValueError, match="a tied OutputHead projects with the token Embed"):
+        OutputHead(5).init(jax.random.key(0), x)

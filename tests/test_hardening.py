@@ -81,6 +81,7 @@ def char_run(tmp_path_factory):
 # 1. Readers beside a live run ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_readers_never_disturb_a_live_run(tmp_path, capsys):
     """evaluate and inference.load in a loop while the run saves a checkpoint every step."""
     workdir = tmp_path / "run"
@@ -130,6 +131,7 @@ def test_a_reader_creates_nothing_in_a_run_without_checkpoints(tmp_path, capsys)
 # 2 and 5. What a checkpoint means: its tokenizer, saved with the run ----------------------------
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_a_different_tokenizer_on_resume_is_refused(tiny_multi30k_dir, tmp_path):
     src, tfds = tiny_multi30k_dir
     base = ["data.name=multi30k", f"data.data_dir={src}", f"data.tfds_dir={tfds}", "data.path=multi30k",

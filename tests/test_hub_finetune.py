@@ -92,6 +92,7 @@ def test_imported_params_are_the_checkpoints(checkpoint):
     np.testing.assert_array_equal(q[1].reshape(32, 32), c_attn[:, :32])
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_export_of_a_fine_tuned_run_loads_in_transformers(checkpoint, tmp_path):
     from tfm import export, inference
 

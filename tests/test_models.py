@@ -210,7 +210,7 @@ def test_gpt_kv_cache_equals_full_forward(cfg, chunk):
     np.testing.assert_allclose(got, full, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["transformer", "t5"])
+@pytest.mark.parametrize("family", ["transformer", pytest.param("t5", marks=pytest.mark.slow)])
 def test_encoder_decoder_kv_cache_equals_full_forward(family):
     cls, cfg = (Transformer, transformer_tiny) if family == "transformer" else (T5, t5_tiny)
     src, tgt = tokens((2, 7)), tokens((2, 8), seed=4)

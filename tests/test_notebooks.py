@@ -40,7 +40,14 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, f"no notebooks found in {ROOT / 'colab'}"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+# The training notebooks (a minute or more each on 2 cores) run with the slow tests.
+SLOW_NOTEBOOKS = ("02_training_the_copy_task.ipynb", "03_translation_attention.ipynb")
+
+
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_NOTEBOOKS else p for p in NOTEBOOKS],
+    ids=[p.name for p in NOTEBOOKS],
+)
 def test_notebook_runs(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)

@@ -62,12 +62,12 @@ def final_params(workdir, recipe="copy.py:tiny"):
 RECIPES = [
     ("copy.py:tiny", []),
     ("shakespeare_char.py:tiny", [f"--config.data.data_dir={DATA}"]),
-    ("fashion_mnist_vit.py:tiny", [f"--config.data.data_dir={DATA}"]),
-    ("multi30k_en_de.py:tiny", [f"--config.data.data_dir={DATA}"]),
+    pytest.param("fashion_mnist_vit.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
+    pytest.param("multi30k_en_de.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("recipe,extra", RECIPES, ids=[r[0] for r in RECIPES])
+@pytest.mark.parametrize("recipe,extra", RECIPES, ids=[(r.values if hasattr(r, "values") else r)[0] for r in RECIPES])
 def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
     if extra and not os.path.isdir(DATA):
         pytest.skip(f"no shared data folder at {DATA}")
@@ -140,7 +140,7 @@ def _kill_when_logged(cmd, workdir, step, sig):
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("kill_at", [5, 11])
+@pytest.mark.parametrize("kill_at", [5, pytest.param(11, marks=pytest.mark.slow)])
 def test_sigkill_and_restart_ends_bitwise_identical(tmp_path, kill_at):
     """Checkpoints every step (async), so the kill lands during or between saves."""
     args = ["--config.train.steps=16", "--config.train.checkpoint_every=1", "--config.train.log_every=1",
@@ -161,7 +161,8 @@ def test_sigkill_and_restart_ends_bitwise_identical(tmp_path, kill_at):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])  # fmt: skip
 def test_a_stop_signal_saves_at_the_current_step_and_exits_zero(tmp_path, sig):
     args = ["--config.train.steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1",
             "--config.train.eval_steps=0"]  # fmt: skip
@@ -208,6 +209,7 @@ def _launch_two(workdir, *overrides, signal_when_logged=None):
     return outs
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_two_processes_train_together_and_resume(tmp_path):
     args = ["--config.train.checkpoint_every=3", "--config.train.eval_steps=1"]
     outs = _launch_two(tmp_path, "--config.train.steps=6", *args)

@@ -50,6 +50,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_loss_after_five_steps_is_the_same_on_every_mesh():
     """A tiny encoder-decoder, float32: 5 steps on 5 meshes of the 8 fake devices give the same loss."""
     results = {}
@@ -67,6 +68,7 @@ def test_loss_after_five_steps_is_the_same_on_every_mesh():
         np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=0, err_msg=name)
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_fsdp_parameter_bytes_per_device_fall_as_one_over_n():
     """Per-device bytes, measured from the arrays' shards, are sharded/N + replicated exactly."""
     sizes, replicated = {}, {}
@@ -84,6 +86,7 @@ def test_fsdp_parameter_bytes_per_device_fall_as_one_over_n():
         assert sizes[n] == (total - replicated[n]) / n + replicated[n], (n, sizes)
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_gradient_accumulation_equals_the_full_batch():
     # eps=1 makes Adam's update nearly linear in the gradient; with the paper's 1e-9, entries
     # whose gradient is float noise (~1e-9) get lr-sized updates in either run and the
@@ -225,6 +228,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(np.isfinite(x).all() for x in _params(state))
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_a_different_model_in_the_same_workdir_needs_the_flag(tmp_path):
     workdir = str(tmp_path / "run")
     base = ["mesh.data=1", "train.steps=2", "train.eval_steps=0"]
@@ -328,6 +332,7 @@ def test_dry_run_reports_the_compiled_steps_memory_and_writes_nothing(tmp_path, 
     assert report["peak"] >= report["argument"] and report["temp"] > 0
 
 
+@pytest.mark.slow  # in CI's second command (-m slow): it keeps the default suite near ten minutes
 def test_dry_run_for_a_larger_mesh_than_the_machine_has(tmp_path, capsys):
     """--dry_run_devices 4 with FSDP over all four: each device holds about a quarter of the state."""
     from tfm import train

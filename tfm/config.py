@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+import traceback
 from typing import TYPE_CHECKING, Any, Sequence
 
 import ml_collections
@@ -152,8 +153,6 @@ def load_config(spec: str) -> ConfigDict:
 
 def _where(e: Exception, path: str) -> str:
     """``line N: `` of the innermost frame of ``e`` in ``path``, if there is one."""
-    import traceback
-
     frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
     return f"line {frames[-1].lineno}: " if frames else ""
 
@@ -341,10 +340,12 @@ def validate(
     _check_keys(config, default_config())
     preset, mcfg = model_config(config)
     o, t = config.optim, config.train
-    if o.schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule={o.schedule!r}: choose from {SCHEDULES}")
-    if o.name not in ("adam", "adamw"):
-        raise ConfigError(f"optim.name={o.name!r}: choose 'adam' or 'adamw'")
+    choices = {"optim.schedule": SCHEDULES, "optim.name": ("adam", "adamw"), "train.progress": PROGRESS,
+               "train.best_mode": ("min", "max")}  # fmt: skip
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        if config[section][name] not in allowed:
+            raise ConfigError(f"{key}={config[section][name]!r}: choose from {allowed}")
     if o.name == "adam" and o.weight_decay:
         raise ConfigError(f"optim.weight_decay={o.weight_decay}: needs optim.name='adamw'")
     _check_optimizer_numbers(o, t)
@@ -356,10 +357,6 @@ def validate(
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: the noam schedule needs >= 1")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing={t.label_smoothing}: must be in [0, 1)")
-    if t.progress not in PROGRESS:
-        raise ConfigError(f"train.progress={t.progress!r}: choose from {PROGRESS}")
-    if t.best_mode not in ("min", "max"):
-        raise ConfigError(f"train.best_mode={t.best_mode!r}: choose 'min' or 'max'")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
         if t[key] < 1:
             raise ConfigError(f"train.{key}={t[key]}: must be >= 1")
@@ -400,7 +397,5 @@ def to_json(config: ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-__all__ = [
-    "ConfigError", "apply_overrides", "default_config", "load_config", "ml_collections", "model_config",
-    "to_json", "validate",
-]  # fmt: skip
+__all__ = ["ConfigError", "apply_overrides", "default_config", "load_config", "ml_collections", "model_config",
+           "to_json", "validate"]  # fmt: skip

@@ -4,7 +4,7 @@ from tfm.layers.attention import MultiHeadAttention
 from tfm.layers.attention_kinds import ATTENTION_KINDS, AttentionKind, AttentionOptions, register
 from tfm.layers.blocks import REMAT_POLICIES, BlockConfig, DecoderBlock, EncoderBlock, Stack
 from tfm.layers.dot_product import dot_product_attention
-from tfm.layers.embed import Embed
+from tfm.layers.embed import Embed, OutputHead
 from tfm.layers.feedforward import MLP
 from tfm.layers.masks import (
     and_masks,
@@ -39,6 +39,7 @@ __all__ = [
     "LearnedPositionEmbedding",
     "MLP",
     "MultiHeadAttention",
+    "OutputHead",
     "REMAT_POLICIES",
     "RMSNorm",
     "RelativePositionBias",

@@ -153,12 +153,19 @@ class AttentionOptions:
     Kinds without ``dense_masks`` take a causal flag and key padding, not arbitrary
     dense masks: packed rows (segment ids), relative-position biases (T5, ALiBi) and
     attention-weight dropout need ``full``.
+
+    ``sow_attention_weights``: every attention layer also stores its softmax weights
+    ``[B, N, T, S]`` (float32) in the ``intermediates`` collection, under
+    ``.../<self_attention|cross_attention>/attention_weights`` (a scanned stack adds a
+    leading layer axis). Read them with ``model.apply(..., mutable=["intermediates"])``.
+    Only the kinds with dense masks have weights to return.
     """
 
     attention: str = "full"
     attention_window: int = 128
     attention_global_tokens: int = 0
     attention_global_stride: int = 0
+    sow_attention_weights: bool = False
 
     def check_attention(self) -> None:
         if self.attention not in KINDS:
@@ -167,6 +174,10 @@ class AttentionOptions:
             raise ValueError(f"attention_window must be >= 1, got {self.attention_window}")
         if self.attention_global_tokens < 0 or self.attention_global_stride < 0:
             raise ValueError("attention_global_tokens and attention_global_stride must be >= 0")
+        if self.sow_attention_weights and not KINDS[self.attention].dense_masks:
+            dense = [k.name for k in KINDS.values() if k.dense_masks]
+            raise ValueError(f"sow_attention_weights: attention={self.attention!r} computes no weight matrix; "
+                             f"use one of {dense}")  # fmt: skip
 
 
 __all__ = ["ATTENTION_KINDS", "AttentionKind", "AttentionOptions", "KINDS", "Recurrent", "attention", "get_kind",

@@ -134,6 +134,7 @@ def _attention(cfg: BlockConfig, name: str, decode: bool) -> MultiHeadAttention:
         window=cfg.attention_window,
         global_tokens=cfg.attention_global_tokens,
         global_stride=cfg.attention_global_stride,
+        sow_weights=cfg.sow_attention_weights,
         kernel_init=cfg.kernel_init(),
         out_kernel_init=cfg.out_kernel_init(),
         dtype=cfg.dtype,

@@ -1,4 +1,4 @@
-"""Token embedding, optionally scaled by sqrt(D) and shared with the output projection."""
+"""Token embedding (optionally scaled by sqrt(D)) and the output head, tied to it or not."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers.linear import Initializer, einsum_matmul
+from tfm.layers.linear import Initializer, default_kernel_init, einsum_matmul
 
 
 class Embed(nn.Module):
@@ -52,3 +52,33 @@ class Embed(nn.Module):
         return einsum_matmul(
             "BTD,VD->BTV", x.astype(self.dtype), self.embedding.astype(self.dtype), preferred_element_type=jnp.float32
         )
+
+
+class OutputHead(nn.Module):
+    """The pre-softmax projection of every language model: ``[B, T, D] -> logits [B, T, V]`` (float32).
+
+    ``tied``: the token embedding's transpose (``embed.attend``, §3.4; Press & Wolf 2017),
+    with no parameter of its own; the caller passes that ``Embed``. Untied: its own
+    ``kernel [D, V]`` (``kernel_init``; None: Glorot uniform). ``input_scale``
+    multiplies the input first (T5 rescales by D^-0.5 before its tied projection).
+    """
+
+    vocab_size: int
+    tied: bool = True
+    input_scale: float | None = None
+    kernel_init: Initializer | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, embed: Embed | None = None) -> Array:
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        if self.tied:
+            if embed is None:
+                raise ValueError("a tied OutputHead projects with the token Embed it shares: pass it as `embed`")
+            return embed.attend(x)
+        init = nn.with_logical_partitioning(self.kernel_init or default_kernel_init(0, -1), (sh.EMBED, sh.VOCAB))
+        kernel = self.param("kernel", init, (x.shape[-1], self.vocab_size), self.param_dtype)
+        logits = einsum_matmul("BTD,DV->BTV", x.astype(self.dtype), kernel.astype(self.dtype))
+        return logits.astype(jnp.float32)

@@ -23,7 +23,7 @@ from jax import Array
 
 from tfm import sharding as sh
 from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
-from tfm.layers.embed import Embed
+from tfm.layers.embed import Embed, OutputHead
 from tfm.layers.feedforward import ACTIVATIONS
 from tfm.layers.linear import Einsum
 from tfm.layers.masks import key_padding_mask
@@ -122,7 +122,7 @@ class BertForMaskedLM(nn.Module):
         h = Einsum((b.d_model, b.d_model), (sh.EMBED, sh.MLP), use_bias=True, kernel_init=init, dtype=b.dtype, param_dtype=b.param_dtype, name="mlm_transform")("BTD,DE->BTE", x)
         h = LayerNorm(b.norm_epsilon, dtype=b.dtype, param_dtype=b.param_dtype, name="mlm_norm")(ACTIVATIONS[b.activation](h))
         out_bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.VOCAB,)), (cfg.vocab_size,), b.param_dtype)
-        return bert.token_embed.attend(h) + out_bias.astype(jnp.float32)
+        return OutputHead(cfg.vocab_size, name="mlm_head")(h, bert.token_embed) + out_bias.astype(jnp.float32)
 
 
 class BertForSequenceClassification(nn.Module):

@@ -16,14 +16,11 @@ import math
 from typing import ClassVar
 
 import flax.linen as nn
-import jax.numpy as jnp
 from jax import Array
 
-from tfm import sharding as sh
 from tfm.layers.attention_kinds import get_kind
 from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
-from tfm.layers.embed import Embed
-from tfm.layers.linear import Einsum
+from tfm.layers.embed import Embed, OutputHead
 from tfm.layers.masks import and_masks, causal_mask, segment_mask
 from tfm.layers.position import LearnedPositionEmbedding, alibi_bias, sinusoidal_positions
 from tfm.models.common import DecodePositions, ModelConfig
@@ -144,10 +141,8 @@ class GPT(nn.Module):
         x = Stack(EncoderBlock, b, cfg.num_layers, cfg.scan_layers, cfg.remat_policy, name="decoder")(
             x, mask=mask, bias=bias, positions=rope_positions, deterministic=deterministic
         )
-        if cfg.tie_embeddings:
-            return embed.attend(x)
-        head = Einsum((b.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), kernel_init=init, dtype=b.dtype, param_dtype=b.param_dtype, name="lm_head")
-        return head("BTD,DV->BTV", x).astype(jnp.float32)
+        head = OutputHead(cfg.vocab_size, cfg.tie_embeddings, kernel_init=init, dtype=b.dtype, param_dtype=b.param_dtype, name="lm_head")
+        return head(x, embed)
 
 
 __all__ = ["GPT", "GPTConfig", "gpt2_small", "gpt_moe_tiny", "gpt_tiny", "llama_tiny", "mixtral_8x7b"]

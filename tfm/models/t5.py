@@ -18,14 +18,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import Array
 
-from tfm import sharding as sh
 from tfm.layers.attention_kinds import KINDS, get_kind
-from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
-from tfm.layers.embed import Embed
-from tfm.layers.linear import Einsum
+from tfm.layers.blocks import BlockConfig
+from tfm.layers.embed import Embed, OutputHead
 from tfm.layers.masks import and_masks, causal_mask, key_padding_mask
 from tfm.layers.position import RelativePositionBias
-from tfm.models.common import DecodePositions, ModelConfig
+from tfm.models.common import ModelConfig
+from tfm.models.encoder_decoder import EncoderDecoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,23 +69,26 @@ t5_tiny = t5_small.replace(vocab_size=64, d_model=32, num_heads=4, head_dim=8, d
                            num_decoder_layers=2, num_buckets=8, max_distance=16, dropout_rate=0.0)  # fmt: skip
 
 
-class T5(nn.Module):
-    """``__call__(src [B, S], tgt_in [B, T]) -> logits [B, T, V]`` (float32); ``encode`` / ``decode`` as in ``Transformer``."""
+class T5(EncoderDecoder):
+    """``__call__(src [B, S], tgt_in [B, T]) -> logits [B, T, V]`` (float32); ``encode`` / ``decode`` as in ``Transformer``.
+
+    Unpacked batches only: the relative position buckets of packed segments are not implemented.
+    """
 
     config: T5Config
 
+    PACKING: ClassVar[bool] = False
+
     def setup(self) -> None:
+        self.setup_stacks()
         cfg, b = self.config, self.config.block
         self.embed = Embed(cfg.vocab_size, b.d_model, embedding_init=nn.initializers.normal(stddev=1.0), dtype=b.dtype, param_dtype=b.param_dtype)
         rel = lambda bidirectional: RelativePositionBias(b.num_heads, cfg.num_buckets, cfg.max_distance, bidirectional, param_dtype=b.param_dtype)  # noqa: E731
         self.encoder_relative_bias = rel(True)
         self.decoder_relative_bias = rel(False)
-        self.encoder = Stack(EncoderBlock, dataclasses.replace(b, decode=False), cfg.num_encoder_layers, cfg.scan_layers, cfg.remat_policy)
-        self.decoder = Stack(DecoderBlock, dataclasses.replace(b, causal=True), cfg.num_decoder_layers, cfg.scan_layers, cfg.remat_policy)
-        self.decode_positions = DecodePositions(b.decode)
-        self.dropout = nn.Dropout(b.dropout_rate)
-        if not cfg.tie_embeddings:
-            self.lm_head = Einsum((b.d_model, cfg.vocab_size), (sh.EMBED, sh.VOCAB), dtype=b.dtype, param_dtype=b.param_dtype)
+        # Mesh TF T5 rescales the decoder output by D^-0.5 before the tied projection (not before an untied one).
+        scale = b.d_model**-0.5 if cfg.tie_embeddings else None
+        self.lm_head = OutputHead(cfg.vocab_size, cfg.tie_embeddings, scale, dtype=b.dtype, param_dtype=b.param_dtype)
 
     def encode(self, src: Array, *, deterministic: bool = True) -> Array:
         """``src [B, S]`` -> ``encoded [B, S, D]``."""
@@ -113,18 +115,4 @@ class T5(nn.Module):
         cross_mask = key_padding_mask(src != cfg.pad_id)
         y = self.decoder(y, encoded=encoded, mask=self_mask, cross_mask=cross_mask, bias=bias, deterministic=deterministic)
         y = self.dropout(y, deterministic=deterministic)
-        if cfg.tie_embeddings:
-            # Mesh TF T5 rescales before the tied projection.
-            return self.embed.attend(y * cfg.block.d_model**-0.5)
-        return self.lm_head("BTD,DV->BTV", y).astype(jnp.float32)
-
-    def __call__(self, src: Array, tgt_in: Array, *, src_segment_ids: Array | None = None,
-                 tgt_segment_ids: Array | None = None, src_positions: Array | None = None,
-                 tgt_positions: Array | None = None, deterministic: bool = True) -> Array:
-        packing = {"src_segment_ids": src_segment_ids, "tgt_segment_ids": tgt_segment_ids,
-                   "src_positions": src_positions, "tgt_positions": tgt_positions}  # fmt: skip
-        given = sorted(k for k, v in packing.items() if v is not None)
-        if given:  # relative position buckets per packed segment are not implemented
-            raise ValueError(f"T5 takes unpacked batches only; got {given} (set the data's packing off)")
-        encoded = self.encode(src, deterministic=deterministic)
-        return self.decode(tgt_in, encoded, src, deterministic=deterministic)
+        return self.lm_head(y, self.embed)

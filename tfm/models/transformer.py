@@ -18,12 +18,12 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
-from tfm.layers.embed import Embed
-from tfm.layers.linear import Einsum
+from tfm.layers.blocks import BlockConfig
+from tfm.layers.embed import Embed, OutputHead
 from tfm.layers.masks import and_masks, causal_mask, key_padding_mask, segment_mask
 from tfm.layers.position import SINUSOID_LAYOUTS, LearnedPositionEmbedding, sinusoidal_positions
-from tfm.models.common import DecodePositions, ModelConfig
+from tfm.models.common import ModelConfig
+from tfm.models.encoder_decoder import EncoderDecoder
 
 POSITIONS = ("sinusoidal", "learned")
 
@@ -84,11 +84,12 @@ transformer_tiny = transformer_base.replace(
 transformer_moe_tiny = transformer_tiny.replace(num_experts=4, experts_per_token=1, moe_every=2, moe_renormalize=False)
 
 
-class Transformer(nn.Module):
+class Transformer(EncoderDecoder):
     """Encoder–decoder. ``__call__(src [B,S], tgt_in [B,T]) -> logits [B,T,V]`` (float32).
 
     ``tgt_in`` is the shifted-right target (BOS first). Token ``pad_id`` is
     padding. Optional ``*_segment_ids`` / ``*_positions`` support packed rows.
+    The stacks and ``__call__`` are ``EncoderDecoder``'s.
     For decoding build it with ``decode=True``: ``init`` at the maximal target
     length creates the cache; then ``decode`` one step (or chunk) at a time.
     """
@@ -96,6 +97,7 @@ class Transformer(nn.Module):
     config: TransformerConfig
 
     def setup(self) -> None:
+        self.setup_stacks()
         cfg, b = self.config, self.config.block
         embed = lambda n, name: Embed(n, b.d_model, scale_by_sqrt_dim=cfg.scale_embeddings, dtype=b.dtype,  # noqa: E731
                                       param_dtype=b.param_dtype, name=name)  # fmt: skip
@@ -107,12 +109,7 @@ class Transformer(nn.Module):
         if cfg.position == "learned":
             self.src_pos = LearnedPositionEmbedding(cfg.max_len, b.d_model, param_dtype=b.param_dtype, name="src_pos")
             self.tgt_pos = LearnedPositionEmbedding(cfg.max_len, b.d_model, param_dtype=b.param_dtype, name="tgt_pos")
-        self.encoder = Stack(EncoderBlock, dataclasses.replace(b, decode=False), cfg.num_encoder_layers, cfg.scan_layers, cfg.remat_policy)
-        self.decoder = Stack(DecoderBlock, dataclasses.replace(b, causal=True), cfg.num_decoder_layers, cfg.scan_layers, cfg.remat_policy)
-        self.decode_positions = DecodePositions(b.decode)
-        self.dropout = nn.Dropout(b.dropout_rate)
-        if not cfg.tie_output:
-            self.logits_proj = Einsum((b.d_model, cfg.tgt_vocab), (sh.EMBED, sh.VOCAB), dtype=b.dtype, param_dtype=b.param_dtype)
+        self.logits_proj = OutputHead(cfg.tgt_vocab, cfg.tie_output, dtype=b.dtype, param_dtype=b.param_dtype)
         if cfg.logits_bias:
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.VOCAB,))
             self.final_logits_bias = self.param("logits_bias", init, (cfg.tgt_vocab,), b.param_dtype)
@@ -179,27 +176,5 @@ class Transformer(nn.Module):
             self_mask = and_masks(self_mask, segment_mask(tgt_segment_ids))
             cross_mask = and_masks(cross_mask, segment_mask(tgt_segment_ids, src_segment_ids))
         y = self.decoder(y, encoded=encoded, mask=self_mask, cross_mask=cross_mask, deterministic=deterministic)
-        logits = self.tgt_embed.attend(y) if cfg.tie_output else self.logits_proj("BTD,DV->BTV", y).astype(jnp.float32)
+        logits = self.logits_proj(y, self.tgt_embed)
         return logits + self.final_logits_bias.astype(jnp.float32) if cfg.logits_bias else logits
-
-    def __call__(
-        self,
-        src: Array,
-        tgt_in: Array,
-        *,
-        src_segment_ids: Array | None = None,
-        tgt_segment_ids: Array | None = None,
-        src_positions: Array | None = None,
-        tgt_positions: Array | None = None,
-        deterministic: bool = True,
-    ) -> Array:
-        encoded = self.encode(src, src_segment_ids=src_segment_ids, src_positions=src_positions, deterministic=deterministic)
-        return self.decode(
-            tgt_in,
-            encoded,
-            src,
-            tgt_segment_ids=tgt_segment_ids,
-            src_segment_ids=src_segment_ids,
-            tgt_positions=tgt_positions,
-            deterministic=deterministic,
-        )

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers.linear import Initializer, default_kernel_init, einsum_matmul
+from tfm.layers.linear import Initializer, as_dtype, default_kernel_init, einsum_matmul
 
 
 class Embed(nn.Module):
@@ -80,5 +80,5 @@ class OutputHead(nn.Module):
             return embed.attend(x)
         init = nn.with_logical_partitioning(self.kernel_init or default_kernel_init(0, -1), (sh.EMBED, sh.VOCAB))
         kernel = self.param("kernel", init, (x.shape[-1], self.vocab_size), self.param_dtype)
-        logits = einsum_matmul("BTD,DV->BTV", x.astype(self.dtype), kernel.astype(self.dtype))
+        logits = einsum_matmul("BTD,DV->BTV", x.astype(self.dtype), as_dtype(kernel, self.dtype))
         return logits.astype(jnp.float32)

@@ -57,6 +57,11 @@ def einsum_matmul(equation: str, x: Array, kernel: Array, **kwargs: Any) -> Arra
     return y.reshape(lead + tuple(free_shape))
 
 
+def as_dtype(w: Array, dtype: jnp.dtype) -> Array:
+    """``w.astype(dtype)``, or ``w`` itself when it has that dtype already (a quantized kernel stays as it is)."""
+    return w if w.dtype == dtype else w.astype(dtype)
+
+
 def fused_projection(x: Array, projections: Sequence[Einsum], dtype: jnp.dtype) -> tuple[Array, ...]:
     """``x [B, T, D]`` through several ``[D, heads, H]`` projections with one matmul.
 
@@ -64,7 +69,7 @@ def fused_projection(x: Array, projections: Sequence[Einsum], dtype: jnp.dtype) 
     parameters stay those of the separate projections and the result is theirs.
     """
     d = x.shape[-1]
-    kernels = [p.kernel.astype(dtype) for p in projections]
+    kernels = [as_dtype(p.kernel, dtype) for p in projections]
     widths = [math.prod(w.shape[1:]) for w in kernels]
     y = einsum_matmul("BTD,DF->BTF", x.astype(dtype), jnp.concatenate([w.reshape(d, -1) for w in kernels], axis=1))
     if projections[0].use_bias:
@@ -110,7 +115,7 @@ class Einsum(nn.Module):
             self.bias = self.param("bias", init, bias_shape, self.param_dtype)
 
     def __call__(self, equation: str, x: Array) -> Array:
-        y = einsum_matmul(equation, x.astype(self.dtype), self.kernel.astype(self.dtype))
+        y = einsum_matmul(equation, x.astype(self.dtype), as_dtype(self.kernel, self.dtype))
         if self.use_bias:
             y = y + self.bias.astype(self.dtype)
         return y

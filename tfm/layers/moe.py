@@ -53,7 +53,7 @@ from jax import Array
 
 from tfm import sharding as sh
 from tfm.layers.feedforward import ACTIVATIONS, GATED
-from tfm.layers.linear import Initializer
+from tfm.layers.linear import Initializer, as_dtype
 
 DISPATCH = ("capacity", "dropless")
 
@@ -271,14 +271,14 @@ class MoE(nn.Module):
         gated = self.activation in GATED
 
         router = self._param("router", (d, e), (sh.EMBED, None), nn.initializers.variance_scaling(1.0, "fan_in", "normal"))
-        logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), router.astype(jnp.float32))
+        logits = jnp.einsum("BTD,DE->BTE", x.astype(jnp.float32), as_dtype(router, jnp.float32))
         probs, gates, experts = route(logits, self.top_k, self.renormalize)
 
         init_in = self.kernel_init or expert_kernel_init(1, 2)
         init_out = self.kernel_init or expert_kernel_init(1, 2)
         names = ("wi_0", "wi_1") if gated else ("wi",)
-        wi = [self._param(n, (e, d, f), (sh.EXPERT, sh.EMBED, sh.MLP), init_in).astype(self.dtype) for n in names]
-        wo = self._param("wo", (e, f, d), (sh.EXPERT, sh.MLP, sh.EMBED), init_out).astype(self.dtype)
+        wi = [as_dtype(self._param(n, (e, d, f), (sh.EXPERT, sh.EMBED, sh.MLP), init_in), self.dtype) for n in names]
+        wo = as_dtype(self._param("wo", (e, f, d), (sh.EXPERT, sh.MLP, sh.EMBED), init_out), self.dtype)
         bi = bo = None
         if self.use_bias:
             zeros = nn.initializers.zeros_init()

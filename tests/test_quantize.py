@@ -110,3 +110,14 @@ def test_an_unknown_mode_and_a_missing_qwix_are_one_line_errors(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_qwix)
     with pytest.raises(ValueError, match=r"quantization needs the qwix package: pip install 'tfm-jax\[quantize\]'"):
         q.import_qwix()
+
+
+def test_a_quantized_decoder_generates_with_its_cache_what_its_forward_pass_predicts():
+    from tfm import decode
+
+    model, params, inputs = _model_and_params("llama_tiny")
+    qmodel, qparams = q.quantize(model, params, "int8_dynamic", *inputs)
+    prompt = jnp.asarray([[5, 9, 4, 12]], jnp.int32)
+    out = np.asarray(decode.generate(qmodel, qparams, prompt, max_new_tokens=6, temperature=0.0))
+    logits = np.asarray(qmodel.apply({"params": qparams}, jnp.asarray(out[:, :-1])))
+    np.testing.assert_array_equal(logits[0, 3:].argmax(-1), out[0, 4:])  # each new token is the forward pass's argmax

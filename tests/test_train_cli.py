@@ -1,6 +1,7 @@
 """``python -m tfm.train`` as a user runs it, in subprocesses: recipes, SIGKILL + exact resume,
 SIGTERM, and two processes training together with ``jax.distributed``."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -91,6 +92,17 @@ def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
                            input="5 9 4 12\n3 3 15 7 8\n", env=env(), capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
         assert p.returncode == 0, p.stderr[-2000:]
         assert p.stdout.splitlines() == ["5 9 4 12", "3 3 15 7 8"]  # lengths seen in training (4-6)
+        if importlib.util.find_spec("qwix"):  # the same run with int8 weights and activations
+            out_q = tmp_path / "results" / "copy_tiny_int8.json"
+            run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--quantize", "int8_dynamic",
+                 "--out", str(out_q)])  # fmt: skip
+            quantized = json.loads(out_q.read_text())
+            assert quantized["quantized"] == "int8_dynamic" and quantized["metrics"]["exact_match"] >= 0.95
+            assert abs(quantized["metrics"]["loss"] - record["metrics"]["loss"]) < 0.05 + 0.1 * record["metrics"]["loss"]
+            p = subprocess.run([sys.executable, "-m", "tfm.translate", "--workdir", str(tmp_path), "--max_len", "8",
+                                "--quantize", "int8"], input="5 9 4 12\n", env=env(), capture_output=True, text=True,
+                               cwd=ROOT, timeout=300)  # fmt: skip
+            assert p.returncode == 0 and p.stdout.splitlines() == ["5 9 4 12"], p.stderr[-2000:]
     elif recipe.startswith("fashion"):
         p = run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "0"])
         record = json.loads((tmp_path / "eval_test.json").read_text())

@@ -1,4 +1,4 @@
-"""``python -m tfm.evaluate --workdir DIR [--split validation] [--batches 8] [--beam_size 0] [--average 1] [--out FILE]``.
+"""``python -m tfm.evaluate --workdir DIR [--split validation] [--batches 8] [--beam_size 0] [--average 1] [--quantize int8|int8_dynamic] [--out FILE]``.
 
 Loads the newest checkpoint and reports teacher-forced loss / accuracy /
 perplexity and, for sequence-to-sequence runs, the exact match of decoded
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=cli.float_at_least(0.0), default=0.6, help="beam search length penalty")
     p.add_argument("--max_len", type=cli.int_at_least(1), default=128, help="decoded tokens at most (as tfm.translate)")
     p.add_argument("--batch_size", type=cli.int_at_least(1), default=32, help="sentences per decoding batch")
+    p.add_argument("--quantize", choices=("int8", "int8_dynamic"), default=None,
+                   help="int8 weights (int8), or int8 weights and activations (int8_dynamic), after loading")
     p.add_argument("--out", default="", help="also write the result here (e.g. results/<recipe>.json)")
     args = p.parse_args(argv)
     if args.out and (why := _check_out(args.out)):
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with cli.stdout_to_stderr():
             run = inference.load(args.workdir, average=args.average)
+            run = inference.quantize_run(run, args.quantize) if args.quantize else run
             if args.split not in run.dataset.SPLITS:
                 raise ValueError(f"--split {args.split}: {args.workdir}'s data has splits {list(run.dataset.SPLITS)}")
             metrics = inference.evaluate_run(run, args.split, args.batches, args.beam_size, args.alpha,

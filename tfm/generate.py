@@ -1,4 +1,4 @@
-"""``python -m tfm.generate (--workdir DIR | --hf CHECKPOINT) --prompt "..." [--max_new_tokens 200] [--temperature 0.8] [--top_k 0] [--top_p 1.0] [--seed 0] [--num_samples 1]``.
+"""``python -m tfm.generate (--workdir DIR | --hf CHECKPOINT) --prompt "..." [--max_new_tokens 200] [--temperature 0.8] [--top_k 0] [--top_p 1.0] [--seed 0] [--num_samples 1] [--quantize int8|int8_dynamic]``.
 
 Continues a prompt with a trained decoder-only run, or with a Hugging Face
 checkpoint (``--hf``: a directory, or a hub repo id with ``huggingface_hub``),
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top_p", type=cli.float_at_least(0.0, "1: off", high=1.0, open_low=True), default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", type=cli.int_at_least(1), default=1)
+    p.add_argument("--quantize", choices=("int8", "int8_dynamic"), default=None,
+                   help="int8 weights (int8), or int8 weights and activations (int8_dynamic), after loading")
     args = p.parse_args(argv)
     cli.quiet_libraries()
 
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with cli.stdout_to_stderr():
             run = inference.load(args.workdir) if args.workdir else inference.load_pretrained(args.hf)
+            run = inference.quantize_run(run, args.quantize) if args.quantize else run
         if run.task.name != "lm":
             raise ValueError(f"{args.workdir or args.hf} holds a {run.task.name} model; generate needs a decoder-only LM")
         ids = run.dataset.encode(args.prompt)

@@ -56,6 +56,7 @@ class Run:
     averaged_steps: tuple[int, ...] = ()  # the checkpoints whose parameters were averaged, if any
     # Extra arguments of the seq2seq decoders: a Hugging Face checkpoint's generation rules (``tfm.decode``).
     decode_options: dict = dataclasses.field(default_factory=dict)
+    quantized: str = ""  # a mode of tfm.quantize when the parameters were quantized after loading
 
     def evaluate(self, steps: int = -1, split: str = "validation") -> dict:
         """Teacher-forced loss, accuracy (and perplexity) over ``steps`` batches of ``split`` (-1: all of it)."""
@@ -134,6 +135,16 @@ def load(workdir: str, step: int | None = None, average: int = 1, *, dtype: jnp.
     finally:
         ckpt.close()
     return Run(config, model, task, dataset, params, found, workdir, mesh, rules, averaged)
+
+
+def quantize_run(run: Run, mode: str) -> Run:
+    """``run`` with its model and parameters quantized to int8 (``tfm.quantize``: ``int8`` or ``int8_dynamic``)."""
+    from tfm import quantize
+    from tfm.models import PRESETS
+
+    preset = next(p for p in PRESETS.values() if p.model_cls is type(run.model))
+    model, params = quantize.quantize(run.model, run.params, mode, *preset.example_inputs(run.model.config))
+    return dataclasses.replace(run, model=model, params=params, quantized=mode)
 
 
 def load_pretrained(path_or_repo_id: str, *, dtype: jnp.dtype | None = None,
@@ -309,6 +320,7 @@ def result_record(run: Run, metrics: dict, **extra: Any) -> dict:
         "metrics": metrics,
         "checkpoint_step": run.step,
         **({"averaged_checkpoints": list(run.averaged_steps)} if run.averaged_steps else {}),
+        **({"quantized": run.quantized} if run.quantized else {}),
         "model": cfg["model"],
         "data": _portable(cfg["data"]),
         "device": f"{dev.platform}: {dev.device_kind}",

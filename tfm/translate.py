@@ -1,4 +1,4 @@
-"""``python -m tfm.translate (--workdir DIR | --hf CHECKPOINT) [--beam_size 4] [--alpha 0.6] [--max_len 128] < input.txt > output.txt``.
+"""``python -m tfm.translate (--workdir DIR | --hf CHECKPOINT) [--beam_size 4] [--alpha 0.6] [--max_len 128] [--quantize int8|int8_dynamic] < input.txt > output.txt``.
 
 One source sentence per input line, one output line each, in order, with a
 trained encoder-decoder run, or a Hugging Face checkpoint (``--hf``: Marian, T5) with
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=cli.float_at_least(0.0), default=0.6)
     p.add_argument("--max_len", type=cli.int_at_least(1), default=128, help="output tokens at most")
     p.add_argument("--batch_size", type=cli.int_at_least(1), default=32)
+    p.add_argument("--quantize", choices=("int8", "int8_dynamic"), default=None,
+                   help="int8 weights (int8), or int8 weights and activations (int8_dynamic), after loading")
     args = p.parse_args(argv)
     cli.quiet_libraries()
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = inference.load_pretrained(args.hf)
             else:
                 run = inference.load(args.workdir, average=args.average)
+            run = inference.quantize_run(run, args.quantize) if args.quantize else run
         if run.task.name != "seq2seq":
             raise ValueError(f"{args.workdir or args.hf} holds a {run.task.name} model; translate needs an encoder-decoder")
     except inference.USER_ERRORS as e:

@@ -99,6 +99,7 @@ def quantize(model: nn.Module, params: Any, mode: str, *example_args: Any, **exa
 
     # Its floating-point parts compute in the parameters' dtype (a quantized kernel is dequantized to it), and
     # its layers are unrolled: qwix quantizes one layer's kernel at a time, not a scanned stack of them.
+    params = nn.unbox(params)
     changes = {"dtype": model.config.block.param_dtype}
     if "scan_layers" in model.config.own_fields() and model.config.scan_layers:
         changes["scan_layers"] = False
@@ -108,7 +109,7 @@ def quantize(model: nn.Module, params: Any, mode: str, *example_args: Any, **exa
     qmodel = qwix.quantize_model(plain, qwix.PtqProvider(rules(mode)),
                                  methods=tuple(m for m in METHODS if hasattr(plain, m)))  # fmt: skip
     abstract = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), *example_args, **example_kwargs))["params"]
-    qparams = qwix.quantize_params(nn.unbox(params), abstract)
+    qparams = qwix.quantize_params(params, abstract)
     return qmodel, qparams
 
 

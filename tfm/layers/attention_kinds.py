@@ -29,10 +29,10 @@ from typing import Any, Callable
 
 from jax import Array
 
-from tfm.layers.dot_product import check_kv_valid, check_shapes, dense_mask, dot_product_attention
+from tfm.layers.dot_product import check_kv_valid, check_shapes, dot_product_attention
 from tfm.layers.flash_attention import flash_attention
 from tfm.layers.linear_attention import linear_attention, linear_attention_init_state, linear_attention_step
-from tfm.layers.masks import block_sparse_mask_at, local_mask_at
+from tfm.layers.masks import block_sparse_mask_at, dense_mask, local_mask_at
 from tfm.layers.sparse_attention import block_sparse_attention, local_attention
 
 

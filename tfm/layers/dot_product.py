@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from tfm.layers.masks import and_masks, causal_mask
+from tfm.layers.masks import dense_mask
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +173,6 @@ def default_scale(query: Array, scale: float | None) -> float:
     return 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
 
 
-def dense_mask(t: int, s: int, causal: bool, kv_valid: Array | None) -> Array | None:
-    """The dense equivalent of ``causal`` + key padding: ``[B|1, 1, T, S]`` or None."""
-    return and_masks(
-        causal_mask(t, s) if causal else None,
-        None if kv_valid is None else kv_valid[:, None, None, :],
-    )
 
 
 

@@ -150,3 +150,11 @@ def or_masks(*masks: Array | None) -> Array | None:
         if m is not None:
             out = m if out is None else jnp.logical_or(out, m)
     return out
+
+
+def dense_mask(t: int, s: int, causal: bool, kv_valid: Array | None) -> Array | None:
+    """The dense equivalent of ``causal`` + key padding: ``[B|1, 1, T, S]`` or None."""
+    return and_masks(
+        causal_mask(t, s) if causal else None,
+        None if kv_valid is None else kv_valid[:, None, None, :],
+    )

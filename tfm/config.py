@@ -376,13 +376,11 @@ def validate(
             sizes = sh.mesh_shape(mesh_request, num_devices)
         except ValueError as e:
             raise ConfigError(f"mesh: {e}") from e
-        batch_shards = 1
-        for axis in sh.batch_axes(rules):
-            batch_shards *= sizes[axis]
+        batch_shards = math.prod(sizes[axis] for axis in sh.batch_axes(rules))
         bs = config.data.batch_size
-        per_step = bs // t.grad_accum_steps if bs % t.grad_accum_steps == 0 else None
-        if per_step is None:
+        if bs % t.grad_accum_steps:
             raise ConfigError(f"data.batch_size={bs} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+        per_step = bs // t.grad_accum_steps
         if per_step % batch_shards:
             raise ConfigError(
                 f"data.batch_size={bs} (micro-batch {per_step}) is not divisible by the {batch_shards} "

@@ -16,6 +16,7 @@ Sections:
   dataset's own options.
 * ``optim``: optimizer and learning-rate schedule.
 * ``train``: steps, loss options, gradient accumulation, logging, evaluation, checkpoints.
+* ``distill``: a teacher to distil from (``tfm.distill``).
 * ``mesh``: mesh axis sizes (one may be -1 = the rest) and logical-axis rule overrides.
 * ``distributed``: multi-process start-up (``jax.distributed.initialize``).
 """
@@ -95,6 +96,10 @@ def default_config() -> ConfigDict:
     # Start from trained parameters (same paths, same shapes), fresh optimizer: a tfm workdir's newest
     # checkpoint ("DIR" or "workdir:DIR"), or a Hugging Face checkpoint ("hf:DIR" or "hf:REPO_ID").
     c.train.init_from = ""
+
+    # Knowledge distillation (tfm.distill): a teacher ("[workdir:]DIR" or "hf:DIR"; "" = none) and
+    # loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy.
+    c.distill = ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
 
     c.mesh = ConfigDict()
     c.mesh.data = -1
@@ -293,7 +298,7 @@ def model_config(config: ConfigDict) -> tuple[Preset, ModelConfig]:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict) -> None:
+def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict, d: ConfigDict) -> None:
     """Settings that make the first update non-finite or meaningless are refused before anything runs."""
 
     def finite(key, value, low=None, high=None, low_open=False, high_open=False):
@@ -318,6 +323,8 @@ def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict) -> None:
     finite("optim.clip_norm", o.clip_norm)
     finite("train.z_loss", t.z_loss, low=0.0)
     finite("train.aux_loss_weight", t.aux_loss_weight, low=0.0)
+    finite("distill.alpha", d.alpha, low=0.0, high=1.0)
+    finite("distill.temperature", d.temperature, low=0.0, low_open=True)
     try:
         from tfm.loop import profile_window
 
@@ -348,7 +355,7 @@ def validate(
             raise ConfigError(f"{key}={config[section][name]!r}: choose from {allowed}")
     if o.name == "adam" and o.weight_decay:
         raise ConfigError(f"optim.weight_decay={o.weight_decay}: needs optim.name='adamw'")
-    _check_optimizer_numbers(o, t)
+    _check_optimizer_numbers(o, t, config.get("distill") or default_config().distill)  # older workdirs lack it
     if t.steps < 1:
         raise ConfigError(f"train.steps={t.steps}: must be >= 1")
     if o.warmup_steps < 0:

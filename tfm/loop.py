@@ -46,6 +46,19 @@ def shape_key(batch: dict) -> tuple:
     return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
 
 
+class _Bound:
+    """A compiled step with its trailing arguments bound: called as ``fn(state, batch)``."""
+
+    def __init__(self, compiled, extra: tuple):
+        self.compiled, self.extra = compiled, extra
+
+    def __call__(self, state, batch):
+        return self.compiled(state, batch, *self.extra)
+
+    def __getattr__(self, name):  # memory_analysis(), as_text(), ...
+        return getattr(self.compiled, name)
+
+
 class StepCache:
     """A jitted step compiled once per batch shape (one per length bucket; usually just one).
 
@@ -53,8 +66,8 @@ class StepCache:
     between steps (``tfm.host_memory``).
     """
 
-    def __init__(self, jitted, context: Callable):
-        self.jitted, self.context = jitted, context
+    def __init__(self, jitted, context: Callable, extra: tuple = ()):
+        self.jitted, self.context, self.extra = jitted, context, extra  # extra: arguments after (state, batch)
         self.compiled: dict = {}
 
     def __contains__(self, batch: dict) -> bool:
@@ -64,9 +77,9 @@ class StepCache:
         key = shape_key(batch)
         if key not in self.compiled:
             with self.context():
-                fn = self.jitted.lower(state, batch).compile()
+                fn = self.jitted.lower(state, batch, *self.extra).compile()
             host_memory.reserve_for(fn)
-            self.compiled[key] = fn
+            self.compiled[key] = _Bound(fn, self.extra) if self.extra else fn
         return self.compiled[key]
 
 
@@ -262,6 +275,8 @@ class Loop:
             scalars["train/accuracy"] = float(m["accuracy"])
             if float(m["aux_loss"]):
                 scalars["train/aux_loss"] = float(m["aux_loss"])
+            if "distill_loss" in m:  # the soft term against the teacher (tfm.distill)
+                scalars["train/distill_loss"] = float(m["distill_loss"])
             scalars.update(_moe_scalars(m))
             if s - iv["s0"] > 0 and elapsed > 0:
                 scalars["train/step_time_ms"] = 1000.0 * elapsed / (s - iv["s0"])

@@ -15,6 +15,9 @@ The train step:
    (a ``lax.scan``) when asked, normalised by the whole batch's weight so the
    sum equals the full-batch mean;
 3. adds the auxiliary losses the layers sow (MoE load balancing, router z-loss);
+   with a teacher (``distill``, see ``tfm.distill``), the loss mixes the hard
+   cross-entropy with the soft one against the teacher's logits, computed in the
+   same step; the step then takes the teacher's parameters as a third argument;
 4. applies the optimizer update, and keeps the old state when the loss, the
    gradient norm or any updated parameter is not finite, so nothing NaN can
    reach a checkpoint; the ``*_finite`` metrics tell the loop why.
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tfm import distill as distill_lib
 from tfm.tasks import Task
 
 StepFn = Callable[[Any, dict], tuple[Any, dict]]
@@ -110,23 +114,34 @@ def make_train_step(
     z_loss: float = 0.0,
     aux_loss_weight: float = 1.0,
     batch_sharding: jax.sharding.Sharding | None = None,
+    distill: distill_lib.Distillation | None = None,
 ) -> StepFn:
     """``train_step(state, batch) -> (state, metrics)``; pure, ready for ``jax.jit``.
+
+    ``distill``: train against a teacher; the step is then
+    ``train_step(state, batch, teacher_params)`` and also reports ``distill_loss``.
 
     ``batch_sharding``: with gradient accumulation, each micro-batch is kept on
     the batch's sharding (the strided split moves no data between devices).
     """
     n_micro = grad_accum_steps
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, teacher_params: Any = None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         weight = task.total_weight(batch)
+        options = dict(label_smoothing=label_smoothing, z_loss=z_loss)
 
         def objective(params, mb, key):
             logits, aux, stats = forward(model, task, params, mb, train=True, rng=key)
-            sums = task.loss_sums(logits, mb, label_smoothing=label_smoothing, z_loss=z_loss)
+            if distill is None:
+                sums = task.loss_sums(logits, mb, **options)
+                total = sums["loss_sum"]
+            else:
+                teacher_logits, _, _ = forward(distill.teacher, task, teacher_params, mb, train=False)
+                sums = distill_lib.loss_sums(distill, task, logits, teacher_logits, mb, **options)
+                total = sums.pop("objective_sum")
             # Normalised by the whole batch's weight so micro-batches add up to the full-batch mean.
-            return sums["loss_sum"] / weight + aux_loss_weight * aux / n_micro, (sums, aux, stats)
+            return total / weight + aux_loss_weight * aux / n_micro, (sums, aux, stats)
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if n_micro == 1:
@@ -171,6 +186,8 @@ def make_train_step(
             "params_finite": params_ok,
             **stats,  # MoE router statistics, if the model has MoE layers
         }
+        if "distill_sum" in sums:
+            metrics["distill_loss"] = sums["distill_sum"] / sums["weight_sum"]
         return new, metrics
 
     return train_step

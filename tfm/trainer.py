@@ -39,6 +39,7 @@ from tfm import loop as loop_lib
 from tfm import metrics as metrics_lib
 from tfm import sharding as sh
 from tfm import tasks as tasks_lib
+from tfm import teacher as teacher_lib
 from tfm import workdir as workdir_lib
 from tfm.checkpoint import Checkpointer
 from tfm.loop import Loop, Profiler, StepCache, StopSignals, TrainingError
@@ -158,18 +159,23 @@ class Trainer:
         self.batch_sharding, replicated = self.place.sharding, NamedSharding(self.mesh, P())
         self._init = make_init_fn(self.model, self.task, self.tx, example)
         self.abstract_state, self.state_sharding = placement.abstract_state(self._init, self.mesh, self.rules)
+        self.distill, teacher = None, ()
+        if config.get("distill", {}).get("teacher"):  # the teacher's parameters are the step's third argument
+            self.distill, params = teacher_lib.load_teacher(
+                config, self.task, self.model, self.abstract_state.params, example, self.mesh, self.artifacts)
+            teacher = (params,)
         step = make_train_step(
             self.model, self.task, self.tx, self.schedule, grad_accum_steps=t.grad_accum_steps,
             label_smoothing=t.label_smoothing, z_loss=t.z_loss, aux_loss_weight=t.aux_loss_weight,
-            batch_sharding=self.batch_sharding,
+            batch_sharding=self.batch_sharding, distill=self.distill,
         )  # fmt: skip
         self._train_step = jax.jit(
             step,
-            in_shardings=(self.state_sharding, self.batch_sharding),
+            in_shardings=(self.state_sharding, self.batch_sharding, *(jax.tree.map(lambda x: x.sharding, teacher))),
             out_shardings=(self.state_sharding, replicated),
             donate_argnums=0,
         )
-        self.compiled_steps = StepCache(self._train_step, self._context)
+        self.compiled_steps = StepCache(self._train_step, self._context, teacher)
         self._eval_step = jax.jit(
             make_eval_step(self.model, self.task),
             in_shardings=(self.state_sharding.params, self.batch_sharding), out_shardings=replicated,

@@ -4,6 +4,8 @@ and token-by-token generation equal to one forward pass."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from tfm.layers.relative_attention import RelativeMultiHeadAttention
 from tfm.models.transformer_xl import TransformerXL, transformer_xl_tiny
 
 D, N, H = 16, 2, 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("cheap_xla_compiles")
 
 
@@ -150,3 +153,70 @@ def test_the_config_refuses_what_xl_cannot_run():
     with pytest.raises(ValueError, match=r"memory must be \[num_layers=2, B, M, D\]"):
         model, params, tokens = _model()
         model.apply(params, tokens, jnp.zeros((3, 2, 4, 32)))
+
+
+# Training with the memory carried from batch to batch ---------------------------------------
+
+
+def _xl_config(steps, **changes):
+    from test_train_cli import DATA
+
+    from tfm import config as config_lib
+
+    if not os.path.isdir(DATA):
+        pytest.skip(f"no shared data folder at {DATA}")
+    c = config_lib.load_config(os.path.join(ROOT, "configs", "shakespeare_xl.py:tiny"))
+    overrides = [f"data.data_dir={DATA}", f"train.steps={steps}", "train.eval_steps=0", "train.progress=none",
+                 "train.tensorboard=false", "mesh.data=1", *(f"{k}={v}" for k, v in changes.items())]  # fmt: skip
+    return config_lib.apply_overrides(c, overrides)
+
+
+def test_contiguous_batches_continue_each_row_and_reset_at_the_start():
+    from tfm.data import make_dataset
+
+    c = _xl_config(1)
+    data = make_dataset(c.data.to_dict())
+    n = data.segments("validation")
+    first, second, wrapped = (data.batch("validation", i) for i in (0, 1, n))
+    np.testing.assert_array_equal(second["inputs"][:, 0], first["targets"][:, -1])  # row r goes on where it stopped
+    assert first["reset"].all() and not second["reset"].any() and wrapped["reset"].all()
+    np.testing.assert_array_equal(wrapped["inputs"], first["inputs"])
+    # The rows of batches 0..n-1 tile the validation text: each stream once, in order.
+    assert data.num_batches("validation") == n and n * c.data.block_size <= len(data.splits["validation"]) // 8
+
+
+def test_xl_trains_with_its_memory_and_resumes_exactly(tmp_path):
+    from tfm.checkpoint import Checkpointer
+    from tfm.trainer import Trainer
+
+    devices = jax.devices()[:1]
+    straight = Trainer(_xl_config(6, **{"train.checkpoint_every": 3}), str(tmp_path / "a"), devices=devices)
+    assert straight.task.name == "lm_memory"
+    straight.train()
+    Trainer(_xl_config(3), str(tmp_path / "b"), devices=devices).train()
+    resumed = Trainer(_xl_config(6), str(tmp_path / "b"), devices=devices)
+    assert resumed.train()["start_step"] == 3
+
+    def final(trainer, workdir):
+        ck = Checkpointer(os.path.join(workdir, "checkpoints"))
+        step, state, _ = ck.restore(trainer.abstract_state)
+        ck.close()
+        return step, state
+
+    (sa, a), (sb, b) = final(straight, tmp_path / "a"), final(resumed, tmp_path / "b")
+    assert sa == sb == 6
+    memory = np.asarray(a.carry["memory"])
+    assert memory.shape == (2, 8, 32, 32) and np.abs(memory).max() > 0 and bool(np.asarray(a.carry["memory_mask"]).all())
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # parameters, optimizer and the memory itself
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # Evaluation reads the validation text segment after segment with the memory too.
+    metrics = straight.evaluate(a.params, steps=3)
+    assert np.isfinite(metrics["eval/loss"])
+
+
+def test_xl_refuses_gradient_accumulation():
+    from tfm import config as config_lib
+    from tfm.trainer import Trainer
+
+    with pytest.raises(config_lib.ConfigError, match="train.grad_accum_steps=2: the lm_memory task carries a memory"):
+        Trainer(_xl_config(2, **{"train.grad_accum_steps": 2}), devices=jax.devices()[:1])

@@ -19,6 +19,7 @@ import platform
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -62,6 +63,9 @@ class Run:
         """Teacher-forced loss, accuracy (and perplexity) over ``steps`` batches of ``split`` (-1: all of it)."""
         place = placement.BatchPlacer(self.mesh, self.rules, self.config.data.batch_size)
         eval_step = jax.jit(make_eval_step(self.model, self.task))
+        if self.task.recurrent:  # the memory goes from each batch to the next
+            rows = self.config.data.batch_size
+            eval_step = loop_lib.CarriedEval(eval_step, lambda: nn.unbox(self.task.init_carry(self.model.config, rows)))
         return loop_lib.evaluate(eval_step, self.params, self.dataset, place, steps=steps, split=split,
                                  token_level=self.task.token_level,
                                  context=lambda: placement.mesh_context(self.mesh, self.rules))  # fmt: skip

@@ -186,6 +186,23 @@ def check_finite(step: int, m: dict) -> None:
                             f"stopped, the step was not applied and the last checkpoint on disk is kept")  # fmt: skip
 
 
+class CarriedEval:
+    """``eval_step(params, batch)`` for a recurrent task (``Task.recurrent``): each batch's carry goes into the next.
+
+    ``jitted(params, batch, carry) -> (sums, carry)``; the first call starts from ``init_carry()``.
+    An evaluation reads its split from batch 0, whose ``reset`` rows drop what an earlier one left.
+    """
+
+    def __init__(self, jitted: Callable, init_carry: Callable):
+        self.jitted, self.init_carry, self.carry = jitted, init_carry, None
+
+    def __call__(self, params, batch):
+        if self.carry is None:
+            self.carry = self.init_carry()
+        sums, self.carry = self.jitted(params, batch, self.carry)
+        return sums
+
+
 def evaluate(eval_step: Callable, params: Any, dataset: Dataset, place: Callable, *, steps: int,
              split: str = "validation", token_level: bool = True, context: Callable | None = None) -> dict:  # fmt: skip
     """Mean loss, accuracy (and perplexity for token-level tasks) over ``steps`` batches of ``split``.

@@ -47,12 +47,15 @@ class TrainState:
     * ``params``: the model's parameters (``init_fn`` returns them still boxed with their logical axes).
     * ``opt_state``: the optimizer's state for ``params``.
     * ``rng``: the base key's data (uint32[2]); step ``s`` draws its dropout key as ``fold_in(rng, s)``.
+    * ``carry``: a recurrent task's state between batches (Transformer-XL's memory); None otherwise.
+      It is checkpointed with the rest, so a resumed run continues with the same memory.
     """
 
     step: jax.Array  # int32 scalar: updates applied so far
     params: Any
     opt_state: Any
     rng: jax.Array  # uint32[2] base key; step s uses fold_in(rng, s)
+    carry: Any = None
 
 
 def _aux_loss(mutated) -> jax.Array:
@@ -93,14 +96,14 @@ def _split_micro(batch: dict, n: int) -> dict:
 
 def forward(
     model: nn.Module, task: Task, params: Any, batch: dict, *, train: bool, rng: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array, dict]:
-    """``(logits, aux_loss, moe_stats)`` of the model on ``batch``."""
+) -> tuple[jax.Array, jax.Array, dict, Any]:
+    """``(logits, aux_loss, moe_stats, carry)`` of the model on ``batch`` (``carry`` None unless the task is recurrent)."""
     args, kwargs = task.model_args(batch)
     rngs = {"dropout": rng} if train else {}
-    logits, mutated = model.apply(
+    out, mutated = model.apply(
         {"params": params}, *args, **kwargs, deterministic=not train, rngs=rngs, mutable=["aux_loss", "moe_stats"]
     )
-    return logits, _aux_loss(mutated), _moe_stats(mutated)
+    return task.logits(out), _aux_loss(mutated), _moe_stats(mutated), task.carry(out)
 
 
 def make_train_step(
@@ -125,27 +128,32 @@ def make_train_step(
     the batch's sharding (the strided split moves no data between devices).
     """
     n_micro = grad_accum_steps
+    if task.recurrent and n_micro > 1:
+        raise ValueError(f"task {task.name!r} carries a state from row to row; it cannot split a batch into "
+                         f"grad_accum_steps={n_micro} micro-batches")  # fmt: skip
 
     def train_step(state: TrainState, batch: dict, teacher_params: Any = None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if task.recurrent:  # the memory of the previous batch goes in with this one
+            batch = {**batch, **state.carry}
         weight = task.total_weight(batch)
         options = dict(label_smoothing=label_smoothing, z_loss=z_loss)
 
         def objective(params, mb, key):
-            logits, aux, stats = forward(model, task, params, mb, train=True, rng=key)
+            logits, aux, stats, carry = forward(model, task, params, mb, train=True, rng=key)
             if distill is None:
                 sums = task.loss_sums(logits, mb, **options)
                 total = sums["loss_sum"]
             else:
-                teacher_logits, _, _ = forward(distill.teacher, task, teacher_params, mb, train=False)
+                teacher_logits, *_ = forward(distill.teacher, task, teacher_params, mb, train=False)
                 sums = distill_lib.loss_sums(distill, task, logits, teacher_logits, mb, **options)
                 total = sums.pop("objective_sum")
             # Normalised by the whole batch's weight so micro-batches add up to the full-batch mean.
-            return total / weight + aux_loss_weight * aux / n_micro, (sums, aux, stats)
+            return total / weight + aux_loss_weight * aux / n_micro, (sums, aux, stats, carry)
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if n_micro == 1:
-            (_, (sums, aux, stats)), grads = grad_fn(state.params, batch, rng)
+            (_, (sums, aux, stats, carry)), grads = grad_fn(state.params, batch, rng)
         else:
             micro = _split_micro(batch, n_micro)
 
@@ -153,11 +161,12 @@ def make_train_step(
                 mb, i = xs
                 if batch_sharding is not None:
                     mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
-                (_, (s, a, st)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                (_, (s, a, st, _)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
                 return jax.tree.map(jnp.add, carry, (g, s, a, st)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
-            (_, (s0, a0, st0)), _ = jax.eval_shape(grad_fn, state.params, first, rng)
+            (_, (s0, a0, st0, _)), _ = jax.eval_shape(grad_fn, state.params, first, rng)
+            carry = state.carry
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (state.params, s0, a0, st0))
             (grads, sums, aux, stats), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
             aux = aux / n_micro
@@ -171,7 +180,7 @@ def make_train_step(
         # Finite gradients can still give non-finite parameters (an overflowing learning rate or decay).
         params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
         ok = loss_ok & grads_ok & params_ok
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, carry=carry)
         # A non-finite step changes nothing, so no NaN can reach a checkpoint.
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
         metrics = {
@@ -194,17 +203,24 @@ def make_train_step(
 
 
 def make_eval_step(model: nn.Module, task: Task) -> Callable[[Any, dict], dict]:
-    """``eval_step(params, batch) -> sums`` (no label smoothing, no dropout); pure, ready for ``jax.jit``."""
+    """``eval_step(params, batch) -> sums`` (no label smoothing, no dropout); pure, ready for ``jax.jit``.
 
-    def eval_step(params, batch: dict) -> dict:
-        logits, _, _ = forward(model, task, params, batch, train=False)
-        return task.loss_sums(logits, batch)
+    A recurrent task's step is ``eval_step(params, batch, carry) -> (sums, carry)``.
+    """
+
+    def eval_step(params, batch: dict, carry: Any = None):
+        if task.recurrent:
+            batch = {**batch, **carry}
+        logits, _, _, new_carry = forward(model, task, params, batch, train=False)
+        sums = task.loss_sums(logits, batch)
+        return (sums, new_carry) if task.recurrent else sums
 
     return eval_step
 
 
-def init_fn(model: nn.Module, task: Task, tx: optax.GradientTransformation, example: dict) -> Callable:
-    """``init(key) -> TrainState`` (parameters still boxed with their logical axes) for batches like ``example``."""
+def init_fn(model: nn.Module, task: Task, tx: optax.GradientTransformation, example: dict, rows: int = 1) -> Callable:
+    """``init(key) -> TrainState`` (parameters still boxed with their logical axes) for batches like ``example``;
+    a recurrent task's carry is made for batches of ``rows`` rows."""
 
     def init(key) -> TrainState:
         params_key, dropout_key = jax.random.split(key)
@@ -215,6 +231,7 @@ def init_fn(model: nn.Module, task: Task, tx: optax.GradientTransformation, exam
             params=params,
             opt_state=tx.init(params),
             rng=jax.random.key_data(dropout_key),
+            carry=task.init_carry(model.config, rows),
         )
 
     return init

@@ -10,7 +10,9 @@ evaluation ask the task, never the model family. A task provides:
 * ``flops_per_step(config, params, shapes)``: training FLOPs of one step (for MFU),
   counting only the experts a token is routed to in MoE layers;
 * ``unit`` / ``target_key``: what a step processes (``"tok"`` or ``"ex"``) and the
-  batch key that counts them.
+  batch key that counts them;
+* ``logits(out)`` / ``carry(out)``: the model's output split into its logits and, for a
+  ``recurrent`` task, the state handed to the next batch (``init_carry`` makes the first).
 
 To add a task: subclass ``Task``, register an instance in ``TASKS``, and name it
 in the presets whose models it trains. A dataset states the task its batches
@@ -53,9 +55,23 @@ class Task:
     target_key: str = "targets"
     token_level: bool = True  # a per-token loss: evaluation also reports perplexity
 
+    recurrent: bool = False  # a state (``carry``) goes from each batch to the next, in training and evaluation
+
     def model_args(self, batch: Batch) -> tuple[tuple, dict]:
         """The model's positional and keyword arguments; by default the one input ``inputs``."""
         return (batch["inputs"],), {}
+
+    def logits(self, out: Any) -> jax.Array:
+        """The logits in what the model returns (all of it, by default)."""
+        return out
+
+    def carry(self, out: Any) -> Any:
+        """What a recurrent task hands from this batch to the next; None for the others."""
+        return None
+
+    def init_carry(self, mcfg: ModelConfig, rows: int) -> Any:
+        """The carry before the first batch, for ``rows`` rows (recurrent tasks)."""
+        return None
 
     def loss_sums(self, logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
         """``loss_sum``, ``weight_sum`` (targets that count) and ``correct`` (argmax hits), summed over the batch."""
@@ -97,6 +113,44 @@ class LanguageModeling(Task):
         b, t = shapes["inputs"]
         n = _count(params, "decoder", mcfg) + mcfg.vocab_size * mcfg.block.d_model
         return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.block.d_model * b * t)
+
+
+class SegmentLanguageModeling(LanguageModeling):
+    """Next-token prediction over consecutive segments with a memory (Transformer-XL, ``tfm.models.transformer_xl``).
+
+    Batches come from a ``contiguous`` dataset: each row continues the previous batch's row, and
+    ``reset [B]`` marks rows that start over. The carry is the model's memory ``[L, B, M, D]`` and
+    its mask ``[B, M]``; a reset row's memory is masked out, so nothing crosses a stream's end.
+    """
+
+    name = "lm_memory"
+    recurrent = True
+
+    def model_args(self, batch: Batch) -> tuple[tuple, dict]:
+        memory, mask = batch.get("memory"), batch.get("memory_mask")
+        if mask is not None and "reset" in batch:
+            mask = mask & ~batch["reset"][:, None]
+        return (batch["inputs"], memory, mask), {}
+
+    def logits(self, out: Any) -> jax.Array:
+        return out[0]
+
+    def carry(self, out: Any) -> Any:
+        return {"memory": out[1], "memory_mask": out[2]}
+
+    def init_carry(self, mcfg: ModelConfig, rows: int) -> Any:
+        from flax import linen as nn
+
+        shape = (mcfg.num_layers, rows, mcfg.mem_len, mcfg.block.d_model)
+        memory = nn.LogicallyPartitioned(jnp.zeros(shape, mcfg.block.dtype), (None, "batch", None, "embed"))
+        return {"memory": memory, "memory_mask": nn.LogicallyPartitioned(jnp.zeros(shape[1:3], bool), ("batch", None))}
+
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
+        # As LanguageModeling, with each query scoring M memory keys too (and the relative term as many again).
+        b, t = shapes["inputs"]
+        n = sum(_count(params, f"layer_{i}", mcfg) for i in range(mcfg.num_layers)) + mcfg.vocab_size * mcfg.block.d_model
+        s = t + mcfg.mem_len
+        return 3.0 * (2 * n * b * t + 6 * mcfg.num_layers * s * mcfg.block.d_model * b * t)
 
 
 class Seq2Seq(Task):
@@ -177,6 +231,7 @@ class TextClassification(_Classification):
 
 TASKS: dict[str, Task] = {
     "lm": LanguageModeling(),
+    "lm_memory": SegmentLanguageModeling(),
     "seq2seq": Seq2Seq(),
     "classify": ImageClassification(),
     "mlm": MaskedLanguageModeling(),
@@ -193,5 +248,5 @@ def get_task(name: str | Task) -> Task:
     return TASKS[name]
 
 
-__all__ = ["ImageClassification", "LanguageModeling", "MaskedLanguageModeling", "Seq2Seq", "TASKS", "Task",
-           "TextClassification", "get_task"]  # fmt: skip
+__all__ = ["ImageClassification", "LanguageModeling", "MaskedLanguageModeling", "Seq2Seq", "SegmentLanguageModeling",
+           "TASKS", "Task", "TextClassification", "get_task"]  # fmt: skip

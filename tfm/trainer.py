@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
@@ -42,7 +43,7 @@ from tfm import tasks as tasks_lib
 from tfm import teacher as teacher_lib
 from tfm import workdir as workdir_lib
 from tfm.checkpoint import Checkpointer
-from tfm.loop import Loop, Profiler, StepCache, StopSignals, TrainingError
+from tfm.loop import CarriedEval, Loop, Profiler, StepCache, StopSignals, TrainingError
 from tfm.models import PRESETS
 from tfm.optim import make_optimizer, make_schedule
 from tfm.step import TrainState, make_eval_step, make_train_step
@@ -103,6 +104,9 @@ def check_data_fits_model(config: ConfigDict, task: Task, dataset: Dataset, mc: 
                 f"data.{key}={config.data.get(key, length)}: rows of {length} tokens exceed "
                 f"model.max_len={mc.max_len} (the learned position table)"
             )
+    if task.recurrent and config.train.grad_accum_steps > 1:
+        raise config_lib.ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps}: the {task.name} task "
+                                     f"carries a memory from batch to batch and cannot split a batch")  # fmt: skip
     if config.train.eval_steps == -1 and not hasattr(dataset, "num_batches"):
         raise config_lib.ConfigError(
             f"train.eval_steps=-1: data.name={name!r} has no finite validation split; give a number of batches"
@@ -157,7 +161,7 @@ class Trainer:
         )  # fmt: skip
         self.place = placement.BatchPlacer(self.mesh, self.rules, config.data.batch_size)
         self.batch_sharding, replicated = self.place.sharding, NamedSharding(self.mesh, P())
-        self._init = make_init_fn(self.model, self.task, self.tx, example)
+        self._init = make_init_fn(self.model, self.task, self.tx, example, rows=config.data.batch_size)
         self.abstract_state, self.state_sharding = placement.abstract_state(self._init, self.mesh, self.rules)
         self.distill, teacher = None, ()
         if config.get("distill", {}).get("teacher"):  # the teacher's parameters are the step's third argument
@@ -176,10 +180,16 @@ class Trainer:
             donate_argnums=0,
         )
         self.compiled_steps = StepCache(self._train_step, self._context, teacher)
-        self._eval_step = jax.jit(
-            make_eval_step(self.model, self.task),
-            in_shardings=(self.state_sharding.params, self.batch_sharding), out_shardings=replicated,
-        )  # fmt: skip
+        eval_step, params_sharding = make_eval_step(self.model, self.task), self.state_sharding.params
+        if self.task.recurrent:  # the memory goes from each validation batch to the next
+            carry = self.state_sharding.carry
+            init_carry = jax.jit(lambda: nn.unbox(self.task.init_carry(self.model_config, config.data.batch_size)),
+                                 out_shardings=carry)  # fmt: skip
+            self._eval_step = CarriedEval(jax.jit(eval_step, in_shardings=(params_sharding, self.batch_sharding, carry),
+                                                  out_shardings=(replicated, carry)), init_carry)  # fmt: skip
+        else:
+            self._eval_step = jax.jit(eval_step, in_shardings=(params_sharding, self.batch_sharding),
+                                      out_shardings=replicated)  # fmt: skip
 
     def _check_workdir(self, allow_model_change: bool) -> bool:
         """True when the workdir holds another run that this one may replace (``--allow_model_change``)."""

@@ -18,6 +18,8 @@ of processes; each process keeps only its rows.
 Batch keys by task (``[B, ...]`` arrays, B the global batch):
 
 * ``lm``: ``inputs [B,T]`` and ``targets [B,T]`` int32, optional ``weights [B,T]``.
+* ``lm_memory``: as ``lm``, each row continuing the previous batch's row, and ``reset [B]`` bool
+  (True where a row starts its stream over).
 * ``seq2seq``: ``inputs [B,S]``, ``decoder_inputs [B,T]``, ``targets [B,T]``, ``weights [B,T]``;
   packed rows add ``segment_ids``, ``decoder_segment_ids``, ``positions``, ``decoder_positions``.
 * ``classify``: ``inputs [B,...]``, ``labels [B]`` and ``weights [B]``.

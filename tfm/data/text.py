@@ -14,6 +14,12 @@ trained run decodes with its own vocabulary whatever the corpus holds now. The f
 of the text is the training split, the rest validation, as in nanoGPT's
 ``prepare.py``. A batch is ``batch_size`` windows of ``block_size + 1`` tokens at
 random offsets drawn from ``(seed, split, batch index)``.
+
+``contiguous=True`` (for models with a memory, task ``lm_memory``): the split is cut into
+``batch_size`` streams of equal length, and row ``r`` of batch ``i`` is segment ``i mod n`` of
+stream ``r``, so each row continues the row before it; ``reset [B]`` is True where a stream
+starts over (the memory must be dropped). Batches ``0 .. n-1`` of the validation split are
+its whole text, once.
 """
 
 from __future__ import annotations
@@ -99,10 +105,11 @@ class CharLM(Dataset):
 
     task = "lm"
     OPTIONS = dict(data_dir="", path="tinyshakespeare/input.txt", tfds_dir="", block_size=64, train_fraction=0.9,
-                   tokenizer="char", vocab_size=512, tokenizer_path="", seed=0)  # fmt: skip
+                   tokenizer="char", vocab_size=512, tokenizer_path="", seed=0, contiguous=False)  # fmt: skip
 
     def __init__(self, *, batch_size: int, data_dir: str, path: str, tfds_dir: str, block_size: int,
-                 train_fraction: float, tokenizer: str, vocab_size: int, tokenizer_path: str, seed: int):  # fmt: skip
+                 train_fraction: float, tokenizer: str, vocab_size: int, tokenizer_path: str, seed: int,
+                 contiguous: bool = False):  # fmt: skip
         full = local_data(data_dir_(data_dir), path)
         if not 0.0 < train_fraction < 1.0:
             raise DataError(f"data.train_fraction={train_fraction}: must be in (0, 1)")
@@ -150,6 +157,18 @@ class CharLM(Dataset):
                     f"data.block_size={block_size}: the {split} split of {full!r} has only {len(arr)} characters"
                 )
         self.batch_size, self.block_size, self.seed, self.path = batch_size, block_size, seed, full
+        self.contiguous = bool(contiguous)
+        if self.contiguous:
+            self.task = "lm_memory"
+            self.num_batches = self.segments  # an evaluation over the whole split (train.eval_steps=-1)
+            for split in self.splits:
+                if self.segments(split) < 1:
+                    raise DataError(f"data.contiguous: the {split} split cut into data.batch_size={batch_size} "
+                                    f"streams leaves less than one segment of data.block_size={block_size} per stream")
+
+    def segments(self, split: str, batch_size: int | None = None) -> int:
+        """With ``contiguous``: the segments of ``block_size`` in each of the split's streams."""
+        return (len(self.splits[split]) // (batch_size or self.batch_size) - 1) // self.block_size
 
     def artifacts(self) -> dict[str, bytes]:
         """The tokenizer, saved beside the checkpoints: the sentencepiece model, tokenizer.json or the character list."""
@@ -196,6 +215,11 @@ class CharLM(Dataset):
     def batch(self, split: str, index: int, batch_size: int | None = None) -> dict[str, np.ndarray]:
         b = batch_size or self.batch_size
         data = self.splits[split]
+        if self.contiguous:
+            k = index % self.segments(split, b)
+            starts = np.arange(b) * (len(data) // b) + k * self.block_size
+            windows = data[starts[:, None] + np.arange(self.block_size + 1)[None, :]]
+            return {"inputs": windows[:, :-1], "targets": windows[:, 1:], "reset": np.full((b,), k == 0)}
         rng = np.random.default_rng([self.seed, SPLIT_IDS[split], index])
         starts = rng.integers(0, len(data) - self.block_size - 1, size=b)
         windows = data[starts[:, None] + np.arange(self.block_size + 1)[None, :]]

@@ -27,6 +27,8 @@ FAMILIES = {
     "vit": "vit_tiny",
     "t5": "t5_tiny",
 }
+# Tiny shapes: compile time dominates, so XLA compiles with few optimizations (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cheap_xla_compiles")
 KIND_OPTIONS = {
     "local": dict(attention="local", attention_window=2),
     "block_sparse": dict(attention="block_sparse", attention_window=2, attention_global_tokens=1),

@@ -65,6 +65,7 @@ RECIPES = [
     ("shakespeare_char.py:tiny", [f"--config.data.data_dir={DATA}"]),
     pytest.param("fashion_mnist_vit.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
     pytest.param("multi30k_en_de.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
+    pytest.param("shakespeare_xl.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
 ]
 
 

@@ -220,3 +220,13 @@ def test_xl_refuses_gradient_accumulation():
 
     with pytest.raises(config_lib.ConfigError, match="train.grad_accum_steps=2: the lm_memory task carries a memory"):
         Trainer(_xl_config(2, **{"train.grad_accum_steps": 2}), devices=jax.devices()[:1])
+
+
+def test_the_same_model_without_memory_trains_and_checkpoints(tmp_path):
+    """``mem_len=0`` (the comparison run): nothing to carry, so the state holds no memory at all."""
+    from tfm.trainer import Trainer
+
+    trainer = Trainer(_xl_config(2, **{"model.mem_len": 0}), str(tmp_path), devices=jax.devices()[:1])
+    assert trainer.abstract_state.carry is None
+    summary = trainer.train()
+    assert summary["step"] == 2 and os.path.isdir(tmp_path / "checkpoints" / "2")

@@ -134,7 +134,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict, teacher_params: Any = None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        if task.recurrent:  # the memory of the previous batch goes in with this one
+        if task.recurrent and state.carry is not None:  # the memory of the previous batch goes in with this one
             batch = {**batch, **state.carry}
         weight = task.total_weight(batch)
         options = dict(label_smoothing=label_smoothing, z_loss=z_loss)
@@ -209,7 +209,7 @@ def make_eval_step(model: nn.Module, task: Task) -> Callable[[Any, dict], dict]:
     """
 
     def eval_step(params, batch: dict, carry: Any = None):
-        if task.recurrent:
+        if task.recurrent and carry is not None:
             batch = {**batch, **carry}
         logits, _, _, new_carry = forward(model, task, params, batch, train=False)
         sums = task.loss_sums(logits, batch)

@@ -136,10 +136,15 @@ class SegmentLanguageModeling(LanguageModeling):
         return out[0]
 
     def carry(self, out: Any) -> Any:
+        if out[1].shape[2] == 0:  # mem_len=0: nothing to carry (and nothing a checkpoint could hold)
+            return None
         return {"memory": out[1], "memory_mask": out[2]}
 
     def init_carry(self, mcfg: ModelConfig, rows: int) -> Any:
         from flax import linen as nn
+
+        if mcfg.mem_len == 0:
+            return None
 
         shape = (mcfg.num_layers, rows, mcfg.mem_len, mcfg.block.d_model)
         memory = nn.LogicallyPartitioned(jnp.zeros(shape, mcfg.block.dtype), (None, "batch", None, "embed"))

@@ -230,3 +230,14 @@ def test_the_same_model_without_memory_trains_and_checkpoints(tmp_path):
     assert trainer.abstract_state.carry is None
     summary = trainer.train()
     assert summary["step"] == 2 and os.path.isdir(tmp_path / "checkpoints" / "2")
+
+
+def test_greedy_generation_with_memory_continues_as_the_forward_pass_predicts():
+    from tfm.decode import generate_with_memory
+
+    model, params, tokens = _model(mem_len=16)
+    out = generate_with_memory(model, params["params"], tokens[:, :4], max_new_tokens=6)
+    assert out.shape == (2, 10)
+    np.testing.assert_array_equal(np.asarray(out[:, :4]), np.asarray(tokens[:, :4]))
+    full, _, _ = model.apply(params, out)  # each drawn token is the argmax of the whole prefix's pass
+    np.testing.assert_array_equal(np.asarray(out[:, 4:]), np.asarray(jnp.argmax(full[:, 3:-1], -1)))

@@ -156,6 +156,40 @@ def generate(
     return _sample_loop(step, variables["cache"], logits[:, -1], tokens, p, max_new_tokens, rng, sampling)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
+def generate_with_memory(
+    model: nn.Module,
+    params: Any,
+    prompt: Array,
+    rng: Array | None = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+) -> Array:
+    """A model with a segment memory (Transformer-XL): ``prompt [B, P]`` -> ``[B, P + max_new_tokens]``.
+
+    The prompt is one segment over an empty memory; each new token is the next segment, the
+    memory (its last ``mem_len`` positions per layer) carried from call to call instead of a KV cache.
+    """
+    b, p = prompt.shape
+    cfg = model.config
+    memory = jnp.zeros((cfg.num_layers, b, cfg.mem_len, cfg.block.d_model), cfg.block.dtype)
+    logits, memory, mask = model.apply({"params": params}, prompt, memory, jnp.zeros((b, cfg.mem_len), bool))
+    tokens = jnp.full((b, p + max_new_tokens), pad_id, jnp.int32).at[:, :p].set(prompt)
+
+    def step(state, token):
+        logits, memory, mask = model.apply({"params": params}, token[:, None], *state)
+        return logits[:, -1], (memory, mask)
+
+    sampling = (temperature, top_k, top_p, eos_id, pad_id)
+    return _sample_loop(step, (memory, mask), logits[:, -1], tokens, p, max_new_tokens, rng if rng is not None
+                        else jax.random.key(0), sampling)  # fmt: skip
+
+
 @functools.partial(
     jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id", "pad_id", "temperature", "top_k", "top_p",
                               "suppress_ids", "force_eos"),

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         with cli.stdout_to_stderr():
             run = inference.load(args.workdir) if args.workdir else inference.load_pretrained(args.hf)
             run = inference.quantize_run(run, args.quantize) if args.quantize else run
-        if run.task.name != "lm":
+        if run.task.name not in ("lm", "lm_memory"):
             raise ValueError(f"{args.workdir or args.hf} holds a {run.task.name} model; generate needs a decoder-only LM")
         ids = run.dataset.encode(args.prompt)
     except KeyError as e:
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = run.model.config
     if args.top_k > cfg.vocab_size:
         return cli.fail("generate", f"--top_k {args.top_k}: the vocabulary has only {cfg.vocab_size} tokens")
-    window = cfg.max_len if cfg.position == "learned" else None
+    window = cfg.max_len if getattr(cfg, "position", None) == "learned" else None
+    sample = decode.generate_with_memory if run.task.name == "lm_memory" else decode.generate
     dropped = ids[:0]
     if window is not None and ids.size >= window:
         print(f"generate: the prompt has {ids.size} tokens but the model sees at most {window}; "
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         context = seq if window is None or seq.shape[1] + remaining <= window else seq[:, -(window // 2) :]
         n = remaining if window is None else min(remaining, window - context.shape[1])
         key, sub = jax.random.split(key)
-        out = decode.generate(run.model, run.params, jnp.asarray(context), sub, max_new_tokens=n,
+        out = sample(run.model, run.params, jnp.asarray(context), sub, max_new_tokens=n,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
                               pad_id=pad)  # fmt: skip
         seq = np.concatenate([seq, np.asarray(out)[:, context.shape[1] :]], axis=1)

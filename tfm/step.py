@@ -157,16 +157,16 @@ def make_train_step(
         else:
             micro = _split_micro(batch, n_micro)
 
-            def body(carry, xs):
+            def body(acc, xs):
                 mb, i = xs
                 if batch_sharding is not None:
                     mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
                 (_, (s, a, st, _)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (g, s, a, st)), None
+                return jax.tree.map(jnp.add, acc, (g, s, a, st)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
             (_, (s0, a0, st0, _)), _ = jax.eval_shape(grad_fn, state.params, first, rng)
-            carry = state.carry
+            carry = state.carry  # non-recurrent tasks only (refused above): nothing to carry
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (state.params, s0, a0, st0))
             (grads, sums, aux, stats), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n_micro)))
             aux = aux / n_micro

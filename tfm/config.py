@@ -1,24 +1,21 @@
 """Run configs: the schema every recipe starts from, command-line overrides, validation.
 
-A recipe is ``configs/<name>.py`` with ``get_config(arg)`` returning an
-``ml_collections.ConfigDict`` built from ``default_config()``. The command line
-names it as ``--config configs/<name>.py[:arg]`` and overrides keys with
-``--config.train.steps=100``. Everything is checked before anything runs; each
-problem is one ``ConfigError`` naming the key and the value.
+A recipe is ``configs/<name>.py`` with ``get_config(arg)`` returning an ``ml_collections.ConfigDict``
+built from ``default_config()``. The command line names it as ``--config configs/<name>.py[:arg]``
+and overrides keys with ``--config.train.steps=100``. Everything is checked before anything runs;
+each problem is one ``ConfigError`` naming the key and the value.
 
 Sections:
-
 * ``model``: ``preset`` (a name in ``tfm.models.PRESETS``) plus any field of that
   preset's config or of its block config to change, by its plain name: ``num_layers``
   (the family's), ``d_model``, ``attention``, ``num_experts``, ``dtype`` (the block's).
   ``vocab_size``, ``num_classes`` and ``num_labels`` default to the data's.
-* ``data``: ``name`` (a dataset in ``tfm.data``), ``batch_size`` (global), and the
-  dataset's own options.
-* ``optim``: optimizer and learning-rate schedule.
-* ``train``: steps, loss options, gradient accumulation, logging, evaluation, checkpoints.
+* ``data``: ``name`` (a dataset in ``tfm.data``), ``batch_size`` (global), and the dataset's own options.
+* ``optim``: optimizer and learning-rate schedule; ``train``: steps, loss options, gradient
+  accumulation, logging, evaluation, checkpoints.
 * ``distill``: a teacher to distil from (``tfm.distill``).
-* ``mesh``: mesh axis sizes (one may be -1 = the rest) and logical-axis rule overrides.
-* ``distributed``: multi-process start-up (``jax.distributed.initialize``).
+* ``mesh``: mesh axis sizes (one may be -1 = the rest) and logical-axis rule overrides;
+  ``distributed``: multi-process start-up (``jax.distributed.initialize``).
 """
 
 from __future__ import annotations
@@ -97,8 +94,7 @@ def default_config() -> ConfigDict:
     # checkpoint ("DIR" or "workdir:DIR"), or a Hugging Face checkpoint ("hf:DIR" or "hf:REPO_ID").
     c.train.init_from = ""
 
-    # Knowledge distillation (tfm.distill): a teacher ("[workdir:]DIR" or "hf:DIR"; "" = none) and
-    # loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy.
+    # Distillation (tfm.distill): a teacher "[workdir:]DIR" or "hf:DIR" ("" = none), the loss's alpha and T.
     c.distill = ConfigDict(dict(teacher="", alpha=0.5, temperature=2.0))
 
     c.mesh = ConfigDict()
@@ -356,15 +352,13 @@ def validate(
     if o.name == "adam" and o.weight_decay:
         raise ConfigError(f"optim.weight_decay={o.weight_decay}: needs optim.name='adamw'")
     _check_optimizer_numbers(o, t, config.get("distill") or default_config().distill)  # older workdirs lack it
-    if t.steps < 1:
-        raise ConfigError(f"train.steps={t.steps}: must be >= 1")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
     if o.schedule == "noam" and o.warmup_steps < 1:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: the noam schedule needs >= 1")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing={t.label_smoothing}: must be in [0, 1)")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
+    for key in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum_steps"):
         if t[key] < 1:
             raise ConfigError(f"train.{key}={t[key]}: must be >= 1")
     if t.eval_every < 0:

@@ -9,12 +9,20 @@ Both are evaluated over the whole validation text, segment after segment (``trai
     python -m tfm.train --config configs/shakespeare_xl.py --workdir /tmp/xl --config.data.data_dir=PATH/TO/DATA
     python -m tfm.train --config configs/shakespeare_xl.py:no_memory --workdir /tmp/xl0 --config.data.data_dir=PATH/TO/DATA
 
-Variants: ``""``, ``no_memory``, ``tiny`` and ``tiny_no_memory`` (for tests).
+The Compressive Transformer at the same memory size (64 slots per layer): ``:compressive`` keeps
+the last 32 states as they are and compresses the states they push out, 4 to 1, into 32 more
+slots (so it reaches 32 + 4 x 32 = 160 positions back per layer); ``:half_memory`` is plain XL with
+only those 32 recent states, what the compressed half adds to::
+
+    python -m tfm.train --config configs/shakespeare_xl.py:compressive --workdir /tmp/cxl --config.data.data_dir=PATH/TO/DATA
+
+Variants: ``""``, ``no_memory``, ``half_memory``, ``compressive``, and ``tiny``, ``tiny_no_memory``,
+``tiny_compressive`` (for tests).
 """
 
 from tfm.config import load_config
 
-VARIANTS = ("", "no_memory", "tiny", "tiny_no_memory")
+VARIANTS = ("", "no_memory", "half_memory", "compressive", "tiny", "tiny_no_memory", "tiny_compressive")
 
 
 def get_config(arg=None):
@@ -27,6 +35,10 @@ def get_config(arg=None):
         del c.model[field]
     c.model.preset = "transformer_xl_tiny"
     c.model.mem_len = 0 if arg.endswith("no_memory") else c.data.block_size
+    if arg.endswith(("compressive", "half_memory")):
+        c.model.mem_len = c.data.block_size // 2
+    if arg.endswith("compressive"):
+        c.model.cmem_len, c.model.compression_rate = c.data.block_size // 2, 4
     c.data.contiguous = True
     c.train.eval_steps = -1  # the whole validation text, segment after segment
     if tiny:

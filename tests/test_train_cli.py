@@ -66,6 +66,7 @@ RECIPES = [
     pytest.param("fashion_mnist_vit.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
     pytest.param("multi30k_en_de.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
     pytest.param("shakespeare_xl.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
+    pytest.param("shakespeare_xl.py:tiny_compressive", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
 ]
 
 

@@ -52,7 +52,7 @@ def _reference(p, x, memory):
 
 
 def _layer():
-    layer = RelativeMultiHeadAttention(N, H)
+    layer = RelativeMultiHeadAttention(N, H, D)
     x = jax.random.normal(jax.random.key(0), (2, 5, D))
     memory = jax.random.normal(jax.random.key(1), (2, 3, D))
     params = {"params": random_params(layer, x, memory, scale=0.3)}

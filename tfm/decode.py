@@ -156,7 +156,8 @@ def generate(
     return _sample_loop(step, variables["cache"], logits[:, -1], tokens, p, max_new_tokens, rng, sampling)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id",
+                                             "segment_len"))  # fmt: skip
 def generate_with_memory(
     model: nn.Module,
     params: Any,
@@ -169,25 +170,58 @@ def generate_with_memory(
     top_p: float = 1.0,
     eos_id: int | None = None,
     pad_id: int = 0,
+    segment_len: int | None = None,
 ) -> Array:
     """A model with a segment memory (Transformer-XL): ``prompt [B, P]`` -> ``[B, P + max_new_tokens]``.
 
-    The prompt is one segment over an empty memory; each new token is the next segment, the
-    memory (its last ``mem_len`` positions per layer) carried from call to call instead of a KV cache.
+    ``segment_len=None``: the prompt is one segment over an empty memory; each new token is the
+    next segment, the memory (its last ``mem_len`` positions per layer) carried from call to call
+    instead of a KV cache. ``segment_len=S``: the text goes through the model in segments of ``S``,
+    as in training; each new token re-reads its unfinished segment (causality hides the empty
+    positions after it) and the memory moves on when the segment is full. The Compressive
+    Transformer needs this: its memory takes states ``compression_rate`` at a time.
     """
     b, p = prompt.shape
     cfg = model.config
-    memory = jnp.zeros((cfg.num_layers, b, cfg.mem_len, cfg.block.d_model), cfg.block.dtype)
-    logits, memory, mask = model.apply({"params": params}, prompt, memory, jnp.zeros((b, cfg.mem_len), bool))
+    if p == 0:
+        raise ValueError("the prompt must hold at least one token")
+    slots, rate = cfg.memory_len, cfg.compression_rate if cfg.cmem_len else 1
+    if (segment_len or 1) % rate:
+        raise ValueError(f"segment_len={segment_len}: the compressed memory takes states in groups of "
+                         f"compression_rate={rate}; give a multiple of it")  # fmt: skip
+    memory = jnp.zeros((cfg.num_layers, b, slots, cfg.block.d_model), cfg.block.dtype)
+    mask = jnp.zeros((b, slots), bool)
     tokens = jnp.full((b, p + max_new_tokens), pad_id, jnp.int32).at[:, :p].set(prompt)
-
-    def step(state, token):
-        logits, memory, mask = model.apply({"params": params}, token[:, None], *state)
-        return logits[:, -1], (memory, mask)
-
     sampling = (temperature, top_k, top_p, eos_id, pad_id)
-    return _sample_loop(step, (memory, mask), logits[:, -1], tokens, p, max_new_tokens, rng if rng is not None
-                        else jax.random.key(0), sampling)  # fmt: skip
+    rng = jax.random.key(0) if rng is None else rng
+    if segment_len is None:
+        logits, memory, mask = model.apply({"params": params}, prompt, memory, mask)
+
+        def step(state, token):
+            logits, memory, mask = model.apply({"params": params}, token[:, None], *state)
+            return logits[:, -1], (memory, mask)
+
+        return _sample_loop(step, (memory, mask), logits[:, -1], tokens, p, max_new_tokens, rng, sampling)
+
+    s, done = segment_len, p // segment_len * segment_len
+    for start in range(0, done, s):  # the prompt's full segments
+        logits, memory, mask = model.apply({"params": params}, prompt[:, start : start + s], memory, mask)
+    segment = jnp.zeros((b, s), jnp.int32).at[:, : p - done].set(prompt[:, done:])
+    if p > done:
+        logits = model.apply({"params": params}, segment, memory, mask)[0][:, : p - done]
+
+    def step_in_segment(state, token):
+        memory, mask, segment, n = state
+        segment = jax.lax.dynamic_update_slice(segment, token[:, None], (0, n))
+        logits, new_memory, new_mask = model.apply({"params": params}, segment, memory, mask)
+        last = jax.lax.dynamic_index_in_dim(logits, n, axis=1, keepdims=False)
+        full = n + 1 == s
+        memory, mask = jnp.where(full, new_memory, memory), jnp.where(full, new_mask, mask)
+        segment, n = jnp.where(full, jnp.zeros_like(segment), segment), jnp.where(full, 0, n + 1)
+        return last, (memory, mask, segment, n)
+
+    state = (memory, mask, segment, jnp.int32(p - done))
+    return _sample_loop(step_in_segment, state, logits[:, -1], tokens, p, max_new_tokens, rng, sampling)
 
 
 @functools.partial(

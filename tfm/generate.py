@@ -9,6 +9,7 @@ checkpoint's sequences stop at its EOS token. Exit status: 0 done, 2 bad argumen
 
 from __future__ import annotations
 
+import functools
 import sys
 
 from tfm import cli
@@ -54,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k > cfg.vocab_size:
         return cli.fail("generate", f"--top_k {args.top_k}: the vocabulary has only {cfg.vocab_size} tokens")
     window = cfg.max_len if getattr(cfg, "position", None) == "learned" else None
-    sample = decode.generate_with_memory if run.task.name == "lm_memory" else decode.generate
+    sample = decode.generate
+    if run.task.name == "lm_memory":
+        # A compressed memory takes states in groups: read the text in the training run's segments.
+        segment = run.config.data.block_size if getattr(cfg, "cmem_len", 0) else None
+        sample = functools.partial(decode.generate_with_memory, segment_len=segment)
     dropped = ids[:0]
     if window is not None and ids.size >= window:
         print(f"generate: the prompt has {ids.size} tokens but the model sees at most {window}; "

@@ -136,17 +136,17 @@ class SegmentLanguageModeling(LanguageModeling):
         return out[0]
 
     def carry(self, out: Any) -> Any:
-        if out[1].shape[2] == 0:  # mem_len=0: nothing to carry (and nothing a checkpoint could hold)
+        if out[1].shape[2] == 0:  # no memory slots: nothing to carry (and nothing a checkpoint could hold)
             return None
         return {"memory": out[1], "memory_mask": out[2]}
 
     def init_carry(self, mcfg: ModelConfig, rows: int) -> Any:
         from flax import linen as nn
 
-        if mcfg.mem_len == 0:
+        if mcfg.memory_len == 0:
             return None
 
-        shape = (mcfg.num_layers, rows, mcfg.mem_len, mcfg.block.d_model)
+        shape = (mcfg.num_layers, rows, mcfg.memory_len, mcfg.block.d_model)
         memory = nn.LogicallyPartitioned(jnp.zeros(shape, mcfg.block.dtype), (None, "batch", None, "embed"))
         return {"memory": memory, "memory_mask": nn.LogicallyPartitioned(jnp.zeros(shape[1:3], bool), ("batch", None))}
 
@@ -154,7 +154,7 @@ class SegmentLanguageModeling(LanguageModeling):
         # As LanguageModeling, with each query scoring M memory keys too (and the relative term as many again).
         b, t = shapes["inputs"]
         n = sum(_count(params, f"layer_{i}", mcfg) for i in range(mcfg.num_layers)) + mcfg.vocab_size * mcfg.block.d_model
-        s = t + mcfg.mem_len
+        s = t + mcfg.memory_len
         return 3.0 * (2 * n * b * t + 6 * mcfg.num_layers * s * mcfg.block.d_model * b * t)
 
 

@@ -36,7 +36,12 @@ from tfm.models.transformer import (
     transformer_moe_tiny,
     transformer_tiny,
 )  # fmt: skip
-from tfm.models.transformer_xl import TransformerXL, TransformerXLConfig, transformer_xl_tiny
+from tfm.models.transformer_xl import (
+    TransformerXL,
+    TransformerXLConfig,
+    compressive_transformer_tiny,
+    transformer_xl_tiny,
+)
 from tfm.models.vit import ViT, ViTConfig, vit_b16, vit_tiny
 
 
@@ -105,6 +110,7 @@ PRESETS: dict[str, Preset] = {
         Preset("t5_small", t5_small, T5, _pair(8), "seq2seq"),
         Preset("t5_tiny", t5_tiny, T5, _pair(8), "seq2seq"),
         Preset("transformer_xl_tiny", transformer_xl_tiny, TransformerXL, _tokens(8), "lm_memory"),
+        Preset("compressive_transformer_tiny", compressive_transformer_tiny, TransformerXL, _tokens(8), "lm_memory"),
         Preset("vit_b16", vit_b16, ViT, _images, "classify"),
         Preset("vit_tiny", vit_tiny, ViT, _images, "classify"),
     ]
@@ -124,6 +130,6 @@ __all__ = [
     "bert_base", "bert_base_qa", "bert_tiny", "bert_tiny_qa",
     "count_params", "get_preset", "gpt2_small", "gpt_moe_tiny", "gpt_tiny", "llama_tiny", "mixtral_8x7b",
     "t5_small", "t5_tiny", "transformer_base", "transformer_big", "transformer_moe_tiny", "transformer_tiny",
-    "TransformerXL", "TransformerXLConfig", "transformer_xl_tiny",
+    "TransformerXL", "TransformerXLConfig", "compressive_transformer_tiny", "transformer_xl_tiny",
     "vit_b16", "vit_tiny",
 ]  # fmt: skip

@@ -128,8 +128,8 @@ def make_train_step(
     the batch's sharding (the strided split moves no data between devices).
     """
     n_micro = grad_accum_steps
-    if task.recurrent and n_micro > 1:
-        raise ValueError(f"task {task.name!r} carries a state from row to row; it cannot split a batch into "
+    if not task.splittable and n_micro > 1:
+        raise ValueError(f"task {task.name!r} {task.whole_batch_reason}; it cannot split a batch into "
                          f"grad_accum_steps={n_micro} micro-batches")  # fmt: skip
 
     def train_step(state: TrainState, batch: dict, teacher_params: Any = None):

@@ -56,6 +56,12 @@ class Task:
     token_level: bool = True  # a per-token loss: evaluation also reports perplexity
 
     recurrent: bool = False  # a state (``carry``) goes from each batch to the next, in training and evaluation
+    whole_batch_reason: str = ""  # why a batch cannot be split into micro-batches, if it cannot
+
+    @property
+    def splittable(self) -> bool:
+        """Whether gradient accumulation may split a batch (and leave the loss as it is)."""
+        return not self.whole_batch_reason
 
     def model_args(self, batch: Batch) -> tuple[tuple, dict]:
         """The model's positional and keyword arguments; by default the one input ``inputs``."""
@@ -125,6 +131,7 @@ class SegmentLanguageModeling(LanguageModeling):
 
     name = "lm_memory"
     recurrent = True
+    whole_batch_reason = "carries a memory from batch to batch"
 
     def model_args(self, batch: Batch) -> tuple[tuple, dict]:
         memory, mask = batch.get("memory"), batch.get("memory_mask")
@@ -234,6 +241,52 @@ class TextClassification(_Classification):
         return _encoder_flops(mcfg, params, shapes, 0.0) + per_seq
 
 
+class Contrastive(Task):
+    """CLIP's image–text contrast: ``inputs [B, H, W, C]`` (images), ``tokens [B, T]`` (their captions).
+
+    The logits ``[B, B]`` are ``scale · I Tᵀ`` over the whole global batch (under ``jit`` a
+    sharded batch is gathered by XLA, so every device's images meet every device's texts); the
+    loss is the symmetric cross-entropy ``(CE(rows) + CE(columns)) / 2`` with the diagonal as
+    targets, and ``correct`` counts the top-1 retrievals, image to text and back, halved.
+    """
+
+    name = "contrastive"
+    unit = "ex"
+    target_key = "inputs"
+    token_level = False
+    whole_batch_reason = "contrasts each example with the rest of its batch"
+
+    def model_args(self, batch: Batch) -> tuple[tuple, dict]:
+        return (batch["inputs"], batch["tokens"]), {}
+
+    def logits(self, out: Any) -> jax.Array:
+        image, text, scale = out
+        return scale * jnp.einsum("be,ce->bc", image, text)
+
+    def loss_sums(self, logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
+        b = logits.shape[0]
+        targets, weights = jnp.arange(b), jnp.ones((b,), jnp.float32)
+        rows, n = cross_entropy(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
+        columns, _ = cross_entropy(logits.T, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
+        hits = jnp.sum(jnp.argmax(logits, -1) == targets) + jnp.sum(jnp.argmax(logits, 0) == targets)
+        return {"loss_sum": (rows + columns) / 2, "weight_sum": n, "correct": hits.astype(jnp.float32) / 2}
+
+    def total_weight(self, batch: Batch) -> jax.Array:
+        return jnp.asarray(batch["inputs"].shape[0], jnp.float32)
+
+    def units(self, shapes: Mapping[str, tuple]) -> float:
+        return float(shapes["inputs"][0])
+
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
+        b, (_, t) = shapes["inputs"][0], shapes["tokens"]
+        p = mcfg.num_patches + 1
+        vision = _count(params.get("image_tower", {}), "encoder", mcfg) + mcfg.patch_size**2 * mcfg.num_channels * mcfg.vision_d_model
+        text = _count(params.get("text_tower", {}), "encoder", mcfg)
+        fwd = 2 * b * (vision * p + text * t) + 4 * b * (mcfg.vision_layers * p * p * mcfg.vision_d_model
+                                                          + mcfg.text_layers * t * t * mcfg.block.d_model)  # fmt: skip
+        return 3.0 * (fwd + 2 * b * b * mcfg.embed_dim)
+
+
 TASKS: dict[str, Task] = {
     "lm": LanguageModeling(),
     "lm_memory": SegmentLanguageModeling(),
@@ -241,6 +294,7 @@ TASKS: dict[str, Task] = {
     "classify": ImageClassification(),
     "mlm": MaskedLanguageModeling(),
     "text_classify": TextClassification(),
+    "contrastive": Contrastive(),
 }
 
 
@@ -253,5 +307,5 @@ def get_task(name: str | Task) -> Task:
     return TASKS[name]
 
 
-__all__ = ["ImageClassification", "LanguageModeling", "MaskedLanguageModeling", "Seq2Seq", "SegmentLanguageModeling",
+__all__ = ["Contrastive", "ImageClassification", "LanguageModeling", "MaskedLanguageModeling", "Seq2Seq", "SegmentLanguageModeling",
            "TASKS", "Task", "TextClassification", "get_task"]  # fmt: skip

@@ -104,9 +104,9 @@ def check_data_fits_model(config: ConfigDict, task: Task, dataset: Dataset, mc: 
                 f"data.{key}={config.data.get(key, length)}: rows of {length} tokens exceed "
                 f"model.max_len={mc.max_len} (the learned position table)"
             )
-    if task.recurrent and config.train.grad_accum_steps > 1:
+    if not task.splittable and config.train.grad_accum_steps > 1:
         raise config_lib.ConfigError(f"train.grad_accum_steps={config.train.grad_accum_steps}: the {task.name} task "
-                                     f"carries a memory from batch to batch and cannot split a batch")  # fmt: skip
+                                     f"{task.whole_batch_reason} and cannot split a batch")  # fmt: skip
     if config.train.eval_steps == -1 and not hasattr(dataset, "num_batches"):
         raise config_lib.ConfigError(
             f"train.eval_steps=-1: data.name={name!r} has no finite validation split; give a number of batches"

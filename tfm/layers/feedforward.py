@@ -36,6 +36,7 @@ ACTIVATIONS = {
     "gelu": gelu,
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "silu": jax.nn.silu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's (Radford et al. 2021) sigmoid approximation
 }
 GATED = {"swiglu": jax.nn.silu, "geglu": gelu, "geglu_tanh": ACTIVATIONS["gelu_tanh"]}
 

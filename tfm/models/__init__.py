@@ -25,6 +25,7 @@ from tfm.models.bert import (
     bert_tiny,
     bert_tiny_qa,
 )  # fmt: skip
+from tfm.models.clip import CLIP, CLIPConfig, clip_tiny, clip_vit_b32
 from tfm.models.common import count_params
 from tfm.models.gpt import GPT, GPTConfig, gpt2_small, gpt_moe_tiny, gpt_tiny, llama_tiny, mixtral_8x7b
 from tfm.models.t5 import T5, T5Config, t5_small, t5_tiny
@@ -87,6 +88,10 @@ def _images(cfg):
     return (jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
 
 
+def _image_text(cfg):
+    return (*_images(cfg), jnp.ones((1, 8), jnp.int32))
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -113,6 +118,8 @@ PRESETS: dict[str, Preset] = {
         Preset("compressive_transformer_tiny", compressive_transformer_tiny, TransformerXL, _tokens(8), "lm_memory"),
         Preset("vit_b16", vit_b16, ViT, _images, "classify"),
         Preset("vit_tiny", vit_tiny, ViT, _images, "classify"),
+        Preset("clip_vit_b32", clip_vit_b32, CLIP, _image_text, "contrastive"),
+        Preset("clip_tiny", clip_tiny, CLIP, _image_text, "contrastive"),
     ]
 }
 
@@ -131,5 +138,6 @@ __all__ = [
     "count_params", "get_preset", "gpt2_small", "gpt_moe_tiny", "gpt_tiny", "llama_tiny", "mixtral_8x7b",
     "t5_small", "t5_tiny", "transformer_base", "transformer_big", "transformer_moe_tiny", "transformer_tiny",
     "TransformerXL", "TransformerXLConfig", "compressive_transformer_tiny", "transformer_xl_tiny",
+    "CLIP", "CLIPConfig", "clip_tiny", "clip_vit_b32",
     "vit_b16", "vit_tiny",
 ]  # fmt: skip

@@ -125,3 +125,71 @@ def test_a_contrastive_batch_is_not_split_into_micro_batches():
 
     with pytest.raises(ValueError, match="contrasts each example with the rest of its batch"):
         make_train_step(CLIP(clip_tiny), tasks.get_task("contrastive"), None, None, grad_accum_steps=2)
+
+
+def test_padding_rows_are_neither_queries_nor_candidates():
+    rng = np.random.default_rng(3)
+    image, text = (rng.normal(size=(6, 4)).astype(np.float32) for _ in range(2))
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    task = tasks.get_task("contrastive")
+    logits = task.logits((jnp.asarray(image), jnp.asarray(text), jnp.asarray(10.0)))
+    weights = jnp.asarray([1, 1, 1, 1, 0, 0], jnp.float32)
+    sums = task.loss_sums(logits, {"inputs": jnp.zeros((6, 1)), "weights": weights})
+    real = task.loss_sums(logits[:4, :4], {"inputs": jnp.zeros((4, 1))})
+    assert float(sums["loss_sum"]) == pytest.approx(float(real["loss_sum"]), rel=1e-5)
+    assert float(sums["weight_sum"]) == 4 and float(sums["correct"]) == float(real["correct"])
+    assert float(task.total_weight({"inputs": jnp.zeros((6, 1)), "weights": weights})) == 4
+
+
+def test_captions_name_the_class_and_zero_shot_templates_are_held_out():
+    from tfm.data import captions
+
+    vocab = captions._vocabulary()
+    trained = {w for t in captions.TRAIN_TEMPLATES for w in t.replace("{}", " ").split()}
+    trained |= {w for c in captions.CLASS_NAMES for w in c.split()}
+    assert not set(captions.ZERO_SHOT_TEMPLATES) & set(captions.TRAIN_TEMPLATES)
+    assert all(w in trained for t in captions.ZERO_SHOT_TEMPLATES for w in t.replace("{}", " ").split())
+    assert min(vocab.values()) == 2 and len(set(vocab.values())) == len(vocab)  # 0 pads, 1 is EOT
+
+
+def test_the_caption_dataset_pairs_each_image_with_its_class(tmp_path):
+    import os
+
+    from test_train_cli import DATA
+
+    from tfm.data import make_dataset
+
+    if not os.path.isdir(DATA):
+        pytest.skip(f"no shared data folder at {DATA}")
+    from tfm.data.captions import CLASS_NAMES, TRAIN_TEMPLATES
+
+    ds = make_dataset({"name": "fashion_mnist_captions", "batch_size": 16, "data_dir": DATA, "tfds_dir": str(tmp_path)})
+    for split in ("train", "test"):
+        batch = ds.batch(split, 3)
+        assert batch["tokens"].shape == (16, 16) and batch["inputs"].shape == (16, 28, 28, 1)
+        for ids, label in zip(batch["tokens"], batch["labels"]):
+            text = ds.decode(ids)
+            assert any(text == t.format(CLASS_NAMES[label]) for t in TRAIN_TEMPLATES), text
+            assert (ids == 1).sum() == 1  # one EOT
+    again = ds.batch("train", 3)["tokens"]
+    np.testing.assert_array_equal(ds.batch("train", 3)["tokens"], again)  # a pure function of the index
+    assert len(np.unique(again, axis=0)) > 1
+    prompts = ds.class_prompts()
+    assert prompts.shape == (10, 5, 16) and ds.decode(prompts[7, 0]) == "a picture of a sneaker"
+
+
+def test_the_trainer_refuses_a_text_tower_that_reads_another_eot(tmp_path):
+    import os
+
+    from test_train_cli import DATA, ROOT
+
+    from tfm import config as config_lib
+    from tfm.trainer import Trainer
+
+    if not os.path.isdir(DATA):
+        pytest.skip(f"no shared data folder at {DATA}")
+    c = config_lib.load_config(os.path.join(ROOT, "configs", "clip_fashion_mnist.py:tiny"))
+    c = config_lib.apply_overrides(c, [f"data.data_dir={DATA}", f"data.tfds_dir={tmp_path}", "model.eot_id=2", "mesh.data=1"])
+    with pytest.raises(config_lib.ConfigError, match="model.eot_id=2: data.name='fashion_mnist_captions' ends each caption with id 1"):
+        Trainer(c, devices=jax.devices()[:1])

@@ -67,6 +67,7 @@ RECIPES = [
     pytest.param("multi30k_en_de.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
     pytest.param("shakespeare_xl.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
     pytest.param("shakespeare_xl.py:tiny_compressive", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
+    pytest.param("clip_fashion_mnist.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
 ]
 
 
@@ -74,7 +75,7 @@ RECIPES = [
 def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
     if extra and not os.path.isdir(DATA):
         pytest.skip(f"no shared data folder at {DATA}")
-    if recipe.startswith(("fashion", "multi30k")):
+    if recipe.startswith(("fashion", "multi30k", "clip")):
         extra = [*extra, f"--config.data.tfds_dir={tmp_path / 'tfds'}"]  # prepared here, not in ~/tensorflow_datasets
     p = run(cli(recipe, tmp_path, *extra))
     rows = [r for r in metrics(tmp_path) if "train/loss" in r]
@@ -110,6 +111,11 @@ def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
         record = json.loads((tmp_path / "eval_test.json").read_text())
         assert record["metrics"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
         assert record["batches"] == 0 and "perplexity" not in record["metrics"]
+    elif recipe.startswith("clip"):
+        run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "2"])
+        record = json.loads((tmp_path / "eval_test.json").read_text())["metrics"]
+        assert record["examples"] == 64 and record["zero_shot_templates"] == 5
+        assert 0.0 <= record["text_to_image_recall@1"] <= 1.0 and record["zero_shot_accuracy"] > 0.2  # chance: 0.1
     elif recipe.startswith("multi30k"):
         assert (tmp_path / "tokenizer.model").is_file()  # saved beside the checkpoints
         p = run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "1",

@@ -210,6 +210,10 @@ def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_siz
     result = {k.replace("eval/", ""): v for k, v in run.evaluate(batches or -1, split).items()}
     if run.task.name == "seq2seq" and hasattr(run.dataset, "references"):
         result.update(bleu(run, split, batches, beam_size or 0, alpha, max_len, batch_size))
+    elif run.task.name == "contrastive" and hasattr(run.dataset, "class_prompts"):
+        from tfm import zero_shot
+
+        result.update(zero_shot.evaluate(run, split, batches))
     elif run.task.name == "seq2seq":
         ds = run.dataset
         it = ds.iterator(split)

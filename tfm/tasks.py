@@ -265,13 +265,18 @@ class Contrastive(Task):
 
     def loss_sums(self, logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
         b = logits.shape[0]
-        targets, weights = jnp.arange(b), jnp.ones((b,), jnp.float32)
+        weights = batch.get("weights", jnp.ones((b,), jnp.float32)).astype(jnp.float32)
+        # A zero-weight row (an evaluation split's padding) is neither a query nor a candidate.
+        logits = jnp.where((weights[:, None] > 0) & (weights[None, :] > 0), logits, jnp.finfo(logits.dtype).min)
+        targets = jnp.arange(b)
         rows, n = cross_entropy(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
         columns, _ = cross_entropy(logits.T, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
-        hits = jnp.sum(jnp.argmax(logits, -1) == targets) + jnp.sum(jnp.argmax(logits, 0) == targets)
-        return {"loss_sum": (rows + columns) / 2, "weight_sum": n, "correct": hits.astype(jnp.float32) / 2}
+        hits = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) + (jnp.argmax(logits, 0) == targets)
+        return {"loss_sum": (rows + columns) / 2, "weight_sum": n, "correct": jnp.sum(hits * weights) / 2}
 
     def total_weight(self, batch: Batch) -> jax.Array:
+        if "weights" in batch:
+            return jnp.sum(batch["weights"].astype(jnp.float32))
         return jnp.asarray(batch["inputs"].shape[0], jnp.float32)
 
     def units(self, shapes: Mapping[str, tuple]) -> float:

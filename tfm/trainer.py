@@ -95,6 +95,9 @@ def check_data_fits_model(config: ConfigDict, task: Task, dataset: Dataset, mc: 
         raise config_lib.ConfigError(
             f"model.vocab_size={vocab} is smaller than the {dataset.vocab_size} ids of data.name={name!r}"
         )
+    if hasattr(mc, "eot_id") and getattr(dataset, "eot_id", mc.eot_id) != mc.eot_id:
+        raise config_lib.ConfigError(f"model.eot_id={mc.eot_id}: data.name={name!r} ends each caption with id "
+                                     f"{dataset.eot_id}, where the text tower reads its feature")  # fmt: skip
     # Learned position tables have max_len rows: a longer row would fail inside the first step.
     if getattr(mc, "position", "") == "learned" and hasattr(mc, "max_len"):
         length = max(v.shape[1] for k, v in example.items() if k in ("inputs", "decoder_inputs"))

@@ -26,6 +26,8 @@ Batch keys by task (``[B, ...]`` arrays, B the global batch):
 * ``mlm``: ``inputs [B,T]`` (with ``[MASK]`` ids), ``targets [B,T]`` (the original ids), ``weights [B,T]``
   (1 at the masked positions).
 * ``text_classify``: ``inputs [B,T]`` token ids, ``labels [B]`` and ``weights [B]``.
+* ``contrastive``: ``inputs [B,H,W,C]`` images, ``tokens [B,T]`` their captions (EOT-terminated),
+  ``labels [B]`` and ``weights [B]``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 
 from tfm.data.base import DataError, Dataset, IndexedIterator, data_dir
 from tfm.data.bert_text import LanguageID, MaskedCharLM
+from tfm.data.captions import FashionMnistCaptions
 from tfm.data.images import FashionMnist
 from tfm.data.synthetic import CopyTask, SyntheticLM
 from tfm.data.text import CharLM
@@ -43,6 +46,7 @@ from tfm.data.translation import Translation
 DATASETS: dict[str, type] = {
     "copy": CopyTask,
     "fashion_mnist": FashionMnist,
+    "fashion_mnist_captions": FashionMnistCaptions,
     "multi30k": Translation,
     "multi30k_langid": LanguageID,
     "shakespeare_mlm": MaskedCharLM,

@@ -22,7 +22,7 @@ def get_config(arg=None):
     c = default_config()
     c.model.preset = "clip_tiny"  # 28 px grey images, word-level captions of at most 16 tokens, EOT id 1
     c.model.vocab_size = 64  # the captions use 31 words + pad + EOT
-    c.model.patch_size = 4  # 7 x 7 = 49 tokens + the class token
+    c.model.patch_size = 7  # 4 x 4 = 16 tokens + the class token
     c.model.vision_d_model = 96
     c.model.vision_num_heads = 4
     c.model.vision_d_ff = 384

@@ -275,9 +275,7 @@ class Contrastive(Task):
         return {"loss_sum": (rows + columns) / 2, "weight_sum": n, "correct": jnp.sum(hits * weights) / 2}
 
     def total_weight(self, batch: Batch) -> jax.Array:
-        if "weights" in batch:
-            return jnp.sum(batch["weights"].astype(jnp.float32))
-        return jnp.asarray(batch["inputs"].shape[0], jnp.float32)
+        return super().total_weight(batch) if "weights" in batch else jnp.asarray(batch["inputs"].shape[0], jnp.float32)
 
     def units(self, shapes: Mapping[str, tuple]) -> float:
         return float(shapes["inputs"][0])

@@ -37,9 +37,8 @@ def _features(run: Any, split: str, batches: int) -> tuple[np.ndarray, np.ndarra
     return tuple(np.concatenate(x) for x in (images, texts, tokens, labels))
 
 
-def class_features(run: Any) -> np.ndarray:
-    """``[classes, E]``: the prompt-ensembled text feature of each class."""
-    prompts = run.dataset.class_prompts()  # [K, P, T]
+def class_features(run: Any, prompts: np.ndarray) -> np.ndarray:
+    """``[classes, E]``: the prompt-ensembled text feature of each class from ``prompts [K, P, T]``."""
     k, p, t = prompts.shape
     with placement.mesh_context(run.mesh, run.rules):
         feats = np.asarray(jax.jit(lambda pr, x: run.model.apply({"params": pr}, x, method="encode_text"))(
@@ -59,12 +58,13 @@ def _recall_at_1(queries: np.ndarray, keys: np.ndarray, same: np.ndarray, chunk:
 def evaluate(run: Any, split: str, batches: int = 0) -> dict:
     """``zero_shot_accuracy``, ``image_to_text_recall@1``, ``text_to_image_recall@1`` and the counts."""
     images, texts, tokens, labels = _features(run, split, batches)
-    classes = class_features(run)
+    prompts = run.dataset.class_prompts()
+    classes = class_features(run, prompts)
     accuracy = float(np.mean(np.argmax(images @ classes.T, axis=1) == labels))
     caption_id = np.unique(tokens, axis=0, return_inverse=True)[1].reshape(-1)  # equal captions, equal ids
     return {
         "zero_shot_accuracy": accuracy,
-        "zero_shot_templates": int(run.dataset.class_prompts().shape[1]),
+        "zero_shot_templates": int(prompts.shape[1]),
         "image_to_text_recall@1": _recall_at_1(images, texts, caption_id),
         "text_to_image_recall@1": _recall_at_1(texts, images, caption_id),
         "examples": int(len(labels)),

@@ -32,6 +32,7 @@ from tfm.layers.linear import Einsum
 from tfm.layers.masks import causal_mask
 from tfm.layers.position import LearnedPositionEmbedding
 from tfm.models.common import ModelConfig
+from tfm.models.vit import patchify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +94,7 @@ class ImageTower(nn.Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {images.shape}")
         b, p, c = images.shape[0], cfg.patch_size, cfg.num_channels
-        g = cfg.image_size // p
-        patches = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p, p, c)
+        patches = patchify(images, p)
         embed = Einsum((p, p, c, blk.d_model), (None, None, None, sh.EMBED), in_axis=(0, 1, 2), out_axis=3,
                        dtype=blk.dtype, param_dtype=blk.param_dtype, name="patch_embed")  # fmt: skip
         x = embed("BTPQC,PQCD->BTD", patches)

@@ -77,6 +77,13 @@ vit_b16 = ViTConfig()
 vit_tiny = vit_b16.replace(image_size=28, patch_size=7, num_channels=1, d_model=32, num_heads=4, num_layers=2, d_ff=64, num_classes=10)
 
 
+def patchify(images: Array, patch_size: int) -> Array:
+    """``[B, H, W, C] -> [B, (H/P)(W/P), P, P, C]``: row-major patches, the same order as a stride-P conv."""
+    b, h, w, c = images.shape
+    p = patch_size
+    return images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p, p, c)
+
+
 class ViT(nn.Module):
     """``images [B, H, W, C]`` (float) -> ``logits [B, num_classes]`` (float32)."""
 
@@ -95,10 +102,8 @@ class ViT(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)), name=f"stem_{i}",
             )  # fmt: skip
             images = nn.gelu(conv(images))
-        b, p, c = images.shape[0], cfg.patch_size, images.shape[-1]
-        g = cfg.feature_size // p
-        # [B, H, W, C] -> [B, g*g, P, P, C]: row-major patches, the same order as a stride-P conv.
-        patches = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p, p, c)
+        p, c = cfg.patch_size, images.shape[-1]
+        b, patches = images.shape[0], patchify(images, p)
         embed = Einsum(
             (p, p, c, blk.d_model), (None, None, None, sh.EMBED), in_axis=(0, 1, 2), out_axis=3,
             use_bias=True, dtype=blk.dtype, param_dtype=blk.param_dtype, name="patch_embed",

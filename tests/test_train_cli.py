@@ -68,6 +68,7 @@ RECIPES = [
     pytest.param("shakespeare_xl.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
     pytest.param("shakespeare_xl.py:tiny_compressive", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
     pytest.param("clip_fashion_mnist.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
+    pytest.param("speech_digits.py:tiny", [], marks=pytest.mark.slow),
 ]
 
 
@@ -116,6 +117,11 @@ def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
         record = json.loads((tmp_path / "eval_test.json").read_text())["metrics"]
         assert record["examples"] == 64 and record["zero_shot_templates"] == 5
         assert 0.0 <= record["text_to_image_recall@1"] <= 1.0 and record["zero_shot_accuracy"] > 0.2  # chance: 0.1
+    elif recipe.startswith("speech"):  # decoded with the KV cache and scored against the transcripts
+        run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "0"])
+        record = json.loads((tmp_path / "eval_test.json").read_text())["metrics"]
+        assert record["examples"] == 16 and record["decoding"] == "greedy"
+        assert 0.0 <= record["cer"] <= 1.5 and 0.0 <= record["sentence_accuracy"] <= 1.0
     elif recipe.startswith("multi30k"):
         assert (tmp_path / "tokenizer.model").is_file()  # saved beside the checkpoints
         p = run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "1",

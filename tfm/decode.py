@@ -312,7 +312,7 @@ def beam_search(
     encoded_k = jnp.repeat(encoded, k, axis=0)  # [B*K, S, D], beams of a row adjacent
     src_k = jnp.repeat(src, k, axis=0)
     make = lambda n: (jnp.zeros((n, max_len), jnp.int32), jnp.zeros((n,) + encoded.shape[1:], encoded.dtype),
-                      jnp.zeros((n, src.shape[1]), src.dtype))  # noqa: E731  # fmt: skip
+                      jnp.zeros((n,) + src.shape[1:], src.dtype))  # noqa: E731  # fmt: skip
     axes = _batch_axes(dec, params, make, b * k, method="decode")
     cache = _create_cache(dec, params, jnp.zeros((b * k, max_len), jnp.int32), encoded_k, src_k, method="decode")
 

@@ -201,7 +201,8 @@ def exact_match(pred: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> n
 def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_size: int = 0, alpha: float = 0.6,
                  max_len: int = 128, batch_size: int = 32) -> dict:
     """Loss/accuracy (teacher-forced) on ``batches`` batches (0: the whole split, where the dataset
-    is finite); for seq2seq also decoded exact match, or sacreBLEU where the dataset has references.
+    is finite); for seq2seq also decoded exact match, or sacreBLEU where the dataset has references;
+    for speech the character and word error rates of the decoded transcripts (``tfm.asr``).
 
     BLEU decodes the full source sentences exactly as ``tfm.translate`` does (``max_len``
     output tokens, ``batch_size`` sentences per decoding batch), so it equals scoring
@@ -210,6 +211,12 @@ def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_siz
     result = {k.replace("eval/", ""): v for k, v in run.evaluate(batches or -1, split).items()}
     if run.task.name == "seq2seq" and hasattr(run.dataset, "references"):
         result.update(bleu(run, split, batches, beam_size or 0, alpha, max_len, batch_size))
+    elif run.task.name == "speech":
+        from tfm import asr
+
+        transcribe = lambda x, n: translate_ids(run, x, beam_size or 0, alpha, n)  # noqa: E731
+        result.update(asr.evaluate(run, split, transcribe, batches))
+        result["decoding"] = f"beam {beam_size}, alpha {alpha}" if beam_size else "greedy"
     elif run.task.name == "contrastive" and hasattr(run.dataset, "class_prompts"):
         from tfm import zero_shot
 

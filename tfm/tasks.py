@@ -188,6 +188,23 @@ class Seq2Seq(Task):
         return 3.0 * fwd
 
 
+class SpeechRecognition(Seq2Seq):
+    """Audio -> transcript (Whisper): ``inputs [B, F, M]`` log-mel frames, ``decoder_inputs``, ``targets``, ``weights``."""
+
+    name = "speech"
+    PACKING = {}
+
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
+        b, f, m = shapes["inputs"]
+        _, t = shapes["decoder_inputs"]
+        s, d = f // 2, mcfg.block.d_model
+        stem = 2 * 3 * d * (m * f + d * s) * b  # conv1 at the frame rate, conv2 at half of it
+        fwd = stem + 2 * _count(params, "encoder", mcfg) * b * s + 4 * mcfg.num_encoder_layers * s * d * b * s
+        fwd += 2 * (_count(params, "decoder", mcfg) + mcfg.vocab_size * d) * b * t
+        fwd += 4 * mcfg.num_decoder_layers * (t + s) * d * b * t
+        return 3.0 * fwd
+
+
 class _Classification(Task):
     """One label per example: ``labels [B]`` (and ``weights [B]``); the loss is per example."""
 
@@ -294,6 +311,7 @@ TASKS: dict[str, Task] = {
     "lm": LanguageModeling(),
     "lm_memory": SegmentLanguageModeling(),
     "seq2seq": Seq2Seq(),
+    "speech": SpeechRecognition(),
     "classify": ImageClassification(),
     "mlm": MaskedLanguageModeling(),
     "text_classify": TextClassification(),
@@ -311,4 +329,4 @@ def get_task(name: str | Task) -> Task:
 
 
 __all__ = ["Contrastive", "ImageClassification", "LanguageModeling", "MaskedLanguageModeling", "Seq2Seq", "SegmentLanguageModeling",
-           "TASKS", "Task", "TextClassification", "get_task"]  # fmt: skip
+           "SpeechRecognition", "TASKS", "Task", "TextClassification", "get_task"]  # fmt: skip

@@ -26,6 +26,8 @@ Batch keys by task (``[B, ...]`` arrays, B the global batch):
 * ``mlm``: ``inputs [B,T]`` (with ``[MASK]`` ids), ``targets [B,T]`` (the original ids), ``weights [B,T]``
   (1 at the masked positions).
 * ``text_classify``: ``inputs [B,T]`` token ids, ``labels [B]`` and ``weights [B]``.
+* ``speech``: ``inputs [B,F,M]`` float32 log-mel frames, ``decoder_inputs [B,T]``, ``targets [B,T]``,
+  ``weights [B,T]`` (as ``seq2seq``, unpacked).
 * ``contrastive``: ``inputs [B,H,W,C]`` images, ``tokens [B,T]`` their captions (EOT-terminated),
   ``labels [B]`` and ``weights [B]``.
 """
@@ -39,6 +41,7 @@ from tfm.data.base import DataError, Dataset, IndexedIterator, data_dir
 from tfm.data.bert_text import LanguageID, MaskedCharLM
 from tfm.data.captions import FashionMnistCaptions
 from tfm.data.images import FashionMnist
+from tfm.data.speech import SpeechDigits
 from tfm.data.synthetic import CopyTask, SyntheticLM
 from tfm.data.text import CharLM
 from tfm.data.translation import Translation
@@ -51,6 +54,7 @@ DATASETS: dict[str, type] = {
     "multi30k_langid": LanguageID,
     "shakespeare_mlm": MaskedCharLM,
     "shakespeare_char": CharLM,
+    "speech_digits": SpeechDigits,
     "synthetic_lm": SyntheticLM,
 }
 

@@ -57,6 +57,7 @@ class MultiHeadAttention(nn.Module):
     num_kv_heads: int | None = None
     out_features: int | None = None
     use_bias: bool = False
+    key_bias: bool = True  # with use_bias: the key projection's too (a key bias only shifts each row's scores)
     dropout_rate: float = 0.0
     use_rope: bool = False
     rope_base: float = 10_000.0
@@ -102,14 +103,14 @@ class MultiHeadAttention(nn.Module):
         d = inputs_q.shape[-1]
         h = self.head_dim
 
-        def proj(name, heads, heads_axis):
+        def proj(name, heads, heads_axis, bias=True):
             return Einsum(
                 (d, heads, h), (sh.EMBED, heads_axis, sh.HEAD_DIM), in_axis=0, out_axis=(1, 2),
-                use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype,
+                use_bias=self.use_bias and bias, kernel_init=self.kernel_init, dtype=self.dtype,
                 param_dtype=self.param_dtype, name=name,
             )  # fmt: skip
 
-        projections = proj("query", n, sh.HEADS), proj("key", k, sh.KV_HEADS), proj("value", k, sh.KV_HEADS)
+        projections = proj("query", n, sh.HEADS), proj("key", k, sh.KV_HEADS, self.key_bias), proj("value", k, sh.KV_HEADS)
         if self_attention and tuning.fused_qkv():
             query, key, value = fused_projection(inputs_q, projections, self.dtype)
         else:

@@ -61,6 +61,7 @@ class BlockConfig(MoEOptions, AttentionOptions):
     norm_epsilon: float = 1e-5
     norm_position: str = "post"
     attention_bias: bool = True
+    key_bias: bool = True  # with attention_bias: whether the key projection has one too (Whisper's has none)
     mlp_bias: bool = True
     dropout_rate: float = 0.1  # residual dropout, paper §5.4
     attention_dropout_rate: float = 0.0
@@ -123,6 +124,7 @@ def _attention(cfg: BlockConfig, name: str, decode: bool) -> MultiHeadAttention:
         head_dim=cfg.head_width,
         num_kv_heads=cfg.num_kv_heads,
         use_bias=cfg.attention_bias,
+        key_bias=cfg.key_bias,
         dropout_rate=cfg.attention_dropout_rate,
         use_rope=cfg.use_rope,
         rope_base=cfg.rope_base,

@@ -72,8 +72,9 @@ def fused_projection(x: Array, projections: Sequence[Einsum], dtype: jnp.dtype) 
     kernels = [as_dtype(p.kernel, dtype) for p in projections]
     widths = [math.prod(w.shape[1:]) for w in kernels]
     y = einsum_matmul("BTD,DF->BTF", x.astype(dtype), jnp.concatenate([w.reshape(d, -1) for w in kernels], axis=1))
-    if projections[0].use_bias:
-        y = y + jnp.concatenate([p.bias.astype(dtype).reshape(-1) for p in projections])
+    if any(p.use_bias for p in projections):  # a projection without one adds zeros
+        y = y + jnp.concatenate([p.bias.astype(dtype).reshape(-1) if p.use_bias else jnp.zeros((n,), dtype)
+                                 for p, n in zip(projections, widths)])  # fmt: skip
     parts = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
     return tuple(part.reshape(x.shape[:-1] + w.shape[1:]) for part, w in zip(parts, kernels))
 

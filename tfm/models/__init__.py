@@ -44,6 +44,7 @@ from tfm.models.transformer_xl import (
     transformer_xl_tiny,
 )
 from tfm.models.vit import ViT, ViTConfig, vit_b16, vit_tiny
+from tfm.models.whisper import Whisper, WhisperConfig, whisper_micro, whisper_tiny
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,10 @@ def _images(cfg):
     return (jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32),)
 
 
+def _speech(cfg):
+    return (jnp.zeros((1, 2 * cfg.max_source_positions, cfg.num_mel_bins), jnp.float32), jnp.ones((1, 8), jnp.int32))
+
+
 def _image_text(cfg):
     return (*_images(cfg), jnp.ones((1, 8), jnp.int32))
 
@@ -120,6 +125,8 @@ PRESETS: dict[str, Preset] = {
         Preset("vit_tiny", vit_tiny, ViT, _images, "classify"),
         Preset("clip_vit_b32", clip_vit_b32, CLIP, _image_text, "contrastive"),
         Preset("clip_tiny", clip_tiny, CLIP, _image_text, "contrastive"),
+        Preset("whisper_tiny", whisper_tiny, Whisper, _speech, "speech"),
+        Preset("whisper_micro", whisper_micro, Whisper, _speech, "speech"),
     ]
 }
 
@@ -139,5 +146,5 @@ __all__ = [
     "t5_small", "t5_tiny", "transformer_base", "transformer_big", "transformer_moe_tiny", "transformer_tiny",
     "TransformerXL", "TransformerXLConfig", "compressive_transformer_tiny", "transformer_xl_tiny",
     "CLIP", "CLIPConfig", "clip_tiny", "clip_vit_b32",
-    "vit_b16", "vit_tiny",
+    "vit_b16", "vit_tiny", "Whisper", "WhisperConfig", "whisper_micro", "whisper_tiny",
 ]  # fmt: skip

@@ -69,6 +69,7 @@ RECIPES = [
     pytest.param("shakespeare_xl.py:tiny_compressive", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
     pytest.param("clip_fashion_mnist.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
     pytest.param("speech_digits.py:tiny", [], marks=pytest.mark.slow),
+    pytest.param("detr_shapes.py:tiny", [], marks=pytest.mark.slow),
 ]
 
 
@@ -122,6 +123,10 @@ def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
         record = json.loads((tmp_path / "eval_test.json").read_text())["metrics"]
         assert record["examples"] == 16 and record["decoding"] == "greedy"
         assert 0.0 <= record["cer"] <= 1.5 and 0.0 <= record["sentence_accuracy"] <= 1.0
+    elif recipe.startswith("detr"):  # every query a detection, scored by AP@0.5 over the 16 test images
+        run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "0"])
+        record = json.loads((tmp_path / "eval_test.json").read_text())["metrics"]
+        assert record["images"] == 16 and len(record["ap50_per_class"]) == 6 and 0.0 <= record["ap50"] <= 1.0
     elif recipe.startswith("multi30k"):
         assert (tmp_path / "tokenizer.model").is_file()  # saved beside the checkpoints
         p = run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "1",

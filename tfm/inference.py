@@ -202,7 +202,8 @@ def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_siz
                  max_len: int = 128, batch_size: int = 32) -> dict:
     """Loss/accuracy (teacher-forced) on ``batches`` batches (0: the whole split, where the dataset
     is finite); for seq2seq also decoded exact match, or sacreBLEU where the dataset has references;
-    for speech the character and word error rates of the decoded transcripts (``tfm.asr``).
+    for speech the character and word error rates of the decoded transcripts (``tfm.asr``); for
+    detection AP@0.5 (``tfm.detection``).
 
     BLEU decodes the full source sentences exactly as ``tfm.translate`` does (``max_len``
     output tokens, ``batch_size`` sentences per decoding batch), so it equals scoring
@@ -221,6 +222,10 @@ def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_siz
         from tfm import zero_shot
 
         result.update(zero_shot.evaluate(run, split, batches))
+    elif run.task.name == "detect":
+        from tfm import detection
+
+        result.update(detection.evaluate(run, split, batches))
     elif run.task.name == "seq2seq":
         ds = run.dataset
         it = ds.iterator(split)

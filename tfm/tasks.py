@@ -307,6 +307,49 @@ class Contrastive(Task):
         return 3.0 * (fwd + 2 * b * b * mcfg.embed_dim)
 
 
+class Detection(Task):
+    """DETR's set prediction: ``inputs [B, H, W, C]``, ``boxes [B, M, 4]`` (cx, cy, w, h in [0, 1]),
+    ``labels [B, M]``, ``box_mask [B, M]`` (1 for a real box), ``weights [B]`` (0 for padding images).
+
+    The model returns ``(class_logits [B, Q, C + 1], boxes [B, Q, 4])``; the loss is
+    ``tfm.detection.set_loss`` after the Hungarian matching, per target box; ``correct`` counts
+    the target boxes whose matched query names their class.
+    """
+
+    name = "detect"
+    unit = "ex"
+    target_key = "labels"
+    token_level = False
+
+    def loss_sums(self, logits: Any, batch: Batch, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
+        from tfm.detection import set_loss
+
+        class_logits, boxes = logits
+        return set_loss(class_logits, boxes, batch["labels"], batch["boxes"], batch["box_mask"], batch.get("weights"))
+
+    def total_weight(self, batch: Batch) -> jax.Array:
+        mask = batch["box_mask"].astype(jnp.float32)
+        if "weights" in batch:
+            mask = mask * batch["weights"].astype(jnp.float32)[:, None]
+        return jnp.sum(mask)
+
+    def units(self, shapes: Mapping[str, tuple]) -> float:
+        return float(shapes["inputs"][0])
+
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
+        b, size, _, c = shapes["inputs"]
+        stem, side = 0.0, size
+        for width in mcfg.stem_channels:
+            side = -(-side // 2)
+            stem += 2 * 9 * c * int(width) * side * side
+            c = int(width)
+        s, q, d = side * side, mcfg.num_queries, mcfg.block.d_model
+        fwd = stem + 2 * c * d * s + 2 * _count(params, "encoder", mcfg) * s + 4 * mcfg.num_encoder_layers * s * s * d
+        fwd += 2 * _count(params, "decoder", mcfg) * q + 4 * mcfg.num_decoder_layers * (q + s) * q * d
+        fwd += 2 * q * d * (mcfg.num_classes + 1 + 2 * d + 4)
+        return 3.0 * b * fwd
+
+
 TASKS: dict[str, Task] = {
     "lm": LanguageModeling(),
     "lm_memory": SegmentLanguageModeling(),
@@ -316,6 +359,7 @@ TASKS: dict[str, Task] = {
     "mlm": MaskedLanguageModeling(),
     "text_classify": TextClassification(),
     "contrastive": Contrastive(),
+    "detect": Detection(),
 }
 
 
@@ -328,5 +372,5 @@ def get_task(name: str | Task) -> Task:
     return TASKS[name]
 
 
-__all__ = ["Contrastive", "ImageClassification", "LanguageModeling", "MaskedLanguageModeling", "Seq2Seq", "SegmentLanguageModeling",
+__all__ = ["Contrastive", "Detection", "ImageClassification", "LanguageModeling", "MaskedLanguageModeling", "Seq2Seq", "SegmentLanguageModeling",
            "SpeechRecognition", "TASKS", "Task", "TextClassification", "get_task"]  # fmt: skip

@@ -30,6 +30,8 @@ Batch keys by task (``[B, ...]`` arrays, B the global batch):
   ``weights [B,T]`` (as ``seq2seq``, unpacked).
 * ``contrastive``: ``inputs [B,H,W,C]`` images, ``tokens [B,T]`` their captions (EOT-terminated),
   ``labels [B]`` and ``weights [B]``.
+* ``detect``: ``inputs [B,H,W,C]`` images, ``boxes [B,M,4]`` (cx, cy, w, h in [0, 1]), ``labels [B,M]``,
+  ``box_mask [B,M]`` (1 for a real box) and ``weights [B]``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from tfm.data.base import DataError, Dataset, IndexedIterator, data_dir
 from tfm.data.bert_text import LanguageID, MaskedCharLM
 from tfm.data.captions import FashionMnistCaptions
 from tfm.data.images import FashionMnist
+from tfm.data.shapes import ShapesDetection
 from tfm.data.speech import SpeechDigits
 from tfm.data.synthetic import CopyTask, SyntheticLM
 from tfm.data.text import CharLM
@@ -55,6 +58,7 @@ DATASETS: dict[str, type] = {
     "shakespeare_mlm": MaskedCharLM,
     "shakespeare_char": CharLM,
     "speech_digits": SpeechDigits,
+    "shapes_detection": ShapesDetection,
     "synthetic_lm": SyntheticLM,
 }
 

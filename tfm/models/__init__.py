@@ -27,6 +27,7 @@ from tfm.models.bert import (
 )  # fmt: skip
 from tfm.models.clip import CLIP, CLIPConfig, clip_tiny, clip_vit_b32
 from tfm.models.common import count_params
+from tfm.models.detr import DETR, DETRConfig, detr_small, detr_tiny
 from tfm.models.gpt import GPT, GPTConfig, gpt2_small, gpt_moe_tiny, gpt_tiny, llama_tiny, mixtral_8x7b
 from tfm.models.t5 import T5, T5Config, t5_small, t5_tiny
 from tfm.models.transformer import (
@@ -127,6 +128,8 @@ PRESETS: dict[str, Preset] = {
         Preset("clip_tiny", clip_tiny, CLIP, _image_text, "contrastive"),
         Preset("whisper_tiny", whisper_tiny, Whisper, _speech, "speech"),
         Preset("whisper_micro", whisper_micro, Whisper, _speech, "speech"),
+        Preset("detr_small", detr_small, DETR, _images, "detect"),
+        Preset("detr_tiny", detr_tiny, DETR, _images, "detect"),
     ]
 }
 
@@ -147,4 +150,5 @@ __all__ = [
     "TransformerXL", "TransformerXLConfig", "compressive_transformer_tiny", "transformer_xl_tiny",
     "CLIP", "CLIPConfig", "clip_tiny", "clip_vit_b32",
     "vit_b16", "vit_tiny", "Whisper", "WhisperConfig", "whisper_micro", "whisper_tiny",
+    "DETR", "DETRConfig", "detr_small", "detr_tiny",
 ]  # fmt: skip

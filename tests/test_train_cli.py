@@ -70,6 +70,7 @@ RECIPES = [
     pytest.param("clip_fashion_mnist.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
     pytest.param("speech_digits.py:tiny", [], marks=pytest.mark.slow),
     pytest.param("detr_shapes.py:tiny", [], marks=pytest.mark.slow),
+    pytest.param("fusion_fashion_mnist.py:tiny", [f"--config.data.data_dir={DATA}"], marks=pytest.mark.slow),
 ]
 
 
@@ -77,7 +78,7 @@ RECIPES = [
 def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
     if extra and not os.path.isdir(DATA):
         pytest.skip(f"no shared data folder at {DATA}")
-    if recipe.startswith(("fashion", "multi30k", "clip")):
+    if recipe.startswith(("fashion", "multi30k", "clip", "fusion")):
         extra = [*extra, f"--config.data.tfds_dir={tmp_path / 'tfds'}"]  # prepared here, not in ~/tensorflow_datasets
     p = run(cli(recipe, tmp_path, *extra))
     rows = [r for r in metrics(tmp_path) if "train/loss" in r]
@@ -123,6 +124,10 @@ def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
         record = json.loads((tmp_path / "eval_test.json").read_text())["metrics"]
         assert record["examples"] == 16 and record["decoding"] == "greedy"
         assert 0.0 <= record["cer"] <= 1.5 and 0.0 <= record["sentence_accuracy"] <= 1.0
+    elif recipe.startswith("fusion"):  # image + caption -> match: chance is 0.5
+        run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "4"])
+        record = json.loads((tmp_path / "eval_test.json").read_text())["metrics"]
+        assert record["accuracy"] > 0.55 and "perplexity" not in record
     elif recipe.startswith("detr"):  # every query a detection, scored by AP@0.5 over the 16 test images
         run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "0"])
         record = json.loads((tmp_path / "eval_test.json").read_text())["metrics"]

@@ -307,6 +307,29 @@ class Contrastive(Task):
         return 3.0 * (fwd + 2 * b * b * mcfg.embed_dim)
 
 
+class MultimodalClassification(_Classification):
+    """One label per example from any subset of ``text``, ``images``, ``audio`` (``tfm.models.fusion``)."""
+
+    name = "multimodal"
+    KEYS = ("text", "images", "audio", "text_present", "images_present", "audio_present")
+
+    def model_args(self, batch: Batch) -> tuple[tuple, dict]:
+        return (), {k: batch[k] for k in self.KEYS if k in batch}
+
+    def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
+        b, d = shapes["labels"][0], mcfg.block.d_model
+        lengths = {"text": shapes.get("text", (0, 0))[1], "images": (mcfg.image_size // mcfg.patch_size) ** 2,
+                   "audio": shapes.get("audio", (0, 0))[1] // 2}  # fmt: skip
+        stacks = {"text": ("text_encoder", mcfg.text_layers), "images": ("image_encoder", mcfg.image_layers),
+                  "audio": ("audio_encoder", mcfg.audio_layers)}  # fmt: skip
+        fwd, fused = 0.0, 1  # the FUSE token
+        for key in (k for k in stacks if k in shapes):
+            (stack, layers), t = stacks[key], lengths[key]
+            fwd, fused = fwd + 2 * _count(params, stack, mcfg) * t + 4 * layers * t * t * d, fused + t
+        fwd += 2 * _count(params, "fusion", mcfg) * fused + 4 * mcfg.fusion_layers * fused * fused * d
+        return 3.0 * b * fwd
+
+
 class Detection(Task):
     """DETR's set prediction: ``inputs [B, H, W, C]``, ``boxes [B, M, 4]`` (cx, cy, w, h in [0, 1]),
     ``labels [B, M]``, ``box_mask [B, M]`` (1 for a real box), ``weights [B]`` (0 for padding images).
@@ -360,6 +383,7 @@ TASKS: dict[str, Task] = {
     "text_classify": TextClassification(),
     "contrastive": Contrastive(),
     "detect": Detection(),
+    "multimodal": MultimodalClassification(),
 }
 
 
@@ -372,5 +396,5 @@ def get_task(name: str | Task) -> Task:
     return TASKS[name]
 
 
-__all__ = ["Contrastive", "Detection", "ImageClassification", "LanguageModeling", "MaskedLanguageModeling", "Seq2Seq", "SegmentLanguageModeling",
+__all__ = ["Contrastive", "Detection", "ImageClassification", "LanguageModeling", "MaskedLanguageModeling", "MultimodalClassification", "Seq2Seq", "SegmentLanguageModeling",
            "SpeechRecognition", "TASKS", "Task", "TextClassification", "get_task"]  # fmt: skip

@@ -32,6 +32,8 @@ Batch keys by task (``[B, ...]`` arrays, B the global batch):
   ``labels [B]`` and ``weights [B]``.
 * ``detect``: ``inputs [B,H,W,C]`` images, ``boxes [B,M,4]`` (cx, cy, w, h in [0, 1]), ``labels [B,M]``,
   ``box_mask [B,M]`` (1 for a real box) and ``weights [B]``.
+* ``multimodal``: any of ``text [B,T]``, ``images [B,H,W,C]``, ``audio [B,F,M]`` (and ``*_present [B]``
+  flags for rows without one), ``labels [B]`` and ``weights [B]``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any
 
 from tfm.data.base import DataError, Dataset, IndexedIterator, data_dir
 from tfm.data.bert_text import LanguageID, MaskedCharLM
-from tfm.data.captions import FashionMnistCaptions
+from tfm.data.captions import FashionMnistCaptions, FashionMnistMatching
 from tfm.data.images import FashionMnist
 from tfm.data.shapes import ShapesDetection
 from tfm.data.speech import SpeechDigits
@@ -59,6 +61,7 @@ DATASETS: dict[str, type] = {
     "shakespeare_char": CharLM,
     "speech_digits": SpeechDigits,
     "shapes_detection": ShapesDetection,
+    "fashion_mnist_matching": FashionMnistMatching,
     "synthetic_lm": SyntheticLM,
 }
 

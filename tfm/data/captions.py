@@ -1,4 +1,5 @@
-"""Fashion-MNIST images paired with captions, for CLIP (task ``contrastive``).
+"""Fashion-MNIST images paired with captions: for CLIP (task ``contrastive``), and as caption
+matching for the fusion model (``FashionMnistMatching``, task ``multimodal``).
 
 Each image's caption is a template filled with its class name ("a photo of a sneaker"). Training
 draws the template per row from ``TRAIN_TEMPLATES`` with ``(seed, batch index)``, so a batch is
@@ -77,11 +78,44 @@ class FashionMnistCaptions(FashionMnist):
         """``[classes, templates, max_len]``: every class name in every zero-shot template."""
         return np.stack([self.captions([t.format(c) for t in ZERO_SHOT_TEMPLATES]) for c in CLASS_NAMES])
 
-    def read(self, split: str, index: int, b: int, rows: range) -> dict[str, np.ndarray]:
-        batch = super().read(split, index, b, rows)
+    def templates(self, split: str, index: int, b: int, rows: range) -> np.ndarray:
+        """The template of each row: drawn from ``(seed, index)`` in training, cycled in evaluation."""
         if split == "train" and b == self.batch_size:
             template = np.random.default_rng([self.seed, 13, index]).integers(len(TRAIN_TEMPLATES), size=b)[list(rows)]
         else:
             template = np.array([(index * b + r) % len(TRAIN_TEMPLATES) for r in rows])
+        return template
+
+    def read(self, split: str, index: int, b: int, rows: range) -> dict[str, np.ndarray]:
+        batch = super().read(split, index, b, rows)
+        template = self.templates(split, index, b, rows)
         texts = [TRAIN_TEMPLATES[t].format(CLASS_NAMES[c]) for t, c in zip(template, batch["labels"])]
         return {**batch, "tokens": self.captions(texts)}
+
+
+class FashionMnistMatching(FashionMnistCaptions):
+    """Does the caption describe the image? (``fashion_mnist_matching``, task ``multimodal``).
+
+    Half the rows keep their image's caption (label 1), the others get the caption of another
+    class in the same template (label 0): only the image and the text together decide. Training
+    draws which rows and which class from ``(seed, batch index)``; evaluation alternates rows and
+    cycles the classes. Batches: ``images [B, 28, 28, 1]``, ``text [B, max_len]``, ``labels [B]``
+    (1: match), ``classes [B]`` (the image's class) and ``weights [B]``.
+    """
+
+    task = "multimodal"
+    num_classes = 2
+
+    def read(self, split: str, index: int, b: int, rows: range) -> dict[str, np.ndarray]:
+        batch = FashionMnist.read(self, split, index, b, rows)
+        classes, template = batch["labels"], self.templates(split, index, b, rows)
+        if split == "train" and b == self.batch_size:
+            rng = np.random.default_rng([self.seed, 17, index])
+            match, shift = rng.random(b)[list(rows)] < 0.5, rng.integers(1, len(CLASS_NAMES), b)[list(rows)]
+        else:
+            j = np.array([index * b + r for r in rows])
+            match, shift = j % 2 == 0, 1 + (j // 2) % (len(CLASS_NAMES) - 1)
+        named = np.where(match, classes, (classes + shift) % len(CLASS_NAMES))
+        texts = [TRAIN_TEMPLATES[t].format(CLASS_NAMES[c]) for t, c in zip(template, named)]
+        return {"images": batch["inputs"], "text": self.captions(texts), "labels": match.astype(np.int32),
+                "classes": classes, "weights": batch["weights"]}  # fmt: skip

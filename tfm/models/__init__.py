@@ -28,6 +28,7 @@ from tfm.models.bert import (
 from tfm.models.clip import CLIP, CLIPConfig, clip_tiny, clip_vit_b32
 from tfm.models.common import count_params
 from tfm.models.detr import DETR, DETRConfig, detr_small, detr_tiny
+from tfm.models.fusion import Fusion, FusionConfig, fusion_tiny
 from tfm.models.gpt import GPT, GPTConfig, gpt2_small, gpt_moe_tiny, gpt_tiny, llama_tiny, mixtral_8x7b
 from tfm.models.t5 import T5, T5Config, t5_small, t5_tiny
 from tfm.models.transformer import (
@@ -98,6 +99,12 @@ def _image_text(cfg):
     return (*_images(cfg), jnp.ones((1, 8), jnp.int32))
 
 
+def _modalities(cfg):
+    text = jnp.ones((1, cfg.max_text_len), jnp.int32)
+    audio = jnp.zeros((1, cfg.max_audio_frames, cfg.num_mel_bins), jnp.float32)
+    return (text, *_images(cfg), audio)
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -130,6 +137,7 @@ PRESETS: dict[str, Preset] = {
         Preset("whisper_micro", whisper_micro, Whisper, _speech, "speech"),
         Preset("detr_small", detr_small, DETR, _images, "detect"),
         Preset("detr_tiny", detr_tiny, DETR, _images, "detect"),
+        Preset("fusion_tiny", fusion_tiny, Fusion, _modalities, "multimodal"),
     ]
 }
 
@@ -150,5 +158,5 @@ __all__ = [
     "TransformerXL", "TransformerXLConfig", "compressive_transformer_tiny", "transformer_xl_tiny",
     "CLIP", "CLIPConfig", "clip_tiny", "clip_vit_b32",
     "vit_b16", "vit_tiny", "Whisper", "WhisperConfig", "whisper_micro", "whisper_tiny",
-    "DETR", "DETRConfig", "detr_small", "detr_tiny",
+    "DETR", "DETRConfig", "detr_small", "detr_tiny", "Fusion", "FusionConfig", "fusion_tiny",
 ]  # fmt: skip

@@ -201,3 +201,28 @@ def test_the_shapes_dataset_is_deterministic_and_padded():
     assert -1.0 <= a["inputs"].min() and a["inputs"].max() <= 1.0
     with pytest.raises(DataError, match="data.min_objects=3, data.max_objects=2"):
         make_dataset({"name": "shapes_detection", "batch_size": 4, "min_objects": 3, "max_objects": 2})
+
+
+def test_the_set_loss_of_a_batch_sharded_on_8_devices_equals_the_single_device_loss():
+    """The matching runs on the host for the whole global batch; sharding the batch changes nothing."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    model, task = DETR(detr_tiny), tasks.get_task("detect")
+    ds = make_dataset({"name": "shapes_detection", "batch_size": 16, "image_size": 32, "max_objects": 2})
+    batch = {k: jnp.asarray(v) for k, v in ds.batch("train", 1).items()}
+    params = nn.unbox(model.init(jax.random.key(1), batch["inputs"])["params"])
+
+    def loss(params, batch):
+        sums = task.loss_sums(model.apply({"params": params}, batch["inputs"]), batch)
+        return sums["loss_sum"] / sums["weight_sum"]
+
+    single, single_grads = jax.jit(jax.value_and_grad(loss))(params, batch)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded_batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+    assert len(sharded_batch["inputs"].sharding.device_set) == 8
+    sharded, sharded_grads = jax.jit(jax.value_and_grad(loss))(params, sharded_batch)
+    assert float(sharded) == pytest.approx(float(single), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(sharded_grads), jax.tree.leaves(single_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -43,7 +43,7 @@ def test_there_are_notebooks():
 
 
 # The training notebooks (a minute or more each on 2 cores) run with the slow tests.
-SLOW_NOTEBOOKS = ("02_training_the_copy_task.ipynb", "03_translation_attention.ipynb")
+SLOW_NOTEBOOKS = ("02_training_the_copy_task.ipynb", "03_translation_attention.ipynb", "04_beyond_text.ipynb")
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,9 @@ from tfm.models import PRESETS
 from tfm.models.detr import DETR, detr_tiny, sine_positions_2d
 from tfm.step import init_fn, make_train_step
 
+# Tiny shapes: compile time dominates, so compile with few XLA optimizations.
+pytestmark = pytest.mark.usefixtures("cheap_xla_compiles")
+
 
 def _boxes(rng, n):
     """Random corner boxes in [0, 1] with positive sides."""

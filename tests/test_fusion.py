@@ -17,6 +17,9 @@ from tfm.models.fusion import Fusion, fusion_tiny
 
 DATA = os.environ.get("TFM_TEST_DATA", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))
 
+# Tiny shapes: compile time dominates, so compile with few XLA optimizations.
+pytestmark = pytest.mark.usefixtures("cheap_xla_compiles")
+
 
 @pytest.fixture(scope="module")
 def model_and_inputs():

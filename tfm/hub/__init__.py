@@ -18,10 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tfm.hub import bert, files, gpt2, llama, marian, t5, vit
+from tfm.hub import bert, clip, files, gpt2, llama, marian, t5, vit, whisper
 from tfm.hub.convert import Architecture, HubError, fit, unscan
 
-_FAMILIES = (gpt2, llama, bert, t5, vit, marian)
+_FAMILIES = (gpt2, llama, bert, t5, vit, marian, clip, whisper)
 ARCHITECTURES: dict[str, Architecture] = {name: m.ARCHITECTURE for m in _FAMILIES for name in m.ARCHITECTURE.names}
 
 

@@ -143,6 +143,50 @@ def heads_out(w_in_out: np.ndarray, num_heads: int) -> np.ndarray:
     return w_in_out.reshape(num_heads, nh // num_heads, d)
 
 
+# torch layers with one nn.Linear per projection (BART's naming, which Marian, CLIP and Whisper share):
+# ``self_attn.{q,k,v,out}_proj``, a LayerNorm per sub-layer and the FFN's two linears.
+PROJECTIONS = (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"), ("out_proj", "out"))
+
+
+def layer_to_tfm(get, h: str, o: str, n: int, names: tuple, key_bias: bool = True) -> Flat:
+    """One such layer under prefix ``h`` -> tfm's under ``o``. ``names``: (torch sub-layer, tfm sub-layer)
+    pairs, told apart by the tfm name: ``*attention`` (q/k/v/out projections; the key's bias only with
+    ``key_bias``), ``*norm`` (weight = scale) or a linear layer (weight = kernel^T)."""
+    out: Flat = {}
+    for hf_name, tfm_name in names:
+        if tfm_name.endswith("attention"):
+            for hp, tp in PROJECTIONS:
+                w = get(h + f"{hf_name}.{hp}.weight").T
+                out[o + f"{tfm_name}/{tp}/kernel"] = heads_out(w, n) if tp == "out" else heads_in(w, n)
+                if tp != "key" or key_bias:
+                    b = get(h + f"{hf_name}.{hp}.bias")
+                    out[o + f"{tfm_name}/{tp}/bias"] = b if tp == "out" else b.reshape(n, -1)
+        else:
+            norm = tfm_name.endswith("norm")
+            w = get(h + f"{hf_name}.weight")
+            out[o + tfm_name + ("/scale" if norm else "/kernel")] = w if norm else w.T
+            out[o + f"{tfm_name}/bias"] = get(h + f"{hf_name}.bias")
+    return out
+
+
+def layer_from_tfm(p: Flat, h: str, o: str, d: int, names: tuple, key_bias: bool = True) -> Flat:
+    """The inverse of ``layer_to_tfm``: tfm's layer under ``o`` -> torch tensors under ``h``."""
+    out: Flat = {}
+    for hf_name, tfm_name in names:
+        if tfm_name.endswith("attention"):
+            for hp, tp in PROJECTIONS:
+                w = p[o + f"{tfm_name}/{tp}/kernel"]
+                out[h + f"{hf_name}.{hp}.weight"] = (w.reshape(-1, d) if tp == "out" else w.reshape(d, -1)).T
+                if tp != "key" or key_bias:
+                    out[h + f"{hf_name}.{hp}.bias"] = p[o + f"{tfm_name}/{tp}/bias"].reshape(-1)
+        else:
+            norm = tfm_name.endswith("norm")
+            w = p[o + tfm_name + ("/scale" if norm else "/kernel")]
+            out[h + f"{hf_name}.weight"] = w if norm else w.T
+            out[h + f"{hf_name}.bias"] = p[o + f"{tfm_name}/bias"]
+    return out
+
+
 def take(tensors: Flat, name: str, source: str) -> np.ndarray:
     if name not in tensors:
         raise HubError(f"{source}: the checkpoint has no tensor {name!r}")
@@ -178,5 +222,5 @@ def refuse(hf: dict, source: str, **allowed: Any) -> None:
             raise HubError(f"{source}: {key}={value!r} is not implemented in tfm (supported: {values})")
 
 
-__all__ = ["Architecture", "Flat", "HubError", "fit", "flatten", "heads_in", "heads_out", "refuse", "relayout",
-           "take", "unflatten", "unscan"]  # fmt: skip
+__all__ = ["PROJECTIONS", "Architecture", "Flat", "HubError", "fit", "flatten", "heads_in", "heads_out",
+           "layer_from_tfm", "layer_to_tfm", "refuse", "relayout", "take", "unflatten", "unscan"]  # fmt: skip

@@ -90,7 +90,7 @@ def write(directory: str, config: dict[str, Any], tensors: dict[str, np.ndarray]
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.asarray(tensors[name], order="C")  # (ascontiguousarray would make a scalar [1])
         if shards[-1] and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0

@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before jax is imported anywhere, which is why it lives here.
 """
 
+import gc
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -26,3 +27,30 @@ def cheap_xla_compiles():
     jax.config.update("jax_disable_most_optimizations", True)
     yield
     jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _slow_entries():
+    """The entries of tests/slow_tests.txt: a file, a test or a parametrized case per line."""
+    lines = (line.split("#")[0].strip() for line in open(os.path.join(os.path.dirname(__file__), "slow_tests.txt")))
+    return [line for line in lines if line]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test listed in tests/slow_tests.txt, by file, test name or exact case."""
+    entries = _slow_entries()
+    for item in items:
+        nodeid = item.nodeid.removeprefix("tests/")
+        if any(nodeid == e or nodeid.startswith(e + "::") or nodeid.startswith(e + "[") for e in entries):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop jit caches and garbage after each test file.
+
+    A worker runs hundreds of files; without this, their compiled executables accumulate to
+    several GiB per worker over the suite.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -31,8 +31,8 @@ def cheap_xla_compiles():
 
 def _slow_entries():
     """The entries of tests/slow_tests.txt: a file, a test or a parametrized case per line."""
-    lines = (line.split("#")[0].strip() for line in open(os.path.join(os.path.dirname(__file__), "slow_tests.txt")))
-    return [line for line in lines if line]
+    with open(os.path.join(os.path.dirname(__file__), "slow_tests.txt")) as f:
+        return [entry for entry in (line.split("#")[0].strip() for line in f) if entry]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,11 +18,12 @@ from _helpers import maxerr, random_params, randn
 
 from tfm import config as config_lib
 from tfm.layers import tuning
+from tfm.layers import dot_product
 from tfm.layers.attention import MultiHeadAttention
 from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
 from tfm.layers.feedforward import ACTIVATIONS
 from tfm.layers.linear import _matmul_plan, einsum_matmul
-from tfm.layers.masks import causal_mask
+from tfm.layers.masks import and_masks, causal_mask, key_padding_mask, segment_mask
 from tfm.models.gpt import GPT, GPTConfig
 from tfm.optim import decay_mask
 from tfm.trainer import Trainer
@@ -107,6 +108,51 @@ def test_unrolled_layer_scan_equals_the_loop():
     assert_close(*results)
 
 
+@pytest.mark.parametrize("heads, kv_heads, rows", [(4, 4, 4), (4, 2, 3), (4, 1, 8)])
+def test_causal_blocked_attention_equals_the_full_computation(heads, kv_heads, rows):
+    """Causal & padding & packed-segment masks and a bias: values and gradients equal the unblocked path."""
+    rng = np.random.default_rng(3)
+    b, t, h = 2, 16, 8
+    q, k, v = randn(rng, b, t, heads, h), randn(rng, b, t, kv_heads, h), randn(rng, b, t, kv_heads, h)
+    bias = randn(rng, 1, heads, t, t)
+    seg = jnp.asarray(np.repeat([[1] * 10 + [2] * 6, [1] * 12 + [0] * 4], 1, axis=0))
+    mask = and_masks(causal_mask(t), segment_mask(seg), key_padding_mask(seg != 0))
+    attend = lambda q, k, v, bias: dot_product.dot_product_attention(q, k, v, mask=mask, bias=bias, causal=True)  # noqa: E731
+    with forced(CAUSAL_BLOCK_ROWS=rows):
+        assert tuning.causal_blocks(t) > 1
+        blocked = value_and_grads(attend, q, k, v, bias)
+    with forced(CAUSAL_BLOCK_ROWS=0):
+        assert tuning.causal_blocks(t) == 1
+        full = value_and_grads(attend, q, k, v, bias)
+    assert_close(blocked, full)
+
+
+def test_causal_blocks_serve_causal_self_attention_only(monkeypatch):
+    """A causal GPT block takes the blocked path and gives the unblocked result; cross-attention and decoding never do."""
+    calls = []
+    original = dot_product._causal_blocked_attention
+    monkeypatch.setattr(dot_product, "_causal_blocked_attention", lambda *a: calls.append(1) or original(*a))
+    cfg = GPTConfig(vocab_size=11, max_len=16, num_layers=2, block=BlockConfig(d_model=16, num_heads=4, d_ff=32))
+    model, tokens = GPT(cfg), jnp.asarray(np.random.default_rng(4).integers(0, 11, (2, 16)))
+    params = random_params(model, tokens)
+    run = lambda p: model.apply({"params": p}, tokens)  # noqa: E731
+    with forced(CAUSAL_BLOCK_ROWS=4):
+        blocked = value_and_grads(run, params)
+    assert calls, "the causal GPT did not take the blocked path"
+    calls.clear()
+    with forced(CAUSAL_BLOCK_ROWS=0):
+        full = value_and_grads(run, params)
+    assert not calls
+    assert_close(blocked, full)
+    # Not causal, or no mask to keep within the diagonal blocks: the unblocked path.
+    q = randn(np.random.default_rng(5), 1, 8, 2, 4)
+    with forced(CAUSAL_BLOCK_ROWS=2):
+        dot_product.dot_product_attention(q, q, q, mask=causal_mask(8))
+        dot_product.dot_product_attention(q, q, q, causal=True)
+        dot_product.dot_product_attention(q[:, :4], q, q, mask=causal_mask(4, 8), causal=True)  # S != T
+    assert not calls
+
+
 def test_the_backend_choices():
     with forced(UNROLL_LAYERS=8):
         assert tuning.scan_unroll(4) == 4 and tuning.scan_unroll(8) == 8 and tuning.scan_unroll(48) == 1
@@ -116,6 +162,12 @@ def test_the_backend_choices():
         assert not tuning.fold_to_matmul() and not tuning.fused_qkv()
     on_cpu = jax.default_backend() == "cpu"
     assert tuning.fold_to_matmul() == on_cpu and tuning.fused_qkv() == on_cpu
+    with forced(CAUSAL_BLOCK_ROWS=64):
+        # At least 64 rows a block, at most 8 blocks, and blocks that divide T.
+        assert [tuning.causal_blocks(t) for t in (64, 127, 128, 200, 256, 2048, 8192)] == [1, 1, 2, 2, 4, 8, 8]
+    with forced(CAUSAL_BLOCK_ROWS=0):
+        assert tuning.causal_blocks(2048) == 1
+    assert (tuning.causal_blocks(2048) > 1) == on_cpu
 
 
 def test_exact_gelu_matches_jax_nn_gelu():

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from tfm.layers import tuning
 from tfm.layers.masks import dense_mask
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,42 @@ def _xla_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_r
     return out, weights
 
 
+def _rows_keys(x: Array, rows: slice, keys: int) -> Array:
+    """``x`` broadcastable to ``[B, N, T, S]``, cut to query ``rows`` and the first ``keys`` keys (broadcast axes kept)."""
+    x = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+    return x[:, :, rows if x.shape[2] != 1 else slice(None), :keys if x.shape[3] != 1 else None]
+
+
+def _causal_blocked_attention(query, key, value, mask, bias, scale, blocks):
+    """The XLA path by query blocks, each against the keys up to its last row only.
+
+    With a causal mask every key after a block's last query is hidden, so the
+    blocks above the diagonal (almost half the scores at ``blocks=2``) are
+    never computed. Each block runs in the ``[B, N, T, H]`` layout, where the
+    CPU's batched matmuls need no transposed copies. Rows that see at least one
+    key get the same result as the full computation; a row that sees none (only
+    padding) averages the values of its block's keys instead of all keys.
+    """
+    b, t, n, h = query.shape
+    k = key.shape[2]
+    g = n // k
+    rows = t // blocks
+    q = query.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    kt, vt = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    outs = []
+    for i in range(blocks):
+        r, keys = slice(i * rows, (i + 1) * rows), (i + 1) * rows
+        scores = jnp.einsum("BKGTH,BKSH->BKGTS", q[:, :, :, r], kt[:, :, :keys], preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, n, rows, keys) * jnp.float32(scale)
+        if bias is not None:
+            scores = scores + _rows_keys(bias, r, keys).astype(jnp.float32)
+        if mask is not None:
+            scores = jnp.where(_rows_keys(mask, r, keys), scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype).reshape(b, k, g, rows, keys)
+        outs.append(jnp.einsum("BKGTS,BKSH->BKGTH", probs, vt[:, :, :keys]))
+    return jnp.concatenate(outs, axis=3).reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
 def dot_product_attention(
     query: Array,
     key: Array,
@@ -87,6 +124,7 @@ def dot_product_attention(
     return_weights: bool = False,
     implementation: str | None = None,
     scale: float | None = None,
+    causal: bool = False,
 ) -> Array | tuple[Array, Array]:
     """softmax(Q K^T / sqrt(H) + bias) V — "Attention Is All You Need" eq. (1), with GQA.
 
@@ -103,6 +141,10 @@ def dot_product_attention(
         cuDNN flash kernel. The fused paths fall back to ``"xla"`` (logged) when
         the request needs weights or dropout, or the backend refuses.
       scale: score scale, default ``1/sqrt(H)`` (T5 uses 1.0).
+      causal: the caller promises that ``mask`` hides every key after its
+        query (``s > t``; self-attention, S == T). The XLA path may then skip
+        the blocks above the diagonal (``tuning.causal_blocks``; CPU only).
+        The mask is still applied, so a mask richer than causal stays exact.
 
     Returns:
       ``[B, T, N, H]`` in ``query.dtype`` (and the weights if asked). Scores and
@@ -133,6 +175,9 @@ def dot_product_attention(
                 reason = f"{type(e).__name__}: {e}"
         log.info("dot_product_attention: %s path unavailable (%s); using the XLA path", implementation, reason)
 
+    blocks = tuning.causal_blocks(query.shape[1]) if causal and mask is not None and key.shape[1] == query.shape[1] else 1
+    if blocks > 1 and dropout_rate == 0.0 and not return_weights:
+        return _causal_blocked_attention(query, key, value, mask, bias, scale, blocks).astype(query.dtype)
     out, weights = _xla_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng)
     out = out.astype(query.dtype)
     return (out, weights) if return_weights else out

@@ -18,6 +18,11 @@ they agree. Measured on the CPU backend with ``benchmarks/vs_pytorch.py``:
   loop's stacked residuals (written with dynamic-update-slice, read back with
   dynamic-slice) cost a fifth of a small model's step. Deeper stacks stay
   rolled, so compile time stays flat in depth.
+* ``CAUSAL_BLOCK_ROWS``: causal self-attention over T positions runs by query
+  blocks of at least this many rows, each against the keys up to its last row
+  (``dot_product._causal_blocked_attention``): the blocks above the diagonal,
+  all masked, are never computed. At most 8 blocks, so compile time stays flat
+  in T. 0 turns it off (GPU and TPU: their fused kernels skip those blocks).
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import jax
 FOLD_TO_MATMUL: bool | None = None
 FUSED_QKV: bool | None = None
 UNROLL_LAYERS: int | None = None
+CAUSAL_BLOCK_ROWS: int | None = None
 
 _CPU_UNROLL_LAYERS = 8
+_CPU_CAUSAL_BLOCK_ROWS = 64
+_MAX_CAUSAL_BLOCKS = 8
 
 
 def _on_cpu() -> bool:
@@ -47,3 +55,14 @@ def scan_unroll(length: int) -> int:
     """The ``unroll`` of a layer scan of ``length`` steps: all of them for a shallow stack on CPU, else 1."""
     limit = (_CPU_UNROLL_LAYERS if _on_cpu() else 0) if UNROLL_LAYERS is None else UNROLL_LAYERS
     return length if length <= limit else 1
+
+
+def causal_blocks(length: int) -> int:
+    """How many query blocks causal self-attention over ``length`` positions runs in (1: not blocked)."""
+    rows = (_CPU_CAUSAL_BLOCK_ROWS if _on_cpu() else 0) if CAUSAL_BLOCK_ROWS is None else CAUSAL_BLOCK_ROWS
+    if rows <= 0:
+        return 1
+    blocks = min(length // rows, _MAX_CAUSAL_BLOCKS)
+    while blocks > 1 and length % blocks:
+        blocks -= 1
+    return max(blocks, 1)

@@ -185,8 +185,7 @@ class MultiHeadAttention(nn.Module):
             return_weights=self.sow_weights,
             implementation=self.implementation,
             scale=self.scale,
-            # A causal block's mask hides every later key (decoding masks a cache instead).
-            causal=self.causal and self_attention and not decoding and mask is not None,
+            causal=self.causal and self_attention and not decoding,  # decoding masks a cache instead
         )
         if self.sow_weights:
             result, weights = result

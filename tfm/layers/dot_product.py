@@ -76,40 +76,30 @@ def _xla_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_r
     return out, weights
 
 
-def _rows_keys(x: Array, rows: slice, keys: int) -> Array:
+def _rows_keys(x: Array | None, rows: slice, keys: int) -> Array | None:
     """``x`` broadcastable to ``[B, N, T, S]``, cut to query ``rows`` and the first ``keys`` keys (broadcast axes kept)."""
+    if x is None:
+        return None
     x = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
-    return x[:, :, rows if x.shape[2] != 1 else slice(None), :keys if x.shape[3] != 1 else None]
+    return x[:, :, rows if x.shape[2] > 1 else slice(None), slice(keys) if x.shape[3] > 1 else slice(None)]
 
 
 def _causal_blocked_attention(query, key, value, mask, bias, scale, blocks):
     """The XLA path by query blocks, each against the keys up to its last row only.
 
     With a causal mask every key after a block's last query is hidden, so the
-    blocks above the diagonal (almost half the scores at ``blocks=2``) are
-    never computed. Each block runs in the ``[B, N, T, H]`` layout, where the
-    CPU's batched matmuls need no transposed copies. Rows that see at least one
-    key get the same result as the full computation; a row that sees none (only
+    blocks above the diagonal are never computed. Rows that see at least one key
+    get the same result as the full computation; a row that sees none (only
     padding) averages the values of its block's keys instead of all keys.
     """
-    b, t, n, h = query.shape
-    k = key.shape[2]
-    g = n // k
-    rows = t // blocks
-    q = query.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    kt, vt = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    rows = query.shape[1] // blocks
     outs = []
     for i in range(blocks):
         r, keys = slice(i * rows, (i + 1) * rows), (i + 1) * rows
-        scores = jnp.einsum("BKGTH,BKSH->BKGTS", q[:, :, :, r], kt[:, :, :keys], preferred_element_type=jnp.float32)
-        scores = scores.reshape(b, n, rows, keys) * jnp.float32(scale)
-        if bias is not None:
-            scores = scores + _rows_keys(bias, r, keys).astype(jnp.float32)
-        if mask is not None:
-            scores = jnp.where(_rows_keys(mask, r, keys), scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype).reshape(b, k, g, rows, keys)
-        outs.append(jnp.einsum("BKGTS,BKSH->BKGTH", probs, vt[:, :, :keys]))
-    return jnp.concatenate(outs, axis=3).reshape(b, n, t, h).transpose(0, 2, 1, 3)
+        out, _ = _xla_attention(query[:, r], key[:, :keys], value[:, :keys], _rows_keys(mask, r, keys),
+                                _rows_keys(bias, r, keys), scale, 0.0, None)  # fmt: skip
+        outs.append(out)
+    return jnp.concatenate(outs, axis=1)
 
 
 def dot_product_attention(

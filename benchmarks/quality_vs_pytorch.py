@@ -1,7 +1,7 @@
 """Validation loss of tfm and of a plain PyTorch GPT trained the same way on tiny Shakespeare.
 
     python benchmarks/quality_vs_pytorch.py --data_dir D [--lrs 1e-3,2e-3] [--seeds 0] [--steps 2000] \
-        [--set model.scale_residual_init=true] [--out results/quality_vs_pytorch.json]
+        [--set model.scale_residual_init=true] [--same_init] [--out results/quality_vs_pytorch.json]
 
 Both sides train the ``shakespeare_char`` recipe's model (4 layers, 4 heads, d 128,
 block 64, batch 12) for ``--steps`` steps on the same batches with the same
@@ -70,7 +70,7 @@ def torch_validation_loss(model, batches, torch):
     return total / len(batches)
 
 
-def run(data_dir: str, lr: float, steps: int, torch, seed: int = 0, extra=()) -> dict:
+def run(data_dir: str, lr: float, steps: int, torch, seed: int = 0, extra=(), same_init: bool = False) -> dict:
     config = recipe(data_dir, lr, steps, seed, extra)
     trainer = Trainer(config, devices=jax.devices()[:1])
     it = trainer.dataset.iterator("train")
@@ -88,14 +88,15 @@ def run(data_dir: str, lr: float, steps: int, torch, seed: int = 0, extra=()) ->
 
     torch.manual_seed(seed)
     shape = SHAPES["shakespeare"]
-    model = torch_gpt(shape, trainer.init_state().params, torch)  # the architecture; weights drawn anew below
-    nanogpt_init(model, shape["num_layers"], torch, scale_residual=config.model.get("scale_residual_init", True))
+    model = torch_gpt(shape, trainer.init_state().params, torch)  # tfm's initial weights, copied
+    if not same_init:  # each side its own draw from the same distributions
+        nanogpt_init(model, shape["num_layers"], torch, scale_residual=config.model.get("scale_residual_init", True))
     opt, lr_at = torch_optimizer(model, config, trainer.schedule, torch)
     t0 = time.perf_counter()
     run_torch(model, opt, lr_at, batches, config.optim.clip_norm, torch)
     torch_s = time.perf_counter() - t0
     return {
-        "lr": lr, "seed": seed, "steps": steps, "eval_batches": EVAL_BATCHES,
+        "lr": lr, "seed": seed, "steps": steps, "eval_batches": EVAL_BATCHES, "same_init": same_init,
         "scale_residual_init": bool(config.model.get("scale_residual_init", True)),
         "tfm_validation_loss": tfm_val, "pytorch_validation_loss": torch_validation_loss(model, val, torch),
         "tfm_train_s": tfm_s, "pytorch_train_s": torch_s,
@@ -109,7 +110,11 @@ def main():
     p.add_argument("--seeds", default="0", help="comma-separated; each seed draws both sides' initial weights")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--set", action="append", default=[], help="a tfm config override, e.g. model.scale_residual_init=true")
-    p.add_argument("--out", default="results/quality_vs_pytorch.json")
+    p.add_argument("--same_init", action="store_true",
+                   help="PyTorch starts from a copy of tfm's initial weights: what is left between the two "
+                        "validation losses is the implementations' float32 rounding over the run, not the draw")
+    p.add_argument("--out", default="results/quality_vs_pytorch.json",
+                   help="JSON of the results; entries of other (lr, seed, init) runs already there are kept")
     args = p.parse_args()
     import torch
 
@@ -118,14 +123,20 @@ def main():
     results = []
     for lr in (float(v) for v in args.lrs.split(",")):
         for seed in (int(v) for v in args.seeds.split(",")):
-            r = run(args.data_dir, lr, args.steps, torch, seed, args.set)
+            r = run(args.data_dir, lr, args.steps, torch, seed, args.set, args.same_init)
             results.append(r)
             print(f"| {lr:g} | {seed} | {r['steps']} | {r['tfm_validation_loss']:.4f} | "
                   f"{r['pytorch_validation_loss']:.4f} | {r['tfm_train_s']:.0f} | {r['pytorch_train_s']:.0f} |",
                   flush=True)  # fmt: skip
     if args.out:
+        key = lambda r: (r["lr"], r["seed"], r["steps"], r["scale_residual_init"], r.get("same_init", False))  # noqa: E731
+        kept = []
+        if os.path.exists(args.out):
+            with open(args.out, encoding="utf-8") as f:
+                new = {key(r) for r in results}
+                kept = [r for r in json.load(f).get("results", []) if key(r) not in new]
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"results": results}, f, indent=2)
+            json.dump({"results": kept + results}, f, indent=2)
             f.write("\n")
 
 

@@ -1,6 +1,7 @@
 """Train-step speed of decoder-only models, and compile time against depth (scan vs unrolled).
 
-    python benchmarks/train_step.py speed   [--sizes tiny,small,1b] [--dtype float32|bfloat16]
+    python benchmarks/train_step.py speed   [--sizes tiny,small,1b] [--dtype float32|bfloat16] [--attention flash]
+                                            [--remat none|full|dots_saveable]
     python benchmarks/train_step.py compile [--depths 4,12,48]
     python benchmarks/train_step.py remat   [--policies none,full,dots_saveable] [--size remat]
 
@@ -38,12 +39,13 @@ SIZES = {
 }
 
 
-def decoder_config(d, heads, layers, d_ff, vocab, seq, batch, *, dtype="float32", scan=True, remat="none"):
+def decoder_config(d, heads, layers, d_ff, vocab, seq, batch, *, dtype="float32", scan=True, remat="none",
+                   attention="full"):  # fmt: skip
     c = config_lib.default_config()
     c.model.preset = "gpt_tiny"
     with c.model.ignore_type():
         c.model.update(dict(vocab_size=vocab, max_len=seq, d_model=d, num_heads=heads, num_layers=layers, d_ff=d_ff,
-                            dtype=dtype, scan_layers=scan, remat_policy=remat))  # fmt: skip
+                            dtype=dtype, scan_layers=scan, remat_policy=remat, attention=attention))  # fmt: skip
     c.data.name = "synthetic_lm"
     with c.data.ignore_type():
         c.data.update(dict(vocab_size=vocab, seq_len=seq))
@@ -74,10 +76,10 @@ def compiled_step_time(trainer, steps):
     return step, state, compile_s, statistics.median(times)
 
 
-def bench_speed(name, dims, *, dtype, steps, peak, batch=None, seq=None):
+def bench_speed(name, dims, *, dtype, steps, peak, batch=None, seq=None, attention="full", remat="none"):
     d, h, L, f, v, s, b = dims
     s, b = seq or s, batch or b
-    trainer = Trainer(decoder_config(d, h, L, f, v, s, b, dtype=dtype))
+    trainer = Trainer(decoder_config(d, h, L, f, v, s, b, dtype=dtype, attention=attention, remat=remat))
     n_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
     _, state, compile_s, t = compiled_step_time(trainer, steps)
     flops = trainer.task.flops_per_step(trainer.model_config, state.params, {"inputs": (b, s)})
@@ -118,6 +120,8 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="override the per-size batch")
     p.add_argument("--seq", type=int, default=None, help="override the per-size sequence length")
     p.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU")
+    p.add_argument("--attention", default="full", help="speed: the attention kind (flash: cuDNN's kernel on a GPU)")
+    p.add_argument("--remat", default="none", help="speed: the rematerialisation policy")
     args = p.parse_args()
     dev = jax.devices()[0]
     print(
@@ -128,7 +132,8 @@ def main():
         print("|---|---|---|---|---|---|---|---|---|")
         for name in args.sizes.split(","):
             print(bench_speed(name, SIZES[name], dtype=args.dtype, steps=args.steps, peak=args.peak_flops,
-                              batch=args.batch, seq=args.seq), flush=True)  # fmt: skip
+                              batch=args.batch, seq=args.seq, attention=args.attention, remat=args.remat),
+                  flush=True)  # fmt: skip
     elif args.what == "remat":
         d, h, L, f, v, seq, b = SIZES[args.size]
         print(f"decoder d {d}, {L} layers, d_ff {f}, vocab {v}, batch {b} x {seq}, float32, AdamW\n")

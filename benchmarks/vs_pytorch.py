@@ -279,7 +279,9 @@ def main():
 
     if args.plain:
         tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV, tuning.UNROLL_LAYERS = False, False, 0
+        tuning.CAUSAL_BLOCK_ROWS, tuning.CONDITIONAL_GUARD = 0, False
         host_memory.RESERVE = False
+    host_memory.dispatch_inline()  # as python -m tfm.train does
     dev = jax.devices()[0]
     machine = f"{dev.platform}: {dev.device_kind}; {os.cpu_count()} cores; torch {torch.__version__} " \
               f"({torch.get_num_threads()} threads), jax {jax.__version__}"  # fmt: skip

@@ -111,3 +111,21 @@ def test_cross_entropy_z_loss_and_errors():
         cross_entropy(logits, jnp.array([[0]]))
     with pytest.raises(ValueError):
         cross_entropy(logits, targets, label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("smoothing,z", [(0.0, 0.0), (0.1, 0.0), (0.1, 1e-3)])
+def test_cross_entropy_and_its_gradient_equal_the_one_hot_form(smoothing, z):
+    """The loss never builds one-hot labels; value and gradient are those of the materialised form."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.standard_normal((3, 7, 50)).astype(np.float32) * 4)
+    targets = jnp.asarray(rng.integers(0, 50, (3, 7)))
+    weights = jnp.asarray((rng.random((3, 7)) > 0.2).astype(np.float32))
+
+    def one_hot_form(z_):
+        labels = optax.smooth_labels(jax.nn.one_hot(targets, 50), smoothing)
+        loss = optax.softmax_cross_entropy(z_, labels) + z * jnp.square(jax.nn.logsumexp(z_, axis=-1))
+        return jnp.sum(loss * weights)
+
+    ours = lambda z_: cross_entropy(z_, targets, weights, label_smoothing=smoothing, z_loss=z)[0]  # noqa: E731
+    np.testing.assert_allclose(float(ours(logits)), float(one_hot_form(logits)), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(one_hot_form)(logits), rtol=1e-5, atol=1e-7)

@@ -20,14 +20,20 @@ glibc's defaults back. It applies on the CPU backend with glibc (elsewhere
 device memory holds the step and it does nothing); ``RESERVE`` forces it on or
 off.
 
-A limit: glibc serves a thread that has its own arena (XLA's worker threads
-do) from that arena's heaps, which hold at most 64 MiB; a larger block there is
-still mapped on its own each step. For the d 512 × 8-layer model above (a
-1.3 GiB buffer) that leaves 340,000 faults per step. Making every thread share
-the main arena (``M_ARENA_MAX = 1``, set before XLA starts) removed them, but
-did not make that 5-second step measurably faster and slowed the shakespeare
-step from about 60 to 75 ms, so tfm does not do it. ``TFM_HOST_HEAP=0`` in the environment switches
-all of this off.
+A thread with an arena of its own is served from that arena's heaps, which
+hold at most 64 MiB each; glibc maps a larger block on its own whatever
+``M_MMAP_MAX`` says. With JAX's asynchronous CPU dispatch the step runs (and
+allocates) on a worker thread, so for the d 512 × 8-layer model above (a
+1.3 GiB buffer) 327,000 faults per step remained. ``dispatch_inline()``, called
+before the CPU backend starts (``python -m tfm.train`` and the benchmarks do),
+runs CPU computations on the calling thread instead
+(``jax_cpu_enable_async_dispatch = False``): the buffer then comes from the
+main heap, which keeps it, and the faults fall to ~200 per step (1.81–1.91 s →
+1.59–1.65 s a step on a 2-core machine; the shakespeare step is unchanged,
+31–32 ms either way). Making every thread share the main arena
+(``M_ARENA_MAX = 1``) also removes the faults but slows small steps (25 → 30 ms
+for the shakespeare GPT). ``TFM_HOST_HEAP=0`` in the environment switches all
+of this off.
 """
 
 from __future__ import annotations
@@ -58,6 +64,18 @@ def _libc():
         return libc if hasattr(libc, "mallopt") else None
     except OSError:
         return None
+
+
+def dispatch_inline() -> bool:
+    """Run JAX's CPU computations on the calling thread; True if set. Call it before the CPU backend starts.
+
+    Only the CPU backend's dispatch changes (accelerators keep theirs), and only
+    where glibc's heap is managed here; once the backend has started it has no effect.
+    """
+    if RESERVE is False or _libc() is None:
+        return False
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
 
 
 def reserve(nbytes: int) -> int:

@@ -137,9 +137,15 @@ def cross_entropy(
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree on the leading axes")
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
-    labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab, dtype=jnp.float32), label_smoothing)
-    loss = optax.softmax_cross_entropy(logits, labels)
+    # -sum_v label_v log_softmax(z)_v with sum_v label_v = 1, written so that neither the one-hot
+    # labels nor the log-probabilities are materialised as [..., V] arrays (the compare against the
+    # iota fuses into the reduction, forward and backward): logsumexp(z) - (1 - eps) z_target - eps mean(z).
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.sum(jnp.where(jnp.arange(vocab) == targets[..., None], logits, 0.0), axis=-1)
+    loss = lse - (1.0 - label_smoothing) * target_logit
+    if label_smoothing:
+        loss = loss - (label_smoothing / vocab) * jnp.sum(logits, axis=-1)
     if z_loss:
-        loss = loss + z_loss * jnp.square(jax.nn.logsumexp(logits, axis=-1))
+        loss = loss + z_loss * jnp.square(lse)
     weights = jnp.ones_like(loss) if weights is None else weights.astype(jnp.float32)
     return jnp.sum(loss * weights), jnp.sum(weights)

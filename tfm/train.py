@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
+        from tfm import host_memory
+
+        host_memory.dispatch_inline()  # before any backend starts: the CPU step's buffer stays on the main heap
         maybe_initialize_distributed(config)
         from tfm import diagnosis
         from tfm.checkpoint import CheckpointError

@@ -72,3 +72,45 @@ def test_the_trainer_reserves_its_compiled_step(glibc_defaults):
     temp = step.memory_analysis().temp_size_in_bytes
     expected = jax.default_backend() == "cpu"
     assert (host_memory._reserved >= temp) == expected
+
+
+_BIG_STEP = """
+import resource, sys
+import jax, jax.numpy as jnp
+from tfm import host_memory
+if sys.argv[1] == "inline":
+    assert host_memory.dispatch_inline()
+def f(x):
+    ys = [jnp.sin(x * i) for i in range(1, 9)]  # eight 16 MiB temporaries alive at once: 128 MiB
+    return sum(jnp.sum(y @ ys[0]) for y in ys)
+x = jnp.ones((2048, 2048), jnp.float32)
+compiled = jax.jit(f).lower(x).compile()
+host_memory.reserve_for(compiled)
+for _ in range(2):
+    jax.block_until_ready(compiled(x))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+jax.block_until_ready(compiled(x))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_inline_dispatch_keeps_a_buffer_over_64_mib_mapped(glibc_defaults):
+    """Above a thread arena's 64 MiB the buffer is mapped afresh every call unless the call runs on the main thread."""
+    import subprocess
+    import sys
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU dispatch only")
+
+    def faults(mode):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+        out = subprocess.run([sys.executable, "-c", _BIG_STEP, mode], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+
+    pages = 128 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    asynchronous = faults("async")
+    if asynchronous < pages // 2:
+        pytest.skip(f"this machine maps the buffer with {asynchronous} faults (huge pages): nothing to save")
+    assert faults("inline") < pages // 20

@@ -279,7 +279,7 @@ def main():
 
     if args.plain:
         tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV, tuning.UNROLL_LAYERS = False, False, 0
-        tuning.CAUSAL_BLOCK_ROWS, tuning.CONDITIONAL_GUARD = 0, False
+        tuning.CAUSAL_BLOCK_ROWS = 0
         host_memory.RESERVE = False
     host_memory.dispatch_inline()  # as python -m tfm.train does
     dev = jax.devices()[0]

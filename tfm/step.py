@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import optax
 
 from tfm import distill as distill_lib
-from tfm.layers import tuning
 from tfm.tasks import Task
 
 StepFn = Callable[[Any, dict], tuple[Any, dict]]
@@ -93,17 +92,6 @@ def _split_micro(batch: dict, n: int) -> dict:
         return jnp.swapaxes(x.reshape((b, n) + x.shape[1:]), 0, 1)
 
     return jax.tree.map(split, batch)
-
-
-def select_state(ok: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` if ``ok`` else ``old`` (two pytrees of the same structure).
-
-    ``tuning.conditional_guard()`` picks a ``lax.cond``, which reads only the chosen
-    state, or a ``jnp.where`` on every leaf, which reads both and writes a third.
-    """
-    if tuning.conditional_guard():
-        return jax.lax.cond(ok, lambda n, o: n, lambda n, o: o, new, old)
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def forward(
@@ -194,7 +182,7 @@ def make_train_step(
         ok = loss_ok & grads_ok & params_ok
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, carry=carry)
         # A non-finite step changes nothing, so no NaN can reach a checkpoint.
-        new = select_state(ok, new, state)
+        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
         metrics = {
             "loss": loss,
             "accuracy": sums["correct"] / sums["weight_sum"],

@@ -23,9 +23,6 @@ they agree. Measured on the CPU backend with ``benchmarks/vs_pytorch.py``:
   (``dot_product._causal_blocked_attention``): the blocks above the diagonal,
   all masked, are never computed. At most 8 blocks, so compile time stays flat
   in T. 0 turns it off (GPU and TPU: their fused kernels skip those blocks).
-* ``CONDITIONAL_GUARD``: the train step keeps its old state after a non-finite
-  step through ``lax.cond`` rather than a ``jnp.where`` over every leaf of the
-  state (``step.select_state``).
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ FOLD_TO_MATMUL: bool | None = None
 FUSED_QKV: bool | None = None
 UNROLL_LAYERS: int | None = None
 CAUSAL_BLOCK_ROWS: int | None = None
-CONDITIONAL_GUARD: bool | None = None
 
 _CPU_UNROLL_LAYERS = 8
 _CPU_CAUSAL_BLOCK_ROWS = 64
@@ -70,7 +66,3 @@ def causal_blocks(length: int) -> int:
     while blocks > 1 and length % blocks:
         blocks -= 1
     return max(blocks, 1)
-
-
-def conditional_guard() -> bool:
-    return _on_cpu() if CONDITIONAL_GUARD is None else CONDITIONAL_GUARD

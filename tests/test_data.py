@@ -291,11 +291,41 @@ def test_length_buckets_pad_each_batch_to_the_smallest_width_that_fits(varied_mu
         make_dataset(_multi30k_opts(varied_multi30k, bucket=True, pack=True))
 
 
+def test_fashion_mnist_batches_follow_the_shuffled_stream_and_decode_each_record_once(tiny_fashion_mnist):
+    """Cached records give the batches of ``source.shuffle(seed).repeat()``, over epochs; none is decoded twice."""
+    fm = make_dataset({"name": "fashion_mnist", "batch_size": 8, "data_dir": str(tiny_fashion_mnist / "src"),
+                       "tfds_dir": str(tiny_fashion_mnist / "tfds"), "flip": False, "seed": 3})  # fmt: skip
+    reads = []
+
+    class Counting:  # the training split's source, counting what it decodes
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return self.source[i]
+
+    fm._cache["train"].source = Counting(fm._cache["train"].source)
+    stream = fm.sources["train"].shuffle(seed=3).repeat()  # 20 records: 2.5 batches an epoch
+    for i in range(6):  # 48 examples, across three epochs
+        expected = np.stack([stream[i * 8 + r]["image"] for r in range(8)]).astype(np.float32) / 255.0
+        got = fm.batch("train", i)
+        np.testing.assert_allclose(got["inputs"] * 0.3530 + 0.2860, expected, atol=1e-6)
+        np.testing.assert_array_equal(got["labels"], [stream[i * 8 + r]["label"] for r in range(8)])
+    assert sorted(reads) == list(range(20))
+    test = fm.batch("test", 3)  # 30 test images: the last batch wraps around with zero weights
+    np.testing.assert_array_equal(test["weights"], [1] * 6 + [0] * 2)
+    np.testing.assert_array_equal(test["labels"], [fm.sources["test"][j % 30]["label"] for j in range(24, 32)])
+
+
 def test_each_process_reads_only_its_rows_and_they_make_the_global_batch(tiny_fashion_mnist, varied_multi30k):
     fm = make_dataset({"name": "fashion_mnist", "batch_size": 8, "data_dir": str(tiny_fashion_mnist / "src"),
                        "tfds_dir": str(tiny_fashion_mnist / "tfds"), "flip": True, "crop_padding": 2})  # fmt: skip
     # A random crop is the original image shifted by at most 2 pixels (zeros shifted in), possibly flipped.
-    raw = fm._train_stream[0]["image"].astype(np.float32)
+    raw = fm.sources["train"].shuffle(seed=0).repeat()[0]["image"].astype(np.float32)
     got = fm.batch("train", 0)["inputs"][0] * 0.3530 + 0.2860
     padded = np.pad(raw, ((2, 2), (2, 2), (0, 0)))
     shifts = [padded[y : y + 28, x : x + 28] / 255.0 for y in range(5) for x in range(5)]

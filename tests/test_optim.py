@@ -8,7 +8,15 @@ import optax
 import pytest
 
 from tfm.models import GPT, gpt_tiny
-from tfm.optim import PAPER_ADAM, cross_entropy, decay_mask, make_optimizer, noam_schedule, warmup_schedule
+from tfm.optim import (
+    PAPER_ADAM,
+    cross_entropy,
+    decay_mask,
+    make_optimizer,
+    noam_schedule,
+    token_cross_entropy,
+    warmup_schedule,
+)
 
 
 def test_noam_schedule_matches_paper_formula():
@@ -129,3 +137,21 @@ def test_cross_entropy_and_its_gradient_equal_the_one_hot_form(smoothing, z):
     ours = lambda z_: cross_entropy(z_, targets, weights, label_smoothing=smoothing, z_loss=z)[0]  # noqa: E731
     np.testing.assert_allclose(float(ours(logits)), float(one_hot_form(logits)), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(one_hot_form)(logits), rtol=1e-5, atol=1e-7)
+
+
+def test_token_hits_are_argmax_hits_without_an_argmax():
+    """``hit`` (target logit == the softmax's max) equals argmax == target; -inf logits keep the loss finite."""
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((4, 9, 30)).astype(np.float32)
+    targets = rng.integers(0, 30, (4, 9))
+    targets[0, :5] = np.argmax(logits[0, :5], -1)  # some certain hits
+    logits[1, :, 7] = -np.inf  # a masked vocabulary entry
+    targets[1] = np.where(targets[1] == 7, 8, targets[1])
+    loss, hit = token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), label_smoothing=0.0)
+    np.testing.assert_array_equal(np.asarray(hit), np.argmax(logits, -1) == targets)
+    assert np.asarray(hit).sum() >= 5
+    assert np.all(np.isfinite(np.asarray(loss)))
+    expected = -np.take_along_axis(np.asarray(jax.nn.log_softmax(jnp.asarray(logits))), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-6, atol=1e-6)
+    tie = jnp.asarray([[1.0, 3.0, 3.0]])
+    assert bool(token_cross_entropy(tie, jnp.asarray([2]))[1][0])  # a tie for the maximum counts as a hit

@@ -120,6 +120,37 @@ def make_optimizer(
     return opt
 
 
+def token_cross_entropy(
+    logits: Array, targets: Array, *, label_smoothing: float = 0.0, z_loss: float = 0.0
+) -> tuple[Array, Array]:
+    """Per-token cross-entropy and hits: ``logits [..., V]``, ``targets [...]`` -> ``(loss [...], hit [...])``.
+
+    ``hit`` is True where the target's logit is the largest (argmax accuracy; a tie for the
+    maximum counts as a hit). It reuses the softmax's max instead of a separate argmax, a
+    variadic reduction that costs as much as the loss itself on a CPU at V = 4,000. The loss
+    is defined as in ``cross_entropy``; computed in float32.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree on the leading axes")
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    # -sum_v label_v log_softmax(z)_v with sum_v label_v = 1, written so that neither the one-hot
+    # labels nor the log-probabilities are materialised as [..., V] arrays (the compare against the
+    # iota fuses into the reduction, forward and backward): logsumexp(z) - (1 - eps) z_target - eps mean(z).
+    zmax = jnp.max(logits, axis=-1)
+    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(zmax), zmax, 0.0))  # as jax.nn.logsumexp
+    lse = shift + jnp.log(jnp.sum(jnp.exp(logits - shift[..., None]), axis=-1))
+    target_logit = jnp.sum(jnp.where(jnp.arange(vocab) == targets[..., None], logits, 0.0), axis=-1)
+    loss = lse - (1.0 - label_smoothing) * target_logit
+    if label_smoothing:
+        loss = loss - (label_smoothing / vocab) * jnp.sum(logits, axis=-1)
+    if z_loss:
+        loss = loss + z_loss * jnp.square(lse)
+    return loss, target_logit >= zmax
+
+
 def cross_entropy(
     logits: Array, targets: Array, weights: Array | None = None, *, label_smoothing: float = 0.0, z_loss: float = 0.0
 ) -> tuple[Array, Array]:
@@ -131,21 +162,6 @@ def cross_entropy(
     per token (PaLM), keeping the softmax normaliser near 1. Computed in float32.
     Divide the two sums for the mean, after summing them over micro-batches or devices.
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree on the leading axes")
-    logits = logits.astype(jnp.float32)
-    vocab = logits.shape[-1]
-    # -sum_v label_v log_softmax(z)_v with sum_v label_v = 1, written so that neither the one-hot
-    # labels nor the log-probabilities are materialised as [..., V] arrays (the compare against the
-    # iota fuses into the reduction, forward and backward): logsumexp(z) - (1 - eps) z_target - eps mean(z).
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.sum(jnp.where(jnp.arange(vocab) == targets[..., None], logits, 0.0), axis=-1)
-    loss = lse - (1.0 - label_smoothing) * target_logit
-    if label_smoothing:
-        loss = loss - (label_smoothing / vocab) * jnp.sum(logits, axis=-1)
-    if z_loss:
-        loss = loss + z_loss * jnp.square(lse)
+    loss, _ = token_cross_entropy(logits, targets, label_smoothing=label_smoothing, z_loss=z_loss)
     weights = jnp.ones_like(loss) if weights is None else weights.astype(jnp.float32)
     return jnp.sum(loss * weights), jnp.sum(weights)

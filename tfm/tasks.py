@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tfm.optim import cross_entropy
+from tfm.optim import cross_entropy, token_cross_entropy
 
 if TYPE_CHECKING:
     from tfm.models.common import ModelConfig
@@ -80,12 +80,12 @@ class Task:
         return None
 
     def loss_sums(self, logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict:
-        """``loss_sum``, ``weight_sum`` (targets that count) and ``correct`` (argmax hits), summed over the batch."""
+        """``loss_sum``, ``weight_sum`` (targets that count) and ``correct`` (argmax hits; ties count), summed over the batch."""
         targets = batch[self.target_key]
         weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
-        loss_sum, weight_sum = cross_entropy(logits, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss)
-        correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights.astype(jnp.float32))
-        return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct": correct}
+        loss, hit = token_cross_entropy(logits, targets, label_smoothing=label_smoothing, z_loss=z_loss)
+        weights = weights.astype(jnp.float32)
+        return {"loss_sum": jnp.sum(loss * weights), "weight_sum": jnp.sum(weights), "correct": jnp.sum(hit * weights)}
 
     def total_weight(self, batch: Batch) -> jax.Array:
         """The batch's ``weight_sum`` before any forward pass: micro-batch losses are normalised by it."""

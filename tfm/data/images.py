@@ -8,7 +8,9 @@ the official 10,000. Training batches come from
 B: random access, so training batch ``i`` is a pure function of ``(seed, i)``
 and the checkpointed iterator position is just ``i``; every epoch is
 reshuffled. A process of a multi-process run reads only the records of its
-rows of each batch (``local_batch``).
+rows of each batch (``local_batch``). Decoded records stay in memory after their first read
+(``RecordCache``, 47 MB for the training split): decoding costs ~0.2 ms a record, a quarter of
+a training step of the recipe, and every later epoch reads memory instead.
 Evaluation splits are read once in order; the last batch is padded with
 zero-weight rows so every example counts exactly once.
 
@@ -28,6 +30,25 @@ from tfm.data.builders import IDX_FILES, FashionMnistIdx, prepare
 # Per-pixel statistics of the Fashion-MNIST training images (over [0, 1] values).
 MEAN, STD = 0.2860, 0.3530
 VALIDATION_SIZE = 5000
+
+
+class RecordCache:
+    """The decoded ``image`` and ``label`` of a grain source's records, kept after their first read."""
+
+    def __init__(self, source: grain.MapDataset):
+        self.source = source
+        self.images: np.ndarray | None = None  # [N, H, W, C] uint8, allocated on the first read
+        self.labels = np.zeros(len(source), np.int64)
+        self.have = np.zeros(len(source), bool)
+
+    def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``ids [n]`` (indices into the source) -> ``(images [n, H, W, C], labels [n])``."""
+        for i in np.unique(ids[~self.have[ids]]):
+            record = self.source[int(i)]
+            if self.images is None:
+                self.images = np.zeros((len(self.source), *np.shape(record["image"])), np.asarray(record["image"]).dtype)
+            self.images[i], self.labels[i], self.have[i] = record["image"], record["label"], True
+        return self.images[ids], self.labels[ids]
 
 
 class FashionMnist(RowReadingDataset):
@@ -65,8 +86,10 @@ class FashionMnist(RowReadingDataset):
         if crop_padding < 0:
             raise DataError(f"data.crop_padding={crop_padding}: must be >= 0")
         self.batch_size, self.flip, self.crop_padding, self.seed = batch_size, flip, crop_padding, seed
-        # Training example j of the endless stream; batch i is examples i*B .. i*B+B-1.
-        self._train_stream = self.sources["train"].shuffle(seed=seed).repeat()
+        # Training example j of the endless stream is record _train_order[j] of the training split
+        # (the order of sources["train"].shuffle(seed).repeat()); batch i is examples i*B .. i*B+B-1.
+        self._train_order = grain.MapDataset.range(len(self.sources["train"])).shuffle(seed=seed).repeat()
+        self._cache = {split: RecordCache(src) for split, src in self.sources.items()}
 
     def num_batches(self, split: str, batch_size: int | None = None) -> int:
         b = batch_size or self.batch_size
@@ -78,9 +101,7 @@ class FashionMnist(RowReadingDataset):
 
     def read(self, split: str, index: int, b: int, rows: range) -> dict[str, np.ndarray]:
         if split == "train" and b == self.batch_size:
-            records = [self._train_stream[index * b + r] for r in rows]
-            images = np.stack([r["image"] for r in records])
-            labels = np.array([r["label"] for r in records])
+            images, labels = self._cache[split].get(np.array([self._train_order[index * b + r] for r in rows]))
             # Augmentation drawn for the whole batch from (seed, index): reproducible, and the
             # same for a row whichever process reads it.
             rng = np.random.default_rng([self.seed, 7, index])
@@ -98,8 +119,6 @@ class FashionMnist(RowReadingDataset):
         src = self.sources[split]
         # One pass in order; wraps around past the end with zero weights.
         idx = [index * b + j for j in rows]
-        records = [src[i % len(src)] for i in idx]
         weights = np.array([i < len(src) for i in idx], np.float32)
-        images = np.stack([r["image"] for r in records])
-        labels = np.array([r["label"] for r in records])
+        images, labels = self._cache[split].get(np.array(idx) % len(src))
         return self._prepare(images, labels, weights)

@@ -114,3 +114,56 @@ def test_inline_dispatch_keeps_a_buffer_over_64_mib_mapped(glibc_defaults):
     if asynchronous < pages // 2:
         pytest.skip(f"this machine maps the buffer with {asynchronous} faults (huge pages): nothing to save")
     assert faults("inline") < pages // 20
+
+
+_LOOP_READINESS = """
+import json, os, sys, tempfile
+import jax
+import numpy as np
+from tfm import config as config_lib, host_memory, placement
+import tfm.loop as loop_lib
+assert host_memory.dispatch_inline()
+from tfm.trainer import Trainer
+
+ready = []
+step_fn = loop_lib.Loop._step_fn
+def recording(self, state, batch, step):
+    fn, cost = step_fn(self, state, batch, step)
+    def call(state, batch):
+        out = fn(state, batch)
+        ready.append(all(x.is_ready() for x in jax.tree.leaves(out)))  # ran on this thread, before returning
+        return out
+    return call, cost
+loop_lib.Loop._step_fn = recording
+
+# Each placed batch arrives late: it waits for a 64 MiB copy that the CPU client makes on another thread (the
+# source is 4 bytes past a 64-byte boundary, so it cannot be aliased), as a large unaligned batch of its own does.
+slow = np.empty(64 * 2**20 + 128, np.uint8)[4:4 + 64 * 2**20]
+after = jax.jit(lambda batch, _: jax.tree.map(lambda v: v + 0, batch), keep_unused=True)
+place = placement.BatchPlacer.__call__
+placement.BatchPlacer.__call__ = lambda self, batch, local=False: after(place(self, batch, local), jax.device_put(slow))
+c = config_lib.load_config(os.path.join(sys.argv[1], "configs", "shakespeare_char.py:tiny"))
+c = config_lib.apply_overrides(c, ["mesh.data=1", "train.progress=none", "train.tensorboard=false", "model.max_len=32",
+                                   "model.d_model=16", "model.num_heads=2", "model.num_layers=1", "model.d_ff=32",
+                                   "train.steps=8", "train.eval_every=0", "train.checkpoint_every=100"])
+c.data = config_lib.ml_collections.ConfigDict(dict(name="synthetic_lm", batch_size=8, vocab_size=65, seq_len=32))
+Trainer(c, tempfile.mkdtemp(), devices=jax.devices()[:1]).train()
+print(json.dumps(ready))
+"""
+
+
+def test_the_loop_keeps_cpu_steps_on_the_calling_thread():
+    """A step called before its batch has arrived is queued for a worker thread, and so is every step after it (its
+    state arrives late): the loop waits for each batch's copy, so each step runs inline and returns its results."""
+    import json
+    import subprocess
+    import sys
+
+    if jax.default_backend() != "cpu" or host_memory._libc() is None:
+        pytest.skip("CPU dispatch with glibc only")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    out = subprocess.run([sys.executable, "-c", _LOOP_READINESS, ROOT], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    ready = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(ready) == 8 and all(ready), ready

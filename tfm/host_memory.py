@@ -30,7 +30,15 @@ runs CPU computations on the calling thread instead
 (``jax_cpu_enable_async_dispatch = False``): the buffer then comes from the
 main heap, which keeps it, and the faults fall to ~200 per step (1.81–1.91 s →
 1.59–1.65 s a step on a 2-core machine; the shakespeare step is unchanged,
-31–32 ms either way). Making every thread share the main arena
+31–32 ms either way). A computation whose inputs are still arriving does not run
+inline: the CPU client copies a large numpy array that it cannot alias (one not
+64-byte aligned, over ~100 KiB) on another thread, and a step called before its
+batch has arrived is queued and later runs on a worker thread. Its outputs then
+arrive late as well, so every later step, which takes the state it returns,
+queues the same way. ``settle(batch)`` waits for the copy where dispatch is
+inline; the training loop calls it on each batch. Fashion-MNIST's 400 KiB image
+batches went this way after a few steps: 101–108 ms a step against 75 ms inline.
+Making every thread share the main arena
 (``M_ARENA_MAX = 1``) also removes the faults but slows small steps (25 → 30 ms
 for the shakespeare GPT). ``TFM_HOST_HEAP=0`` in the environment switches all
 of this off.
@@ -76,6 +84,22 @@ def dispatch_inline() -> bool:
         return False
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True
+
+
+def runs_inline() -> bool:
+    """True where CPU computations run on the calling thread (``dispatch_inline`` took effect)."""
+    return jax.default_backend() == "cpu" and not jax.config.read("jax_cpu_enable_async_dispatch")
+
+
+def settle(tree):
+    """``tree`` once its arrays have arrived, where dispatch is inline (a no-op elsewhere).
+
+    A step called with a batch that is still being copied would be queued for a
+    worker thread, and every step after it too (module docstring).
+    """
+    if runs_inline():
+        jax.block_until_ready(tree)
+    return tree
 
 
 def reserve(nbytes: int) -> int:

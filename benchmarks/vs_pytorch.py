@@ -1,6 +1,6 @@
 """tfm's training step against a plain PyTorch GPT of the same shape, weights and optimizer, side by side.
 
-    python benchmarks/vs_pytorch.py [--shapes shakespeare,wide] [--rounds 3] [--steps 200] [--out results/vs_pytorch.json]
+    python benchmarks/vs_pytorch.py [--shapes shakespeare,wide] [--rounds 3] [--steps N] [--out results/vs_pytorch.json]
 
 The PyTorch model is written from the equations the way people write one:
 ``nn.Embedding``, ``nn.Linear`` (a fused QKV projection, as nanoGPT), ``nn.LayerNorm``,
@@ -13,9 +13,11 @@ rounding: the same computation.
 
 tfm runs through its ``Trainer`` (the jitted, donated step the CLI uses; the
 batch placed from numpy each step). The sides alternate, A B A B, for
-``--rounds`` rounds of ``--steps`` steps after a warm-up; a round's time is its
-wall time over its steps (tfm's steps are dispatched asynchronously, as in
-training, and the round waits for the last one). The medians over rounds are
+``--rounds`` rounds of ``--steps`` steps after a warm-up (by default 200 for
+shakespeare and 10 for the wide shape, whose 3 x 200 steps a side would take over
+an hour and a half); a round's time is its wall time over its steps (tfm's steps
+are dispatched as in training: on the calling thread on CPU, asynchronously on an
+accelerator; the round waits for the last one). The medians over rounds are
 printed and written to ``--out``, with each side's peak memory: the growth of
 the process's resident memory during its rounds (sampled every millisecond),
 and XLA's plan for tfm's compiled step.
@@ -54,6 +56,7 @@ SHAPES = {
     "shakespeare": dict(d_model=128, num_heads=4, num_layers=4, d_ff=512, vocab=65, seq=64, batch=12),
     "wide": dict(d_model=512, num_heads=8, num_layers=8, d_ff=2048, vocab=65, seq=256, batch=8),
 }
+DEFAULT_STEPS = {"shakespeare": 200, "wide": 10}  # steps per round
 
 
 def tfm_config(shape: dict, extra=()):
@@ -268,7 +271,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="shakespeare,wide")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=200, help="steps per round")
+    p.add_argument("--steps", type=int, default=None, help="steps per round (default: 200 shakespeare, 10 wide)")
     p.add_argument("--out", default="results/vs_pytorch.json",
                    help="JSON of the results; entries of shapes not run now are kept ('' writes nothing)")
     p.add_argument("--set", action="append", default=[], help="a tfm config override, e.g. model.scan_layers=false")
@@ -291,7 +294,7 @@ def main():
     print("|---|---:|---|---:|---:|---:|---|---|---|")
     results = []
     for name in args.shapes.split(","):
-        r = bench(name, SHAPES[name], args.rounds, args.steps, torch, args.set)
+        r = bench(name, SHAPES[name], args.rounds, args.steps or DEFAULT_STEPS[name], torch, args.set)
         r["fast_paths"] = not args.plain
         results.append(r)
         m = r["peak_rss_growth_mib"]

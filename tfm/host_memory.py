@@ -37,7 +37,7 @@ batch has arrived is queued and later runs on a worker thread. Its outputs then
 arrive late as well, so every later step, which takes the state it returns,
 queues the same way. ``settle(batch)`` waits for the copy where dispatch is
 inline; the training loop calls it on each batch. Fashion-MNIST's 400 KiB image
-batches went this way after a few steps: 101–108 ms a step against 75 ms inline.
+batches went this way after a few steps: 101–108 ms a step, against 77–86 ms with the wait.
 Making every thread share the main arena
 (``M_ARENA_MAX = 1``) also removes the faults but slows small steps (25 → 30 ms
 for the shakespeare GPT). ``TFM_HOST_HEAP=0`` in the environment switches all

@@ -337,7 +337,7 @@ class Loop:
             jax.block_until_ready(state)  # a restored state may still be arriving
         while step < t.steps:
             batch = self.place(next(data_it), local=True)
-            if self.inline:  # a step whose batch is still being copied would run on a worker thread, and so every later one
+            if self.inline:  # a step whose batch is still being copied would be queued, and every later one too
                 jax.block_until_ready(batch)
             step_fn, (flops, units) = self._step_fn(state, batch, step)
             self.profiler.before(step)

@@ -239,7 +239,7 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One update on a numpy global batch -> ``(state, metrics)`` (device scalars)."""
-        batch = host_memory.settle(self.place(batch))  # on the inline CPU path the step must not be queued (host_memory)
+        batch = host_memory.settle(self.place(batch))  # inline on CPU: a step must not be queued (host_memory)
         return self.compile_step(state, batch)(state, batch)
 
     def evaluate(self, params: Any, steps: int | None = None, split: str = "validation") -> dict:

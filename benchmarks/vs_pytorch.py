@@ -230,7 +230,7 @@ def bench(name, shape, rounds, steps, torch, extra=()):
     mem = step.memory_analysis()
 
     def tfm_steps(state, chunk):
-        return run_tfm(trainer, lambda s, b: step(s, host_memory.settle(trainer.place(b))), state, chunk)  # as the loop
+        return run_tfm(trainer, lambda s, b: step(s, trainer.place(b)), state, chunk)
 
     state, tfm_losses = tfm_steps(state, batches[:warm])
     torch_losses = run_torch(model, opt, lr_at, batches[:warm], clip, torch)

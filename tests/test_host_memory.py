@@ -120,7 +120,7 @@ _LOOP_READINESS = """
 import json, os, sys, tempfile
 import jax
 import numpy as np
-from tfm import config as config_lib, host_memory, placement
+from tfm import config as config_lib, host_memory
 import tfm.loop as loop_lib
 assert host_memory.dispatch_inline()
 from tfm.trainer import Trainer
@@ -139,9 +139,9 @@ loop_lib.Loop._step_fn = recording
 # Each placed batch arrives late: it waits for a 64 MiB copy that the CPU client makes on another thread (the
 # source is 4 bytes past a 64-byte boundary, so it cannot be aliased), as a large unaligned batch of its own does.
 slow = np.empty(64 * 2**20 + 128, np.uint8)[4:4 + 64 * 2**20]
-after = jax.jit(lambda batch, _: jax.tree.map(lambda v: v + 0, batch), keep_unused=True)
-place = placement.BatchPlacer.__call__
-placement.BatchPlacer.__call__ = lambda self, batch, local=False: after(place(self, batch, local), jax.device_put(slow))
+after = jax.jit(lambda v, _: v + 0, keep_unused=True)
+make = jax.make_array_from_process_local_data
+jax.make_array_from_process_local_data = lambda *a, **k: after(make(*a, **k), jax.device_put(slow))
 c = config_lib.load_config(os.path.join(sys.argv[1], "configs", "shakespeare_char.py:tiny"))
 c = config_lib.apply_overrides(c, ["mesh.data=1", "train.progress=none", "train.tensorboard=false", "model.max_len=32",
                                    "model.d_model=16", "model.num_heads=2", "model.num_layers=1", "model.d_ff=32",
@@ -154,7 +154,7 @@ print(json.dumps(ready))
 
 def test_the_loop_keeps_cpu_steps_on_the_calling_thread():
     """A step called before its batch has arrived is queued for a worker thread, and so is every step after it (its
-    state arrives late): the loop waits for each batch's copy, so each step runs inline and returns its results."""
+    state arrives late): the placed batch is waited for, so each step runs inline and returns its results."""
     import json
     import subprocess
     import sys

@@ -218,7 +218,7 @@ def evaluate(eval_step: Callable, params: Any, dataset: Dataset, place: Callable
     totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct": 0.0}
     with context() if context else contextlib.nullcontext():
         for _ in range(steps):
-            sums = jax.device_get(eval_step(params, host_memory.settle(place(next(it), local=True))))
+            sums = jax.device_get(eval_step(params, place(next(it), local=True)))
             totals = {k: totals[k] + float(sums[k]) for k in totals}
     if not totals["weight_sum"]:
         return {}
@@ -254,7 +254,6 @@ class Loop:
         self.compile_total = 0.0
         self.costs: dict = {}  # batch shapes -> (FLOPs, units) per step
         self.profiler = profiler or Profiler(None, "")
-        self.inline = host_memory.runs_inline()  # then each batch is waited for: the step must not be queued
 
     def _reset_interval(self, step: int) -> None:
         self.interval = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "s0": step, "units": 0.0, "flops": 0.0}
@@ -333,12 +332,9 @@ class Loop:
             return {"step": start}
         step, last_eval = start, {}
         self._reset_interval(start)
-        if self.inline:
-            jax.block_until_ready(state)  # a restored state may still be arriving
+        state = host_memory.settle(state)  # a restored state may still be arriving (batches arrive placed)
         while step < t.steps:
             batch = self.place(next(data_it), local=True)
-            if self.inline:  # a step whose batch is still being copied would be queued, and every later one too
-                jax.block_until_ready(batch)
             step_fn, (flops, units) = self._step_fn(state, batch, step)
             self.profiler.before(step)
             state, metrics = step_fn(state, batch)

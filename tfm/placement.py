@@ -6,7 +6,9 @@
 * ``init_state(init, shardings, ...)``: the state created directly in those
   shardings (``jax.jit(init, out_shardings=...)``), never whole on one device.
 * ``BatchPlacer``: numpy batches to global ``jax.Array``s sharded over the batch
-  axes; on several processes each contributes only the rows of its devices.
+  axes; on several processes each contributes only the rows of its devices. Where
+  CPU computations run on the calling thread it returns a batch once it has
+  arrived, so that no step is queued for a worker thread (``tfm.host_memory``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from tfm import host_memory
 from tfm import sharding as sh
 
 
@@ -56,6 +59,7 @@ class BatchPlacer:
     def __init__(self, mesh: Mesh, rules, global_rows: int):
         self.sharding = NamedSharding(mesh, P(sh.batch_axes(rules)))
         self.global_rows = global_rows
+        self.wait = host_memory.runs_inline()  # a step whose batch is still being copied would not run inline
 
     def rows(self, global_batch: int | None = None) -> slice:
         """The rows of the global batch whose shards live on this process's devices."""
@@ -76,7 +80,7 @@ class BatchPlacer:
                 out[k] = jax.make_array_from_process_local_data(self.sharding, v, shape)
             else:
                 out[k] = jax.make_array_from_process_local_data(self.sharding, v[self.rows(v.shape[0])], v.shape)
-        return out
+        return jax.block_until_ready(out) if self.wait else out
 
 
 __all__ = ["BatchPlacer", "abstract_state", "init_state", "mesh_context"]

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from tfm import config as config_lib
 from tfm import data as data_lib
-from tfm import diagnosis, host_memory, placement, storage, warm_start
+from tfm import diagnosis, placement, storage, warm_start
 from tfm import loop as loop_lib
 from tfm import metrics as metrics_lib
 from tfm import sharding as sh
@@ -239,7 +239,7 @@ class Trainer:
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One update on a numpy global batch -> ``(state, metrics)`` (device scalars)."""
-        batch = host_memory.settle(self.place(batch))  # inline on CPU: a step must not be queued (host_memory)
+        batch = self.place(batch)
         return self.compile_step(state, batch)(state, batch)
 
     def evaluate(self, params: Any, steps: int | None = None, split: str = "validation") -> dict:

@@ -292,12 +292,12 @@ def test_length_buckets_pad_each_batch_to_the_smallest_width_that_fits(varied_mu
 
 
 def test_fashion_mnist_batches_follow_the_shuffled_stream_and_decode_each_record_once(tiny_fashion_mnist):
-    """Cached records give the batches of ``source.shuffle(seed).repeat()``, over epochs; none is decoded twice."""
+    """Cached records give the batches of ``source.shuffle(seed).repeat()``, over epochs; each is decoded once, in order."""
     fm = make_dataset({"name": "fashion_mnist", "batch_size": 8, "data_dir": str(tiny_fashion_mnist / "src"),
                        "tfds_dir": str(tiny_fashion_mnist / "tfds"), "flip": False, "seed": 3})  # fmt: skip
-    reads = []
+    reads, calls = [], []
 
-    class Counting:  # the training split's source, counting what it decodes
+    class Counting:  # the training split's source, counting what it decodes, read in chunks where it can
         def __init__(self, source):
             self.source = source
 
@@ -308,14 +308,24 @@ def test_fashion_mnist_batches_follow_the_shuffled_stream_and_decode_each_record
             reads.append(i)
             return self.source[i]
 
-    fm._cache["train"].source = Counting(fm._cache["train"].source)
+        def __getitems__(self, ids):
+            calls.append(list(ids))
+            return [self[i] for i in ids]
+
+    cache = fm._cache["train"]
+    cache.source, cache.chunk = Counting(cache.source), 8
     stream = fm.sources["train"].shuffle(seed=3).repeat()  # 20 records: 2.5 batches an epoch
     for i in range(6):  # 48 examples, across three epochs
         expected = np.stack([stream[i * 8 + r]["image"] for r in range(8)]).astype(np.float32) / 255.0
         got = fm.batch("train", i)
         np.testing.assert_allclose(got["inputs"] * 0.3530 + 0.2860, expected, atol=1e-6)
         np.testing.assert_array_equal(got["labels"], [stream[i * 8 + r]["label"] for r in range(8)])
-    assert sorted(reads) == list(range(20))
+    assert reads == list(range(20))  # one pass, in order
+    assert calls == [list(range(0, 8)), list(range(8, 16)), list(range(16, 20))]
+    validation = fm._cache["validation"]
+    assert (validation.start, validation.stop) == (20, len(fm._cache["train"].source.source))  # the held-out tail
+    first = fm.batch("validation", 0)
+    np.testing.assert_array_equal(first["labels"], [fm.sources["validation"][j]["label"] for j in range(8)])
     test = fm.batch("test", 3)  # 30 test images: the last batch wraps around with zero weights
     np.testing.assert_array_equal(test["weights"], [1] * 6 + [0] * 2)
     np.testing.assert_array_equal(test["labels"], [fm.sources["test"][j % 30]["label"] for j in range(24, 32)])

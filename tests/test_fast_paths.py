@@ -18,13 +18,15 @@ from _helpers import maxerr, random_params, randn
 
 from tfm import config as config_lib
 from tfm.layers import tuning
-from tfm.layers import dot_product
+from tfm.layers import conv, dot_product
 from tfm.layers.attention import MultiHeadAttention
 from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
 from tfm.layers.feedforward import ACTIVATIONS
 from tfm.layers.linear import _matmul_plan, einsum_matmul
 from tfm.layers.masks import and_masks, causal_mask, key_padding_mask, segment_mask
+from tfm.models.detr import DETR, detr_tiny
 from tfm.models.gpt import GPT, GPTConfig
+from tfm.models.vit import ViT, vit_tiny
 from tfm.optim import decay_mask
 from tfm.trainer import Trainer
 
@@ -97,6 +99,65 @@ def test_fused_qkv_equals_separate_projections(num_kv_heads, use_bias):
     assert_close(fused, separate)
 
 
+@pytest.mark.parametrize(
+    "x_shape, k_shape, strides, padding",
+    [
+        ((2, 28, 28, 1), (3, 3, 1, 8), (2, 2), "SAME"),  # the stems: 28 -> 14 -> 7 -> 4 px
+        ((2, 7, 7, 6), (3, 3, 6, 5), (2, 2), "SAME"),
+        ((2, 9, 8, 3), (3, 2, 3, 4), (1, 1), "VALID"),
+        ((2, 8, 8, 3), (3, 3, 3, 4), (1, 2), ((1, 2), (0, 1))),
+        ((2, 10, 3), (3, 3, 4), (2,), "SAME"),  # 1-D
+    ],
+)
+def test_convolution_as_a_patch_matmul_equals_the_convolution(x_shape, k_shape, strides, padding):
+    rng = np.random.default_rng(6)
+    x, k = randn(rng, *x_shape), randn(rng, *k_shape)
+    names = conv._channels_last(len(x_shape) - 2)
+    run = lambda a, b: conv.conv_general_dilated(a, b, strides, padding, dimension_numbers=names)  # noqa: E731
+    plain = value_and_grads(lambda a, b: jax.lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=names), x, k)
+    with forced(CONV_AS_MATMUL=True):
+        jaxpr = str(jax.make_jaxpr(run)(x, k))
+        patches = value_and_grads(run, x, k)
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+    assert_close(patches, plain, tol=2e-4)  # sums of up to 3*3*6 products in another order
+    with forced(CONV_AS_MATMUL=False):  # a new function: traces are cached per function
+        again = lambda a, b: conv.conv_general_dilated(a, b, strides, padding, dimension_numbers=names)  # noqa: E731
+        assert "conv_general_dilated" in str(jax.make_jaxpr(again)(x, k))
+
+
+def test_convolutions_a_patch_matmul_does_not_cover_stay_convolutions():
+    rng = np.random.default_rng(7)
+    x, k = randn(rng, 2, 8, 8, 4), randn(rng, 3, 3, 2, 4)
+    nhwc = ("NHWC", "HWIO", "NHWC")
+    with forced(CONV_AS_MATMUL=True):
+        for kwargs in (dict(feature_group_count=2), dict(rhs_dilation=(2, 2), feature_group_count=2)):
+            got = conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=nhwc, **kwargs)
+            assert_close(got, jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=nhwc, **kwargs))
+        nchw = ("NCHW", "OIHW", "NCHW")
+        xc, kc = randn(rng, 2, 4, 8, 8), randn(rng, 5, 4, 3, 3)
+        jaxpr = str(jax.make_jaxpr(lambda a, b: conv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=nchw))(xc, kc))
+        assert "conv_general_dilated" in jaxpr
+
+
+@pytest.mark.parametrize("family", ["vit", "detr"])
+def test_convolution_stems_give_the_same_model_with_patch_matmuls(family):
+    rng = np.random.default_rng(8)
+    if family == "vit":
+        model, x = ViT(vit_tiny.replace(stem_channels=(4, 8), patch_size=1, num_layers=1)), randn(rng, 2, 28, 28, 1)
+    else:
+        model, x = DETR(detr_tiny), randn(rng, 2, 32, 32, 3)
+    params = random_params(model, x)
+
+    def run():  # a new function each time, traced (and jitted) under the setting in force
+        return jax.jit(lambda p, a: jnp.concatenate([y.ravel() for y in jax.tree.leaves(model.apply({"params": p}, a))]))
+
+    with forced(CONV_AS_MATMUL=True):
+        patches = value_and_grads(run(), params, x)
+    with forced(CONV_AS_MATMUL=False):
+        plain = value_and_grads(run(), params, x)
+    assert_close(patches, plain, tol=1e-4)
+
+
 def test_unrolled_layer_scan_equals_the_loop():
     rng = np.random.default_rng(2)
     x = randn(rng, 2, 6, 16)
@@ -161,7 +222,7 @@ def test_the_backend_choices():
     with forced(FOLD_TO_MATMUL=False, FUSED_QKV=False):
         assert not tuning.fold_to_matmul() and not tuning.fused_qkv()
     on_cpu = jax.default_backend() == "cpu"
-    assert tuning.fold_to_matmul() == on_cpu and tuning.fused_qkv() == on_cpu
+    assert tuning.fold_to_matmul() == on_cpu and tuning.fused_qkv() == on_cpu and tuning.conv_as_matmul() == on_cpu
     with forced(CAUSAL_BLOCK_ROWS=64):
         # At least 64 rows a block, at most 8 blocks, and blocks that divide T.
         assert [tuning.causal_blocks(t) for t in (64, 127, 128, 200, 256, 2048, 8192)] == [1, 1, 2, 2, 4, 8, 8]

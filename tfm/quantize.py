@@ -64,13 +64,13 @@ def rules(mode: str) -> list:
 
 @contextlib.contextmanager
 def plain_matmuls() -> Iterator[None]:
-    """Projections as written (no 2-D folding, no fused Q/K/V) while a quantized model is traced."""
-    old = tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV
-    tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV = False, False
+    """Projections and convolutions as written (no 2-D folding, fused Q/K/V, patch matmuls) while quantized."""
+    old = tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV, tuning.CONV_AS_MATMUL
+    tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV, tuning.CONV_AS_MATMUL = False, False, False
     try:
         yield
     finally:
-        tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV = old
+        tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV, tuning.CONV_AS_MATMUL = old
 
 
 def _with_plain_matmuls(cls: type[nn.Module]) -> type[nn.Module]:

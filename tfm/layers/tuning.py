@@ -23,6 +23,10 @@ they agree. Measured on the CPU backend with ``benchmarks/vs_pytorch.py``:
   (``dot_product._causal_blocked_attention``): the blocks above the diagonal,
   all masked, are never computed. At most 8 blocks, so compile time stays flat
   in T. 0 turns it off (GPU and TPU: their fused kernels skip those blocks).
+* ``CONV_AS_MATMUL``: the convolution stems run as one matmul over patches
+  (``tfm.layers.conv``). On CPU XLA computes a strided convolution's weight
+  gradient as a window-dilated convolution, slower than the matmul; GPU and TPU
+  have convolution kernels of their own.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ FOLD_TO_MATMUL: bool | None = None
 FUSED_QKV: bool | None = None
 UNROLL_LAYERS: int | None = None
 CAUSAL_BLOCK_ROWS: int | None = None
+CONV_AS_MATMUL: bool | None = None
 
 _CPU_UNROLL_LAYERS = 8
 _CPU_CAUSAL_BLOCK_ROWS = 64
@@ -49,6 +54,10 @@ def fold_to_matmul() -> bool:
 
 def fused_qkv() -> bool:
     return _on_cpu() if FUSED_QKV is None else FUSED_QKV
+
+
+def conv_as_matmul() -> bool:
+    return _on_cpu() if CONV_AS_MATMUL is None else CONV_AS_MATMUL
 
 
 def scan_unroll(length: int) -> int:

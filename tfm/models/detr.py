@@ -29,6 +29,7 @@ import numpy as np
 from jax import Array
 
 from tfm import sharding as sh
+from tfm.layers.conv import conv_general_dilated
 from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
 from tfm.layers.linear import Einsum
 from tfm.layers.norms import make_norm
@@ -105,6 +106,7 @@ class DETR(nn.Module):
                 int(channels), (3, 3), strides=(2, 2), padding="SAME", dtype=blk.dtype, param_dtype=blk.param_dtype,
                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None)),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)), name=f"stem_{i}",
+                conv_general_dilated=conv_general_dilated,
             )  # fmt: skip
             x = nn.gelu(conv(x), approximate=False)
         b, h, w, c = x.shape

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
+from tfm.layers.conv import conv_general_dilated
 from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
 from tfm.layers.linear import Einsum
 from tfm.layers.position import LearnedPositionEmbedding
@@ -100,6 +101,7 @@ class ViT(nn.Module):
                 int(channels), (3, 3), strides=(2, 2), padding="SAME", dtype=blk.dtype, param_dtype=blk.param_dtype,
                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None)),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)), name=f"stem_{i}",
+                conv_general_dilated=conv_general_dilated,
             )  # fmt: skip
             images = nn.gelu(conv(images))
         p, c = cfg.patch_size, images.shape[-1]

@@ -12,8 +12,8 @@ computed as patches times the flattened kernel:
 
 The same sums in another order: equal to the convolution to float32 rounding. XLA's CPU
 backend runs the weight gradient of a strided convolution as a window-dilated
-convolution of its own, a third of the Fashion-MNIST ViT's step; as a matmul it is
-``patchesᵀ @ grad``. Anything else (other layouts, dilation, groups, other backends)
+convolution of its own (9 of the 89 ms of op time in a traced Fashion-MNIST ViT step);
+as a matmul it is ``patchesᵀ @ grad``, under 1 ms there. Anything else (other layouts, dilation, groups, other backends)
 goes to ``lax.conv_general_dilated`` unchanged.
 """
 

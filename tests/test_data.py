@@ -292,7 +292,7 @@ def test_length_buckets_pad_each_batch_to_the_smallest_width_that_fits(varied_mu
 
 
 def test_fashion_mnist_batches_follow_the_shuffled_stream_and_decode_each_record_once(tiny_fashion_mnist):
-    """Cached records give the batches of ``source.shuffle(seed).repeat()``, over epochs; each is decoded once, in order."""
+    """Cached records give the batches of ``source.shuffle(seed).repeat()`` over epochs, each decoded once, in order."""
     fm = make_dataset({"name": "fashion_mnist", "batch_size": 8, "data_dir": str(tiny_fashion_mnist / "src"),
                        "tfds_dir": str(tiny_fashion_mnist / "tfds"), "flip": False, "seed": 3})  # fmt: skip
     reads, calls = [], []

@@ -114,7 +114,8 @@ def test_convolution_as_a_patch_matmul_equals_the_convolution(x_shape, k_shape, 
     x, k = randn(rng, *x_shape), randn(rng, *k_shape)
     names = conv._channels_last(len(x_shape) - 2)
     run = lambda a, b: conv.conv_general_dilated(a, b, strides, padding, dimension_numbers=names)  # noqa: E731
-    plain = value_and_grads(lambda a, b: jax.lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=names), x, k)
+    lax_conv = lambda a, b: jax.lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=names)  # noqa: E731
+    plain = value_and_grads(lax_conv, x, k)
     with forced(CONV_AS_MATMUL=True):
         jaxpr = str(jax.make_jaxpr(run)(x, k))
         patches = value_and_grads(run, x, k)
@@ -135,7 +136,8 @@ def test_convolutions_a_patch_matmul_does_not_cover_stay_convolutions():
             assert_close(got, jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=nhwc, **kwargs))
         nchw = ("NCHW", "OIHW", "NCHW")
         xc, kc = randn(rng, 2, 4, 8, 8), randn(rng, 5, 4, 3, 3)
-        jaxpr = str(jax.make_jaxpr(lambda a, b: conv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=nchw))(xc, kc))
+        run = lambda a, b: conv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=nchw)  # noqa: E731
+        jaxpr = str(jax.make_jaxpr(run)(xc, kc))
         assert "conv_general_dilated" in jaxpr
 
 
@@ -149,7 +151,8 @@ def test_convolution_stems_give_the_same_model_with_patch_matmuls(family):
     params = random_params(model, x)
 
     def run():  # a new function each time, traced (and jitted) under the setting in force
-        return jax.jit(lambda p, a: jnp.concatenate([y.ravel() for y in jax.tree.leaves(model.apply({"params": p}, a))]))
+        outputs = lambda p, a: jax.tree.leaves(model.apply({"params": p}, a))  # noqa: E731
+        return jax.jit(lambda p, a: jnp.concatenate([y.ravel() for y in outputs(p, a)]))
 
     with forced(CONV_AS_MATMUL=True):
         patches = value_and_grads(run(), params, x)

@@ -34,7 +34,7 @@ VALIDATION_SIZE = 5000
 
 
 class RecordCache:
-    """The decoded ``image`` and ``label`` of records ``start .. stop-1`` of a tfds source, all read at the first access.
+    """The decoded ``image`` and ``label`` of records ``start .. stop-1`` of a tfds source, read at the first access.
 
     The records are read in order, ``chunk`` at a time (the source's ``__getitems__`` where it has one): an
     array_record file decompresses a chunk of records at a time, so a pass in order costs ~40 us a Fashion-MNIST
@@ -46,9 +46,6 @@ class RecordCache:
         self.stop = len(source) if stop is None else stop
         self.images: np.ndarray | None = None  # [N, H, W, C] uint8
         self.labels: np.ndarray | None = None  # [N]
-
-    def __len__(self) -> int:
-        return self.stop - self.start
 
     def _load(self) -> None:
         read = getattr(self.source, "__getitems__", None)

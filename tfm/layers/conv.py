@@ -13,8 +13,8 @@ computed as patches times the flattened kernel:
 The same sums in another order: equal to the convolution to float32 rounding. XLA's CPU
 backend runs the weight gradient of a strided convolution as a window-dilated
 convolution of its own (9 of the 89 ms of op time in a traced Fashion-MNIST ViT step);
-as a matmul it is ``patchesᵀ @ grad``, under 1 ms there. Anything else (other layouts, dilation, groups, other backends)
-goes to ``lax.conv_general_dilated`` unchanged.
+as a matmul it is ``patchesᵀ @ grad``, under 1 ms there. Anything else (other layouts,
+dilation, groups, other backends) goes to ``lax.conv_general_dilated`` unchanged.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from jax import Array, lax
 from tfm.layers import tuning
 
 
-def _channels_last(n: int):
-    spatial = "HWD"[:n] if n <= 3 else None
-    return None if spatial is None else ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+def _channels_last(n: int) -> tuple[str, str, str] | None:
+    """The channels-last dimension names of an ``n``-D convolution (1 to 3 spatial axes), else None."""
+    if not 1 <= n <= 3:
+        return None
+    spatial = "HWD"[:n]
+    return "N" + spatial + "C", spatial + "IO", "N" + spatial + "C"
 
 
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

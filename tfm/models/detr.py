@@ -29,8 +29,8 @@ import numpy as np
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers.conv import conv_general_dilated
 from tfm.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
+from tfm.layers.conv import conv_general_dilated
 from tfm.layers.linear import Einsum
 from tfm.layers.norms import make_norm
 from tfm.models.common import ModelConfig

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers.conv import conv_general_dilated
 from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
+from tfm.layers.conv import conv_general_dilated
 from tfm.layers.linear import Einsum
 from tfm.layers.position import LearnedPositionEmbedding
 from tfm.models.common import ModelConfig

@@ -125,7 +125,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(
-        self, abstract_state: Any, step: int | None = None, *, params_only: bool = False
+        self, abstract_state: Any, step: int | None = None, *, params_only: bool = False, part: str = "params"
     ) -> tuple[int, Any, dict] | None:
         """Restore the newest good checkpoint (or ``step``) -> ``(step, state, data_state)``, or None if none.
 
@@ -136,6 +136,7 @@ class Checkpointer:
         ``params_only=True``: ``abstract_state`` is the parameters alone and only
         they are read (no optimizer state); their dtypes may differ from the saved
         ones (a float32 run restored in bfloat16). Returns ``(step, params, data_state)``.
+        ``part="ema_params"``: their moving average instead (a run with ``optim.ema_decay``).
         """
         for _ in range(5):  # a live trainer may delete the step a reader picked; then look again
             steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
@@ -143,7 +144,7 @@ class Checkpointer:
             vanished = False
             for s in steps:
                 try:
-                    restored = self._restore_step(s, abstract_state, params_only)
+                    restored = self._restore_step(s, abstract_state, params_only, part)
                 except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
                     if self.read_only and not storage.isdir(storage.join(self.directory, str(s))):
                         if step is not None:
@@ -175,9 +176,9 @@ class Checkpointer:
             return None
         raise CheckpointError(f"{self.directory}: checkpoints kept disappearing while being read")
 
-    def _restore_step(self, s: int, abstract_state, params_only: bool = False):
+    def _restore_step(self, s: int, abstract_state, params_only: bool = False, part: str = "params"):
         if params_only:
-            item = {"params": abstract_state}
+            item = {part: abstract_state}
             state = ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
             )
@@ -185,7 +186,7 @@ class Checkpointer:
             state = ocp.args.StandardRestore(abstract_state)
         restored = self.manager.restore(s, args=ocp.args.Composite(state=state, data=ocp.args.JsonRestore()))
         if params_only:
-            return {"state": restored["state"]["params"], "data": restored["data"]}
+            return {"state": restored["state"][part], "data": restored["data"]}
         return restored
 
     def _move_aside(self, step: int) -> None:

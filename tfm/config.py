@@ -70,6 +70,7 @@ def default_config() -> ConfigDict:
     c.optim.eps = 1e-9
     c.optim.weight_decay = 0.0
     c.optim.clip_norm = 1.0  # <= 0: no clipping
+    c.optim.ema_decay = 0.0  # > 0 (e.g. 0.999): evaluate a moving average of the parameters (TrainState.ema_params)
 
     c.train = ConfigDict()
     c.train.steps = 1000
@@ -317,6 +318,7 @@ def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict, d: ConfigDict) -> Non
     finite("optim.eps", o.eps, low=0.0)
     finite("optim.weight_decay", o.weight_decay, low=0.0)
     finite("optim.clip_norm", o.clip_norm)
+    finite("optim.ema_decay", o.get("ema_decay", 0.0), low=0.0, high=1.0, high_open=True)  # older workdirs lack it
     finite("train.z_loss", t.z_loss, low=0.0)
     finite("train.aux_loss_weight", t.aux_loss_weight, low=0.0)
     finite("distill.alpha", d.alpha, low=0.0, high=1.0)

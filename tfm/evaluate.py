@@ -1,4 +1,4 @@
-"""``python -m tfm.evaluate --workdir DIR [--split validation] [--batches 8] [--beam_size 0] [--average 1] [--quantize int8|int8_dynamic] [--out FILE]``.
+"""``python -m tfm.evaluate --workdir DIR [--split validation] [--batches 8] [--beam_size 0] [--average 1] [--no_ema] [--quantize int8|int8_dynamic] [--out FILE]``.
 
 Loads the newest checkpoint and reports teacher-forced loss / accuracy /
 perplexity and, for sequence-to-sequence runs, the exact match of decoded
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam_size", type=cli.int_at_least(0, "0: greedy"), default=0, help="0: greedy decoding")
     p.add_argument("--average", type=cli.int_at_least(1), default=1,
                    help="average the parameters of the newest N checkpoints")
+    p.add_argument("--no_ema", action="store_true",
+                   help="the last parameters, not their moving average (a run with optim.ema_decay > 0)")
     p.add_argument("--alpha", type=cli.float_at_least(0.0), default=0.6, help="beam search length penalty")
     p.add_argument("--max_len", type=cli.int_at_least(1), default=128, help="decoded tokens at most (as tfm.translate)")
     p.add_argument("--batch_size", type=cli.int_at_least(1), default=32, help="sentences per decoding batch")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with cli.stdout_to_stderr():
-            run = inference.load(args.workdir, average=args.average)
+            run = inference.load(args.workdir, average=args.average, ema=not args.no_ema)
             run = inference.quantize_run(run, args.quantize) if args.quantize else run
             if args.split not in run.dataset.SPLITS:
                 raise ValueError(f"--split {args.split}: {args.workdir}'s data has splits {list(run.dataset.SPLITS)}")

@@ -1,4 +1,4 @@
-"""``python -m tfm.export --workdir DIR --out OUT [--step N] [--average 1] [--dtype float32|bfloat16|float16] [--format auto|hf|orbax]``.
+"""``python -m tfm.export --workdir DIR --out OUT [--step N] [--average 1] [--no_ema] [--dtype float32|bfloat16|float16] [--format auto|hf|orbax]``.
 
 A parameters-only export of a trained run (no optimizer state):
 
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=cli.int_at_least(0), default=None, help="the checkpoint (default: the newest)")
     p.add_argument("--average", type=cli.int_at_least(1), default=1,
                    help="average the parameters of the newest N checkpoints")
+    p.add_argument("--no_ema", action="store_true",
+                   help="the last parameters, not their moving average (a run with optim.ema_decay > 0)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast floating parameters (default: as trained)")
     p.add_argument("--format", choices=("auto", "hf", "orbax"), default="auto",
                    help="auto: Hugging Face layout where the family has one, else orbax")
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with cli.stdout_to_stderr():
-            run = inference.load(args.workdir, step=args.step, average=args.average)
+            run = inference.load(args.workdir, step=args.step, average=args.average, ema=not args.no_ema)
             fmt = export(run, args.out, args.format, args.dtype)
     except (*inference.USER_ERRORS, hub.HubError) as e:
         return cli.fail("export", e)

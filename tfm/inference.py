@@ -58,6 +58,7 @@ class Run:
     # Extra arguments of the seq2seq decoders: a Hugging Face checkpoint's generation rules (``tfm.decode``).
     decode_options: dict = dataclasses.field(default_factory=dict)
     quantized: str = ""  # a mode of tfm.quantize when the parameters were quantized after loading
+    ema: bool = False  # the parameters are the run's moving average (optim.ema_decay), not its last ones
 
     def evaluate(self, steps: int = -1, split: str = "validation") -> dict:
         """Teacher-forced loss, accuracy (and perplexity) over ``steps`` batches of ``split`` (-1: all of it)."""
@@ -89,13 +90,14 @@ def _inference_config(workdir: str, mesh: jax.sharding.Mesh | None) -> ml_collec
 
 
 def load(workdir: str, step: int | None = None, average: int = 1, *, dtype: jnp.dtype | None = None,
-         mesh: jax.sharding.Mesh | None = None) -> Run:  # fmt: skip
+         mesh: jax.sharding.Mesh | None = None, ema: bool = True) -> Run:  # fmt: skip
     """The run in ``workdir`` at its newest checkpoint (or ``step``): parameters only.
 
     ``mesh``: where the parameters go, sharded by their logical axes (default: one
     device of this host). ``dtype``: cast floating parameters (``jnp.bfloat16`` halves
     their memory). ``average=N > 1``: the element-wise mean of the parameters of the
-    newest N checkpoints up to that step (all N must exist and restore).
+    newest N checkpoints up to that step (all N must exist and restore). A run that keeps a
+    moving average of its parameters (``optim.ema_decay``) gives the average, unless ``ema=False``.
     """
     if average < 1:
         raise ValueError(f"average={average}: must be >= 1")
@@ -119,9 +121,11 @@ def load(workdir: str, step: int | None = None, average: int = 1, *, dtype: jnp.
         cast = lambda a: jax.ShapeDtypeStruct(a.shape, dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
                                               sharding=a.sharding)  # noqa: E731
         abstract = jax.tree.map(cast, abstract)
+    ema = ema and config.optim.get("ema_decay", 0.0) > 0
+    part = "ema_params" if ema else "params"
     ckpt = Checkpointer(ckpt_dir, read_only=True)  # never cleans up: that would delete a live run's save
     try:
-        restored = ckpt.restore(abstract, step=step, params_only=True)
+        restored = ckpt.restore(abstract, step=step, params_only=True, part=part)
         if restored is None:
             raise FileNotFoundError(f"{workdir} has no checkpoint yet")
         found, params, _ = restored
@@ -132,13 +136,13 @@ def load(workdir: str, step: int | None = None, average: int = 1, *, dtype: jnp.
                 raise ValueError(f"average={average}: {workdir} holds only {len(steps)} checkpoints up to step {found}: {steps}")
             total = jax.tree.map(lambda x: x.astype(jnp.float32), params)
             for s in steps[:-1]:
-                other = ckpt.restore(abstract, step=s, params_only=True)[1]
+                other = ckpt.restore(abstract, step=s, params_only=True, part=part)[1]
                 total = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), total, other)
             params = jax.tree.map(lambda t, p: (t / len(steps)).astype(p.dtype), total, params)
             averaged = tuple(steps)
     finally:
         ckpt.close()
-    return Run(config, model, task, dataset, params, found, workdir, mesh, rules, averaged)
+    return Run(config, model, task, dataset, params, found, workdir, mesh, rules, averaged, ema=ema)
 
 
 def quantize_run(run: Run, mode: str) -> Run:
@@ -341,6 +345,7 @@ def result_record(run: Run, metrics: dict, **extra: Any) -> dict:
         "checkpoint_step": run.step,
         **({"averaged_checkpoints": list(run.averaged_steps)} if run.averaged_steps else {}),
         **({"quantized": run.quantized} if run.quantized else {}),
+        **({"parameters": "moving average (optim.ema_decay)"} if run.ema else {}),
         "model": cfg["model"],
         "data": _portable(cfg["data"]),
         "device": f"{dev.platform}: {dev.device_kind}",

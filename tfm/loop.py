@@ -313,7 +313,7 @@ class Loop:
 
     def _evaluate(self, step: int, state, data_it) -> dict:
         try:
-            result = self.evaluate(state.params)
+            result = self.evaluate(state.eval_params)  # the moving average, where the run keeps one
         except Exception as e:
             # The trained state outlives a failed evaluation: save it, then report.
             self.ckpt.save(step, state, data_it.get_state())

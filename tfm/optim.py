@@ -4,6 +4,7 @@
 * ``warmup_schedule``: linear warmup then cosine, linear or rsqrt decay.
 * ``make_optimizer``: Adam/AdamW (paper betas and epsilon available), global-norm
   clipping, weight decay masked off norms and biases.
+* ``update_ema``: an exponential moving average of the parameters, for evaluation.
 * ``cross_entropy``: token cross-entropy with label smoothing (§5.4), padding
   weights and an optional z-loss.
 """
@@ -118,6 +119,29 @@ def make_optimizer(
     if clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
     return opt
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """The moving average's decay after ``step`` earlier updates: ``min(decay, (1 + step) / (10 + step))``.
+
+    Early on the average follows the parameters closely and forgets their random start
+    (as ``tf.train.ExponentialMovingAverage`` with ``num_updates``); from step
+    ``(10 decay - 1) / (1 - decay)`` on it is ``decay`` (8,990 steps for 0.999).
+    """
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """``ema + (1 - d) (params - ema)`` per leaf with ``d = ema_decay_at(step, decay)``; ``params``: the new ones.
+
+    Evaluating the average of the recent parameters rather than the last ones smooths out
+    the noise of the final updates (Polyak & Juditsky 1992; the EMA of the ViT/DeiT recipes).
+    """
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+    d = ema_decay_at(step, decay)
+    return jax.tree.map(lambda e, p: e + ((1.0 - d) * (p - e)).astype(e.dtype), ema, params)
 
 
 def token_cross_entropy(

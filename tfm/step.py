@@ -20,7 +20,9 @@ The train step:
    same step; the step then takes the teacher's parameters as a third argument;
 4. applies the optimizer update, and keeps the old state when the loss, the
    gradient norm or any updated parameter is not finite, so nothing NaN can
-   reach a checkpoint; the ``*_finite`` metrics tell the loop why.
+   reach a checkpoint; the ``*_finite`` metrics tell the loop why;
+5. with ``ema_decay``, updates the moving average of the parameters
+   (``TrainState.ema_params``, ``tfm.optim.update_ema``) that evaluation uses.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from tfm import distill as distill_lib
+from tfm import optim
 from tfm.tasks import Task
 
 StepFn = Callable[[Any, dict], tuple[Any, dict]]
@@ -49,6 +52,8 @@ class TrainState:
     * ``rng``: the base key's data (uint32[2]); step ``s`` draws its dropout key as ``fold_in(rng, s)``.
     * ``carry``: a recurrent task's state between batches (Transformer-XL's memory); None otherwise.
       It is checkpointed with the rest, so a resumed run continues with the same memory.
+    * ``ema_params``: the exponential moving average of ``params`` (``optim.ema_decay``); None without one.
+      Evaluation, export and warm starts take it in place of ``params`` (``eval_params``).
     """
 
     step: jax.Array  # int32 scalar: updates applied so far
@@ -56,6 +61,12 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # uint32[2] base key; step s uses fold_in(rng, s)
     carry: Any = None
+    ema_params: Any = None
+
+    @property
+    def eval_params(self) -> Any:
+        """The parameters to evaluate: the moving average where the run keeps one, else ``params``."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
 def _aux_loss(mutated) -> jax.Array:
@@ -118,6 +129,7 @@ def make_train_step(
     aux_loss_weight: float = 1.0,
     batch_sharding: jax.sharding.Sharding | None = None,
     distill: distill_lib.Distillation | None = None,
+    ema_decay: float = 0.0,
 ) -> StepFn:
     """``train_step(state, batch) -> (state, metrics)``; pure, ready for ``jax.jit``.
 
@@ -126,6 +138,8 @@ def make_train_step(
 
     ``batch_sharding``: with gradient accumulation, each micro-batch is kept on
     the batch's sharding (the strided split moves no data between devices).
+
+    ``ema_decay`` > 0: the state carries ``ema_params`` (``init_fn(..., ema=True)``), updated each step.
     """
     n_micro = grad_accum_steps
     if not task.splittable and n_micro > 1:
@@ -133,6 +147,10 @@ def make_train_step(
                          f"grad_accum_steps={n_micro} micro-batches")  # fmt: skip
 
     def train_step(state: TrainState, batch: dict, teacher_params: Any = None):
+        if (state.ema_params is not None) != (ema_decay > 0):
+            has = "has" if state.ema_params is not None else "has no"
+            raise ValueError(f"ema_decay={ema_decay} but the state {has} ema_params; "
+                             "make the state with init_fn(..., ema=ema_decay > 0)")
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if task.recurrent and state.carry is not None:  # the memory of the previous batch goes in with this one
             batch = {**batch, **state.carry}
@@ -180,7 +198,9 @@ def make_train_step(
         # Finite gradients can still give non-finite parameters (an overflowing learning rate or decay).
         params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
         ok = loss_ok & grads_ok & params_ok
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, carry=carry)
+        ema = None if state.ema_params is None else optim.update_ema(state.ema_params, params, state.step, ema_decay)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, carry=carry,
+                         ema_params=ema)  # fmt: skip
         # A non-finite step changes nothing, so no NaN can reach a checkpoint.
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
         metrics = {
@@ -218,9 +238,11 @@ def make_eval_step(model: nn.Module, task: Task) -> Callable[[Any, dict], dict]:
     return eval_step
 
 
-def init_fn(model: nn.Module, task: Task, tx: optax.GradientTransformation, example: dict, rows: int = 1) -> Callable:
+def init_fn(model: nn.Module, task: Task, tx: optax.GradientTransformation, example: dict, rows: int = 1,
+            ema: bool = False) -> Callable:  # fmt: skip
     """``init(key) -> TrainState`` (parameters still boxed with their logical axes) for batches like ``example``;
-    a recurrent task's carry is made for batches of ``rows`` rows."""
+    a recurrent task's carry is made for batches of ``rows`` rows; ``ema``: the state carries a moving average
+    of the parameters, which starts as the parameters."""
 
     def init(key) -> TrainState:
         params_key, dropout_key = jax.random.split(key)
@@ -232,6 +254,7 @@ def init_fn(model: nn.Module, task: Task, tx: optax.GradientTransformation, exam
             opt_state=tx.init(params),
             rng=jax.random.key_data(dropout_key),
             carry=task.init_carry(model.config, rows),
+            ema_params=jax.tree.map(jnp.copy, params) if ema else None,  # boxed like params: sharded alike
         )
 
     return init

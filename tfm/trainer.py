@@ -164,7 +164,8 @@ class Trainer:
         )  # fmt: skip
         self.place = placement.BatchPlacer(self.mesh, self.rules, config.data.batch_size)
         self.batch_sharding, replicated = self.place.sharding, NamedSharding(self.mesh, P())
-        self._init = make_init_fn(self.model, self.task, self.tx, example, rows=config.data.batch_size)
+        self._init = make_init_fn(self.model, self.task, self.tx, example, rows=config.data.batch_size,
+                                  ema=o.ema_decay > 0)  # fmt: skip
         self.abstract_state, self.state_sharding = placement.abstract_state(self._init, self.mesh, self.rules)
         self.distill, teacher = None, ()
         if config.get("distill", {}).get("teacher"):  # the teacher's parameters are the step's third argument
@@ -174,7 +175,7 @@ class Trainer:
         step = make_train_step(
             self.model, self.task, self.tx, self.schedule, grad_accum_steps=t.grad_accum_steps,
             label_smoothing=t.label_smoothing, z_loss=t.z_loss, aux_loss_weight=t.aux_loss_weight,
-            batch_sharding=self.batch_sharding, distill=self.distill,
+            batch_sharding=self.batch_sharding, distill=self.distill, ema_decay=o.ema_decay,
         )  # fmt: skip
         self._train_step = jax.jit(
             step,

@@ -116,7 +116,8 @@ def _paths(tree) -> dict[str, object]:
 
 
 def read_params(source: str) -> tuple[int, dict[str, np.ndarray]]:
-    """``(step, {path: array})``: the parameters of the newest checkpoint of the run in ``source``."""
+    """``(step, {path: array})``: the parameters of the newest checkpoint of the run in ``source``
+    (their moving average where the run keeps one, as evaluation uses)."""
     workdir = storage.resolve(parse(source)[1], "train.init_from")
     directory = storage.join(workdir, "checkpoints")
     if not storage.isdir(directory):
@@ -131,9 +132,10 @@ def read_params(source: str) -> tuple[int, dict[str, np.ndarray]]:
         tree = getattr(meta, "tree", meta)
         if not isinstance(tree, dict) or "params" not in tree:
             raise ConfigError(f"train.init_from={workdir!r}: checkpoint {step} holds no parameters")
+        part = "ema_params" if isinstance(tree.get("ema_params"), dict) else "params"  # the average, where kept
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree["params"])
-        restored = ckpt.restore(abstract, step=step, params_only=True)
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree[part])
+        restored = ckpt.restore(abstract, step=step, params_only=True, part=part)
     finally:
         ckpt.close()
     return step, {k: np.asarray(v) for k, v in _paths(restored[1]).items()}

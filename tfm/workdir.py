@@ -153,13 +153,16 @@ def _first_difference(old: dict, new: dict, section: str) -> str:
 def conflict(workdir: str, saved: dict | None, new: dict, artifacts: dict[str, bytes]) -> str:
     """Why the checkpoints in ``workdir`` would mean something else under the new config ('' if they would not).
 
-    A different model section, or a tokenizer / vocabulary that differs from the
-    one saved with the run (another ``data.vocab_size``, other data files).
+    A different model section, a moving average of the parameters on one side only, or a tokenizer /
+    vocabulary that differs from the one saved with the run (another ``data.vocab_size``, other data files).
     """
     if saved is None:
         return ""
     if saved.get("model") != new.get("model"):
         return f"a different model ({_first_difference(saved.get('model', {}), new['model'], 'model')})"
+    ema = [cfg.get("optim", {}).get("ema_decay", 0.0) for cfg in (saved, new)]
+    if (ema[0] > 0) != (ema[1] > 0):  # the saved state has (or lacks) TrainState.ema_params
+        return f"optim.ema_decay={ema[0]} (this run: {ema[1]}): a moving average of the parameters on one side only"
     for name, content in artifacts.items():
         path = storage.join(workdir, name)
         if storage.isfile(path):

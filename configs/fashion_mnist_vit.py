@@ -8,7 +8,10 @@ a CPU budget: 87.4 % test accuracy after 3,000 steps in 18.5 CPU minutes (see RE
 
     python -m tfm.train --config configs/fashion_mnist_vit.py --workdir /tmp/fmnist \\
         --config.data.data_dir=PATH/TO/DATA          # holds fashion_mnist/*-idx?-ubyte.gz
-    python -m tfm.evaluate --workdir /tmp/fmnist --split test --batches 0
+    python -m tfm.evaluate --workdir /tmp/fmnist --split test --batches 0 [--tta flip]
+
+``--tta flip`` averages each test image's class probabilities with its mirror's: 92.33 % and
+92.35 % against 91.95 % and 91.99 % from one view, for two seeds (see README).
 """
 
 from tfm.config import default_config

@@ -14,7 +14,7 @@ from _helpers import maxerr, randn
 from tfm import tasks
 from tfm.layers import attention_kinds
 from tfm.layers.attention import MultiHeadAttention
-from tfm.models import PRESETS
+from tfm.models import PRESETS, ViT
 from tfm.step import TrainState, init_fn, make_eval_step, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +174,43 @@ def test_moe_flops_count_only_the_routed_experts():
     n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["decoder"])) + cfg.vocab_size * cfg.block.d_model
     dense = 3 * (2 * n_all * tokens + 4 * cfg.num_layers * 16 * cfg.block.d_model * tokens)
     assert flops[4] == pytest.approx(dense)
+
+
+@pytest.mark.usefixtures("cheap_xla_compiles")
+def test_flip_evaluation_averages_the_probabilities_of_each_image_and_its_mirror():
+    preset = PRESETS["vit_tiny"]
+    model, task = ViT(preset.config), tasks.get_task("classify")
+    rng = np.random.default_rng(0)
+    batch = {k: jnp.asarray(v) for k, v in _batch("classify", preset.config, rng).items()}
+    params = model.init(jax.random.key(0), batch["inputs"])["params"]
+    leaves, treedef = jax.tree.flatten(params)  # the head starts at zero: move every weight off its start
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    sums = jax.jit(make_eval_step(model, task, flip=True))(params, batch)
+    views = [model.apply({"params": params}, x) for x in (batch["inputs"], batch["inputs"][:, :, ::-1])]
+    probs = np.mean([np.asarray(jax.nn.softmax(v)) for v in views], axis=0)
+    labels = np.asarray(batch["labels"])
+    np.testing.assert_allclose(float(sums["loss_sum"]), -np.log(probs[np.arange(4), labels]).sum(), rtol=1e-5)
+    assert float(sums["correct"]) == (probs.argmax(-1) == labels).sum()
+    # An image that is its own mirror gets the single view's prediction.
+    symmetric = {**batch, "inputs": batch["inputs"] + batch["inputs"][:, :, ::-1]}
+    one, two = (jax.jit(make_eval_step(model, task, flip=f))(params, symmetric) for f in (False, True))
+    np.testing.assert_allclose(float(one["loss_sum"]), float(two["loss_sum"]), rtol=1e-5)
+    with pytest.raises(ValueError, match="needs an image classification run .* not task 'lm'"):
+        make_eval_step(model, tasks.get_task("lm"), flip=True)
+
+
+@pytest.mark.parametrize("stem", [(), (8, 16)])
+def test_vit_flops_agree_with_xlas_count_of_the_forward_pass(stem):
+    # The hybrid ViT's tokens are patches of the stem's feature map, not of the image.
+    cfg = PRESETS["vit_tiny"].config.replace(stem_channels=stem, patch_size=1 if stem else 7)
+    model, images = ViT(cfg), jnp.zeros((4, 28, 28, 1))
+    params = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    flops = tasks.get_task("classify").flops_per_step(cfg, params, {"inputs": images.shape})
+    compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile()
+    xla = compiled.cost_analysis()["flops"]
+    # XLA counts the elementwise work too (norms, GELU, softmax): a few per cent more.
+    assert 1.0 <= xla / (flops / 3) < 1.25, (xla, flops / 3)
 
 
 @pytest.mark.usefixtures("cheap_xla_compiles")

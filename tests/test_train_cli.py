@@ -114,6 +114,12 @@ def test_recipe_tiny_variant_trains_through_the_cli(tmp_path, recipe, extra):
         record = json.loads((tmp_path / "eval_test.json").read_text())
         assert record["metrics"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
         assert record["batches"] == 0 and "perplexity" not in record["metrics"]
+        out = tmp_path / "results" / "fashion_flip.json"  # each image's prediction averaged with its mirror's
+        run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "0",
+             "--tta", "flip", "--out", str(out)])  # fmt: skip
+        flipped = json.loads(out.read_text())
+        assert flipped["test_time_augmentation"].startswith("mean of the image's") and flipped["metrics"]["accuracy"] > 0.5
+        assert flipped["metrics"]["loss"] != record["metrics"]["loss"]
     elif recipe.startswith("clip"):
         run([sys.executable, "-m", "tfm.evaluate", "--workdir", str(tmp_path), "--split", "test", "--batches", "2"])
         record = json.loads((tmp_path / "eval_test.json").read_text())["metrics"]

@@ -1,4 +1,4 @@
-"""``python -m tfm.evaluate --workdir DIR [--split validation] [--batches 8] [--beam_size 0] [--average 1] [--no_ema] [--quantize int8|int8_dynamic] [--out FILE]``.
+"""``python -m tfm.evaluate --workdir DIR [--split validation] [--batches 8] [--beam_size 0] [--average 1] [--no_ema] [--tta flip] [--quantize int8|int8_dynamic] [--out FILE]``.
 
 Loads the newest checkpoint and reports teacher-forced loss / accuracy /
 perplexity and, for sequence-to-sequence runs, the exact match of decoded
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="average the parameters of the newest N checkpoints")
     p.add_argument("--no_ema", action="store_true",
                    help="the last parameters, not their moving average (a run with optim.ema_decay > 0)")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="test-time augmentation of image classification: flip averages each image's class "
+                        "probabilities with its left-right mirror's")
     p.add_argument("--alpha", type=cli.float_at_least(0.0), default=0.6, help="beam search length penalty")
     p.add_argument("--max_len", type=cli.int_at_least(1), default=128, help="decoded tokens at most (as tfm.translate)")
     p.add_argument("--batch_size", type=cli.int_at_least(1), default=32, help="sentences per decoding batch")
@@ -70,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.split not in run.dataset.SPLITS:
                 raise ValueError(f"--split {args.split}: {args.workdir}'s data has splits {list(run.dataset.SPLITS)}")
             metrics = inference.evaluate_run(run, args.split, args.batches, args.beam_size, args.alpha,
-                                             args.max_len, args.batch_size)  # fmt: skip
+                                             args.max_len, args.batch_size, flip=args.tta == "flip")  # fmt: skip
     except inference.USER_ERRORS as e:
         return cli.fail("evaluate", e)
-    record = inference.result_record(run, metrics, split=args.split, batches=args.batches)
-    print(json.dumps({"step": run.step, "split": args.split, **metrics}), flush=True)
+    tta = {"test_time_augmentation": "mean of the image's and its mirror's probabilities"} if args.tta == "flip" else {}
+    record = inference.result_record(run, metrics, split=args.split, batches=args.batches, **tta)
+    print(json.dumps({"step": run.step, "split": args.split, **metrics, **tta}), flush=True)
     from tfm import storage
 
     status = 0

@@ -60,10 +60,11 @@ class Run:
     quantized: str = ""  # a mode of tfm.quantize when the parameters were quantized after loading
     ema: bool = False  # the parameters are the run's moving average (optim.ema_decay), not its last ones
 
-    def evaluate(self, steps: int = -1, split: str = "validation") -> dict:
-        """Teacher-forced loss, accuracy (and perplexity) over ``steps`` batches of ``split`` (-1: all of it)."""
+    def evaluate(self, steps: int = -1, split: str = "validation", flip: bool = False) -> dict:
+        """Teacher-forced loss, accuracy (and perplexity) over ``steps`` batches of ``split`` (-1: all of it);
+        ``flip``: each image's prediction averaged with its mirror's (``step.make_eval_step``)."""
         place = placement.BatchPlacer(self.mesh, self.rules, self.config.data.batch_size)
-        eval_step = jax.jit(make_eval_step(self.model, self.task))
+        eval_step = jax.jit(make_eval_step(self.model, self.task, flip=flip))
         if self.task.recurrent:  # the memory goes from each batch to the next
             rows = self.config.data.batch_size
             eval_step = loop_lib.CarriedEval(eval_step, lambda: nn.unbox(self.task.init_carry(self.model.config, rows)))
@@ -203,7 +204,7 @@ def exact_match(pred: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> n
 
 
 def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_size: int = 0, alpha: float = 0.6,
-                 max_len: int = 128, batch_size: int = 32) -> dict:
+                 max_len: int = 128, batch_size: int = 32, flip: bool = False) -> dict:
     """Loss/accuracy (teacher-forced) on ``batches`` batches (0: the whole split, where the dataset
     is finite); for seq2seq also decoded exact match, or sacreBLEU where the dataset has references;
     for speech the character and word error rates of the decoded transcripts (``tfm.asr``); for
@@ -211,9 +212,10 @@ def evaluate_run(run: Run, split: str = "validation", batches: int = 8, beam_siz
 
     BLEU decodes the full source sentences exactly as ``tfm.translate`` does (``max_len``
     output tokens, ``batch_size`` sentences per decoding batch), so it equals scoring
-    ``tfm.translate``'s output with sacreBLEU.
+    ``tfm.translate``'s output with sacreBLEU. ``flip``: image classification averages each
+    image's prediction with its mirror's.
     """
-    result = {k.replace("eval/", ""): v for k, v in run.evaluate(batches or -1, split).items()}
+    result = {k.replace("eval/", ""): v for k, v in run.evaluate(batches or -1, split, flip=flip).items()}
     if run.task.name == "seq2seq" and hasattr(run.dataset, "references"):
         result.update(bleu(run, split, batches, beam_size or 0, alpha, max_len, batch_size))
     elif run.task.name == "speech":
@@ -345,7 +347,7 @@ def result_record(run: Run, metrics: dict, **extra: Any) -> dict:
         "checkpoint_step": run.step,
         **({"averaged_checkpoints": list(run.averaged_steps)} if run.averaged_steps else {}),
         **({"quantized": run.quantized} if run.quantized else {}),
-        **({"parameters": "moving average (optim.ema_decay)"} if run.ema else {}),
+        **({"parameters": f"moving average, optim.ema_decay={cfg['optim']['ema_decay']}"} if run.ema else {}),
         "model": cfg["model"],
         "data": _portable(cfg["data"]),
         "device": f"{dev.platform}: {dev.device_kind}",

@@ -222,16 +222,25 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: nn.Module, task: Task) -> Callable[[Any, dict], dict]:
+def make_eval_step(model: nn.Module, task: Task, flip: bool = False) -> Callable[[Any, dict], dict]:
     """``eval_step(params, batch) -> sums`` (no label smoothing, no dropout); pure, ready for ``jax.jit``.
 
     A recurrent task's step is ``eval_step(params, batch, carry) -> (sums, carry)``.
+    ``flip`` (image classification): the prediction is the mean of the class probabilities of each
+    image and of its left-right mirror (test-time augmentation); the loss is that mean's.
     """
+    if flip and task.name != "classify":
+        raise ValueError(f"flip test-time augmentation needs an image classification run (task 'classify'), "
+                         f"not task {task.name!r}")  # fmt: skip
 
     def eval_step(params, batch: dict, carry: Any = None):
         if task.recurrent and carry is not None:
             batch = {**batch, **carry}
         logits, _, _, new_carry = forward(model, task, params, batch, train=False)
+        if flip:  # inputs [B, H, W, C]: W is the left-right axis
+            mirrored, *_ = forward(model, task, params, {**batch, "inputs": batch["inputs"][:, :, ::-1]}, train=False)
+            # log((p + p_mirrored) / 2): log-probabilities, which the loss's softmax leaves unchanged
+            logits = jnp.logaddexp(jax.nn.log_softmax(logits), jax.nn.log_softmax(mirrored)) - jnp.log(2.0)
         sums = task.loss_sums(logits, batch)
         return (sums, new_carry) if task.recurrent else sums
 

@@ -219,11 +219,16 @@ class ImageClassification(_Classification):
     name = "classify"
 
     def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
-        b = shapes["inputs"][0]
-        t = (mcfg.image_size // mcfg.patch_size) ** 2 + 1
-        n = _count(params, "encoder", mcfg) + mcfg.patch_size**2 * mcfg.num_channels * mcfg.block.d_model
-        n += mcfg.block.d_model * mcfg.num_classes
-        return 3.0 * (2 * n * b * t + 4 * mcfg.num_layers * t * mcfg.block.d_model * b * t)
+        b, c, side = shapes["inputs"][0], mcfg.num_channels, mcfg.image_size
+        stem = 0.0  # a hybrid ViT's 3x3 stride-2 convolutions, each at its output's resolution
+        for width in mcfg.stem_channels:
+            side = -(-side // 2)
+            stem, c = stem + 2 * 9 * c * int(width) * side * side, int(width)
+        p, d = mcfg.num_patches, mcfg.block.d_model  # patches of the stem's feature map (or of the image)
+        t = p + 1  # and the class token
+        fwd = stem + 2 * mcfg.patch_size**2 * c * d * p + 2 * _count(params, "encoder", mcfg) * t
+        fwd += 4 * mcfg.num_layers * t * t * d + 2 * d * mcfg.num_classes  # attention; the head, once per image
+        return 3.0 * b * fwd
 
 
 def _encoder_flops(mcfg, params, shapes, head: float) -> float:

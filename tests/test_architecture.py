@@ -182,19 +182,21 @@ def test_flip_evaluation_averages_the_probabilities_of_each_image_and_its_mirror
     model, task = ViT(preset.config), tasks.get_task("classify")
     rng = np.random.default_rng(0)
     batch = {k: jnp.asarray(v) for k, v in _batch("classify", preset.config, rng).items()}
-    params = model.init(jax.random.key(0), batch["inputs"])["params"]
+    params = jax.jit(model.init)(jax.random.key(0), batch["inputs"])["params"]
     leaves, treedef = jax.tree.flatten(params)  # the head starts at zero: move every weight off its start
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    sums = jax.jit(make_eval_step(model, task, flip=True))(params, batch)
-    views = [model.apply({"params": params}, x) for x in (batch["inputs"], batch["inputs"][:, :, ::-1])]
+    single, flipped = (jax.jit(make_eval_step(model, task, flip=f)) for f in (False, True))
+    sums = flipped(params, batch)
+    apply = jax.jit(lambda x: model.apply({"params": params}, x))
+    views = [apply(x) for x in (batch["inputs"], batch["inputs"][:, :, ::-1])]
     probs = np.mean([np.asarray(jax.nn.softmax(v)) for v in views], axis=0)
     labels = np.asarray(batch["labels"])
     np.testing.assert_allclose(float(sums["loss_sum"]), -np.log(probs[np.arange(4), labels]).sum(), rtol=1e-5)
     assert float(sums["correct"]) == (probs.argmax(-1) == labels).sum()
     # An image that is its own mirror gets the single view's prediction.
     symmetric = {**batch, "inputs": batch["inputs"] + batch["inputs"][:, :, ::-1]}
-    one, two = (jax.jit(make_eval_step(model, task, flip=f))(params, symmetric) for f in (False, True))
+    one, two = single(params, symmetric), flipped(params, symmetric)
     np.testing.assert_allclose(float(one["loss_sum"]), float(two["loss_sum"]), rtol=1e-5)
     with pytest.raises(ValueError, match="needs an image classification run .* not task 'lm'"):
         make_eval_step(model, tasks.get_task("lm"), flip=True)

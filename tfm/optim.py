@@ -132,15 +132,18 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def update_ema(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+def update_ema(ema: Any, params: Any, step: jax.Array, decay: float, apply: jax.Array | bool = True) -> Any:
     """``ema + (1 - d) (params - ema)`` per leaf with ``d = ema_decay_at(step, decay)``; ``params``: the new ones.
+
+    ``apply`` False (a traced bool): ``d = 1``, so the average stays exactly as it is, without a
+    select over it (``params`` must then be finite: a refused step's kept parameters).
 
     Evaluating the average of the recent parameters rather than the last ones smooths out
     the noise of the final updates (Polyak & Juditsky 1992; the EMA of the ViT/DeiT recipes).
     """
     if not 0.0 < decay < 1.0:
         raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-    d = ema_decay_at(step, decay)
+    d = jnp.where(apply, ema_decay_at(step, decay), 1.0)
     return jax.tree.map(lambda e, p: e + ((1.0 - d) * (p - e)).astype(e.dtype), ema, params)
 
 

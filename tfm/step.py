@@ -198,11 +198,12 @@ def make_train_step(
         # Finite gradients can still give non-finite parameters (an overflowing learning rate or decay).
         params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
         ok = loss_ok & grads_ok & params_ok
-        ema = None if state.ema_params is None else optim.update_ema(state.ema_params, params, state.step, ema_decay)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, carry=carry,
-                         ema_params=ema)  # fmt: skip
+                         ema_params=state.ema_params)  # fmt: skip
         # A non-finite step changes nothing, so no NaN can reach a checkpoint.
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        if state.ema_params is not None:  # from the kept parameters; a refused step leaves it as it was
+            new = new.replace(ema_params=optim.update_ema(state.ema_params, new.params, state.step, ema_decay, ok))
         metrics = {
             "loss": loss,
             "accuracy": sums["correct"] / sums["weight_sum"],

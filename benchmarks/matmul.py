@@ -5,7 +5,8 @@
 The shapes are the shakespeare_char step's (``[B*T, D] x [D, 3D]`` and its gradients). Each
 count of cores runs in a fresh process pinned to the first N cores (``os.sched_setaffinity``
 before any library starts its threads); each figure is the best of 3 loops of ``--calls``
-calls, so one call's dispatch is included. Prints GFLOP/s per library and the speed-up from
+calls, so one call's dispatch is included. ``xla_chain`` runs 10 products in one jitted
+call, each waiting for the one before, as in a train step: no dispatch between them. Prints GFLOP/s per library and the speed-up from
 one core to all of them (Linux only).
 """
 
@@ -17,6 +18,9 @@ import os
 import subprocess
 import sys
 import time
+
+
+LIBS = ("xla", "xla_chain", "openblas", "pytorch")
 
 
 def _measure(shapes: list[tuple[int, int, int]], calls: int) -> dict:
@@ -38,6 +42,15 @@ def _measure(shapes: list[tuple[int, int, int]], calls: int) -> dict:
         return min(times)
 
     dot = jax.jit(jnp.dot)
+    chained = 10
+
+    @jax.jit
+    def chain(a, b):  # products that each wait for the one before (a scalar of it), as in a layer stack
+        c = jnp.dot(a, b)
+        for _ in range(chained - 1):
+            c = jnp.dot(a * (1.0 + 1e-30 * c[0, 0]), b)
+        return c
+
     out = {}
     for m, k, n in shapes:
         rng = np.random.default_rng(0)
@@ -46,6 +59,7 @@ def _measure(shapes: list[tuple[int, int, int]], calls: int) -> dict:
         flops = 2 * m * k * n
         out[f"{m}x{k}x{n}"] = {
             "xla": flops / best(lambda: dot(ja, jb).block_until_ready()) / 1e9,
+            "xla_chain": chained * flops / best(lambda: chain(ja, jb).block_until_ready()) / 1e9,
             "openblas": flops / best(lambda: a @ b) / 1e9,
             "pytorch": flops / best(lambda: ta @ tb) / 1e9,
         }
@@ -69,11 +83,11 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--shapes", args.shapes, "--calls", str(args.calls), "--cores", str(n)]
         runs[n] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     print(f"GFLOP/s, float32, best of 3 x {args.calls} calls; 1 core and {cores}")
-    print("| shape | " + " | ".join(f"{lib} 1 / {cores}" for lib in ("xla", "openblas", "pytorch")) + " |")
-    print("|---|" + "---:|" * 3)
+    print("| shape | " + " | ".join(f"{lib} 1 / {cores}" for lib in LIBS) + " |")
+    print("|---|" + "---:|" * len(LIBS))
     for shape in runs[1]:
         cells = [f"{runs[1][shape][lib]:.0f} / {runs[cores][shape][lib]:.0f} ({runs[cores][shape][lib] / runs[1][shape][lib]:.2f}x)"
-                 for lib in ("xla", "openblas", "pytorch")]  # fmt: skip
+                 for lib in LIBS]  # fmt: skip
         print(f"| {shape} | " + " | ".join(cells) + " |")
 
 

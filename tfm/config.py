@@ -313,12 +313,11 @@ def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict, d: ConfigDict) -> Non
     finite("optim.learning_rate", o.learning_rate, low=0.0)
     finite("optim.noam_scale", o.noam_scale, low=0.0, low_open=True)
     finite("optim.end_fraction", o.end_fraction, low=0.0, high=1.0)
-    finite("optim.b1", o.b1, low=0.0, high=1.0, high_open=True)
-    finite("optim.b2", o.b2, low=0.0, high=1.0, high_open=True)
+    for key in ("b1", "b2", "ema_decay"):  # older workdirs lack ema_decay
+        finite(f"optim.{key}", o.get(key, 0.0), low=0.0, high=1.0, high_open=True)
     finite("optim.eps", o.eps, low=0.0)
     finite("optim.weight_decay", o.weight_decay, low=0.0)
     finite("optim.clip_norm", o.clip_norm)
-    finite("optim.ema_decay", o.get("ema_decay", 0.0), low=0.0, high=1.0, high_open=True)  # older workdirs lack it
     finite("train.z_loss", t.z_loss, low=0.0)
     finite("train.aux_loss_weight", t.aux_loss_weight, low=0.0)
     finite("distill.alpha", d.alpha, low=0.0, high=1.0)

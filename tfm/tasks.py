@@ -47,6 +47,15 @@ def _count(params, name: str, mcfg) -> float:
     return total
 
 
+def _stem_flops(widths, side: int, channels: int) -> tuple[float, int, int]:
+    """``(forward FLOPs per image, output side, output channels)`` of 3x3 stride-2 SAME convolutions."""
+    flops = 0.0
+    for width in map(int, widths):
+        side = -(-side // 2)
+        flops, channels = flops + 2 * 9 * channels * width * side * side, width
+    return flops, side, channels
+
+
 class Task:
     """The interface; subclasses set the name and fill in the FLOP count (and model arguments beyond ``inputs``)."""
 
@@ -219,11 +228,8 @@ class ImageClassification(_Classification):
     name = "classify"
 
     def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
-        b, c, side = shapes["inputs"][0], mcfg.num_channels, mcfg.image_size
-        stem = 0.0  # a hybrid ViT's 3x3 stride-2 convolutions, each at its output's resolution
-        for width in mcfg.stem_channels:
-            side = -(-side // 2)
-            stem, c = stem + 2 * 9 * c * int(width) * side * side, int(width)
+        b = shapes["inputs"][0]
+        stem, _, c = _stem_flops(mcfg.stem_channels, mcfg.image_size, mcfg.num_channels)
         p, d = mcfg.num_patches, mcfg.block.d_model  # patches of the stem's feature map (or of the image)
         t = p + 1  # and the class token
         fwd = stem + 2 * mcfg.patch_size**2 * c * d * p + 2 * _count(params, "encoder", mcfg) * t
@@ -366,11 +372,7 @@ class Detection(Task):
 
     def flops_per_step(self, mcfg: ModelConfig, params: Any, shapes: Mapping[str, tuple]) -> float:
         b, size, _, c = shapes["inputs"]
-        stem, side = 0.0, size
-        for width in mcfg.stem_channels:
-            side = -(-side // 2)
-            stem += 2 * 9 * c * int(width) * side * side
-            c = int(width)
+        stem, side, c = _stem_flops(mcfg.stem_channels, size, c)
         s, q, d = side * side, mcfg.num_queries, mcfg.block.d_model
         fwd = stem + 2 * c * d * s + 2 * _count(params, "encoder", mcfg) * s + 4 * mcfg.num_encoder_layers * s * s * d
         fwd += 2 * _count(params, "decoder", mcfg) * q + 4 * mcfg.num_decoder_layers * (q + s) * q * d
@@ -378,18 +380,9 @@ class Detection(Task):
         return 3.0 * b * fwd
 
 
-TASKS: dict[str, Task] = {
-    "lm": LanguageModeling(),
-    "lm_memory": SegmentLanguageModeling(),
-    "seq2seq": Seq2Seq(),
-    "speech": SpeechRecognition(),
-    "classify": ImageClassification(),
-    "mlm": MaskedLanguageModeling(),
-    "text_classify": TextClassification(),
-    "contrastive": Contrastive(),
-    "detect": Detection(),
-    "multimodal": MultimodalClassification(),
-}
+TASKS: dict[str, Task] = {task.name: task for task in (
+    LanguageModeling(), SegmentLanguageModeling(), Seq2Seq(), SpeechRecognition(), ImageClassification(),
+    MaskedLanguageModeling(), TextClassification(), Contrastive(), Detection(), MultimodalClassification())}  # fmt: skip
 
 
 def get_task(name: str | Task) -> Task:

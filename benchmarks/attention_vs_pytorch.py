@@ -1,0 +1,156 @@
+"""One attention layer's core, forward and backward: tfm's XLA path against PyTorch's CPU kernel, side by side.
+
+    python benchmarks/attention_vs_pytorch.py [--shapes shakespeare,wide,multi30k,fashion] [--rounds 3] [--calls N]
+        [--out results/attention_vs_pytorch.json]
+
+tfm's side is ``tfm.layers.dot_product.dot_product_attention`` as its self-attention
+calls it (a dense mask; ``causal=True`` for the decoder shapes, so the backend's
+fast paths apply: by query blocks on CPU), jitted with its gradient. PyTorch's
+side is ``F.scaled_dot_product_attention`` (its fused CPU flash kernel) and
+``backward``. Both get the same ``[B, T, N, H]`` float32 query, key, value and
+output gradient; the script checks that outputs and input gradients agree
+(``max_abs_diff``), so the two compute the same thing. The sides alternate for
+``--rounds`` rounds of ``--calls`` calls (after a warm-up); medians are printed
+and written to ``--out``.
+
+It also times the batched product of the scores (``Q K^T`` per batch row and
+head, ``[B*N, T, H] x [B*N, H, T]``) alone: ``jnp.einsum`` in XLA against
+``torch.bmm``, in GFLOP/s. The shapes are those of ``benchmarks/vs_pytorch.py``
+(shakespeare, wide) and of the Multi30k ``:cpu`` encoder and the Fashion-MNIST
+ViT (not causal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tfm.layers.dot_product import dot_product_attention  # noqa: E402
+
+# (B, T, N, H, causal)
+SHAPES = {
+    "shakespeare": (12, 64, 4, 32, True),
+    "wide": (8, 256, 8, 64, True),
+    "multi30k": (64, 48, 4, 32, False),
+    "fashion": (128, 17, 4, 16, False),
+}
+
+
+def _rounds(fns: dict, rounds: int, calls: int) -> dict:
+    """Median seconds per call of each ``fns[name]()``, the names alternating round by round."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench(name: str, rounds: int, calls: int, torch) -> dict:
+    b, t, n, h, causal = SHAPES[name]
+    rng = np.random.default_rng(0)
+    q, k, v, g = (rng.standard_normal((b, t, n, h)).astype(np.float32) for _ in range(4))
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else jnp.ones((1, 1, t, t), bool)
+
+    def loss(q, k, v, g):
+        return jnp.sum(dot_product_attention(q, k, v, mask=mask, causal=causal) * g)
+
+    tfm_fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    jq, jk, jv, jg = (jnp.asarray(x) for x in (q, k, v, g))
+
+    def heads(x):  # [B, T, N, H] -> PyTorch's [B, N, T, H]
+        return torch.from_numpy(x).transpose(1, 2).contiguous().requires_grad_()
+
+    tq, tk, tv = heads(q), heads(k), heads(v)
+    tg = torch.from_numpy(g).transpose(1, 2).contiguous()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def torch_fwd_bwd():
+        for x in (tq, tk, tv):
+            x.grad = None
+        out = sdpa(tq, tk, tv, is_causal=causal)
+        out.backward(tg)
+        return out
+
+    def tfm_call():
+        return jax.block_until_ready(tfm_fwd_bwd(jq, jk, jv, jg))
+
+    med = _rounds({"tfm": tfm_call, "pytorch": torch_fwd_bwd}, rounds, calls)
+    # the same computation: outputs and gradients agree
+    out_t = torch_fwd_bwd().detach().transpose(1, 2).numpy()
+    out_j = np.asarray(dot_product_attention(jq, jk, jv, mask=mask, causal=causal))
+    _, grads_j = tfm_fwd_bwd(jq, jk, jv, jg)
+    grads_t = [x.grad.transpose(1, 2).numpy() for x in (tq, tk, tv)]
+    diff = max([float(np.abs(out_t - out_j).max())] + [float(np.abs(np.asarray(a) - c).max())
+                                                       for a, c in zip(grads_j, grads_t)])  # fmt: skip
+
+    # the score product alone: [B*N, T, H] x [B*N, H, T]
+    a = rng.standard_normal((b * n, t, h)).astype(np.float32)
+    c = rng.standard_normal((b * n, h, t)).astype(np.float32)
+    bmm = jax.jit(lambda x, y: jnp.einsum("bth,bhs->bts", x, y))
+    ja, jc, ta, tc = jnp.asarray(a), jnp.asarray(c), torch.from_numpy(a), torch.from_numpy(c)
+    prod = _rounds({"xla": lambda: bmm(ja, jc).block_until_ready(), "pytorch": lambda: torch.bmm(ta, tc)},
+                   rounds, calls)  # fmt: skip
+    flops = 2 * b * n * t * t * h
+    return {
+        "shape": name, "batch": b, "seq": t, "heads": n, "head_dim": h, "causal": causal, "calls": calls,
+        "rounds": rounds,
+        "tfm_ms": med["tfm"] * 1e3, "pytorch_ms": med["pytorch"] * 1e3,
+        "speed_ratio_tfm_over_pytorch": med["pytorch"] / med["tfm"],
+        "max_abs_diff": diff,
+        "scores_bmm_gflops": {"xla": flops / prod["xla"] / 1e9, "pytorch": flops / prod["pytorch"] / 1e9},
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--calls", type=int, default=None, help="calls per round (default: 20 for wide, 200 otherwise)")
+    p.add_argument("--out", default="results/attention_vs_pytorch.json", help="JSON of the results ('' writes nothing)")
+    args = p.parse_args()
+    import torch
+
+    names = args.shapes.split(",")
+    for name in names:
+        if name not in SHAPES:
+            raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+    dev = jax.devices()[0]
+    machine = f"{dev.platform}: {dev.device_kind}; {os.cpu_count()} cores; torch {torch.__version__} " \
+              f"({torch.get_num_threads()} threads), jax {jax.__version__}"  # fmt: skip
+    print(f"machine: {machine}")
+    print("| shape | B x T, N x H | causal | PyTorch ms | tfm ms | tfm / PyTorch speed | max abs diff | "
+          "Q K^T bmm GFLOP/s (XLA, PyTorch) |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
+    results = []
+    for name in names:
+        r = bench(name, args.rounds, args.calls or (20 if name == "wide" else 200), torch)
+        results.append(r)
+        print(f"| {name} | {r['batch']} x {r['seq']}, {r['heads']} x {r['head_dim']} | {r['causal']} | "
+              f"{r['pytorch_ms']:.2f} | {r['tfm_ms']:.2f} | {r['speed_ratio_tfm_over_pytorch']:.2f}x | "
+              f"{r['max_abs_diff']:.1e} | {r['scores_bmm_gflops']['xla']:.0f}, {r['scores_bmm_gflops']['pytorch']:.0f} |",
+              flush=True)  # fmt: skip
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"machine": machine, "host": platform.machine(), "results": results}, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

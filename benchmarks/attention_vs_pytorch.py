@@ -35,8 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from tfm import host_memory  # noqa: E402
 from tfm.layers.dot_product import dot_product_attention  # noqa: E402
+from vs_pytorch import machine_line  # noqa: E402
 
 # (B, T, N, H, causal)
 SHAPES = {
@@ -130,9 +133,8 @@ def main() -> None:
     for name in names:
         if name not in SHAPES:
             raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
-    dev = jax.devices()[0]
-    machine = f"{dev.platform}: {dev.device_kind}; {os.cpu_count()} cores; torch {torch.__version__} " \
-              f"({torch.get_num_threads()} threads), jax {jax.__version__}"  # fmt: skip
+    host_memory.dispatch_inline()  # as python -m tfm.train does
+    machine = machine_line(torch)
     print(f"machine: {machine}")
     print("| shape | B x T, N x H | causal | PyTorch ms | tfm ms | tfm / PyTorch speed | max abs diff | "
           "Q K^T bmm GFLOP/s (XLA, PyTorch) |")

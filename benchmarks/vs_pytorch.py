@@ -267,6 +267,13 @@ def bench(name, shape, rounds, steps, torch, extra=()):
     }  # fmt: skip
 
 
+def machine_line(torch) -> str:
+    """The device, core count and library versions, as the benchmarks print and record them."""
+    dev = jax.devices()[0]
+    return f"{dev.platform}: {dev.device_kind}; {os.cpu_count()} cores; torch {torch.__version__} " \
+           f"({torch.get_num_threads()} threads), jax {jax.__version__}"  # fmt: skip
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="shakespeare,wide")
@@ -285,9 +292,7 @@ def main():
         tuning.CAUSAL_BLOCK_ROWS = 0
         host_memory.RESERVE = False
     host_memory.dispatch_inline()  # as python -m tfm.train does
-    dev = jax.devices()[0]
-    machine = f"{dev.platform}: {dev.device_kind}; {os.cpu_count()} cores; torch {torch.__version__} " \
-              f"({torch.get_num_threads()} threads), jax {jax.__version__}"  # fmt: skip
+    machine = machine_line(torch)
     print(f"machine: {machine}")
     print("| shape | params | batch x seq | PyTorch ms/step | tfm ms/step | tfm / PyTorch speed | "
           "loss step 1 (tfm, PyTorch) | loss last step (tfm, PyTorch) | peak RSS growth MiB (tfm, PyTorch) |")

@@ -17,7 +17,8 @@ It also times the batched product of the scores (``Q K^T`` per batch row and
 head, ``[B*N, T, H] x [B*N, H, T]``) alone: ``jnp.einsum`` in XLA against
 ``torch.bmm``, in GFLOP/s. The shapes are those of ``benchmarks/vs_pytorch.py``
 (shakespeare, wide) and of the Multi30k ``:cpu`` encoder and the Fashion-MNIST
-ViT (not causal).
+ViT (not causal). It compares CPU kernels: where JAX runs on an accelerator it stops with a
+one-line message (``JAX_PLATFORMS=cpu`` runs it there).
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ def main() -> None:
         if name not in SHAPES:
             raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
     host_memory.dispatch_inline()  # as python -m tfm.train does
+    if jax.default_backend() != "cpu":  # PyTorch's side runs on the CPU: a ratio across devices says nothing
+        raise SystemExit(f"attention_vs_pytorch compares CPU kernels, but JAX runs on {jax.default_backend()}; "
+                         "run it with JAX_PLATFORMS=cpu")  # fmt: skip
     machine = machine_line(torch)
     print(f"machine: {machine}")
     print("| shape | B x T, N x H | causal | PyTorch ms | tfm ms | tfm / PyTorch speed | max abs diff | "
@@ -143,9 +147,10 @@ def main() -> None:
     for name in names:
         r = bench(name, args.rounds, args.calls or (20 if name == "wide" else 200), torch)
         results.append(r)
+        bmm = r["scores_bmm_gflops"]
         print(f"| {name} | {r['batch']} x {r['seq']}, {r['heads']} x {r['head_dim']} | {r['causal']} | "
               f"{r['pytorch_ms']:.2f} | {r['tfm_ms']:.2f} | {r['speed_ratio_tfm_over_pytorch']:.2f}x | "
-              f"{r['max_abs_diff']:.1e} | {r['scores_bmm_gflops']['xla']:.0f}, {r['scores_bmm_gflops']['pytorch']:.0f} |",
+              f"{r['max_abs_diff']:.1e} | {bmm['xla']:.0f}, {bmm['pytorch']:.0f} |",
               flush=True)  # fmt: skip
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

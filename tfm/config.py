@@ -315,11 +315,10 @@ def _check_optimizer_numbers(o: ConfigDict, t: ConfigDict, d: ConfigDict) -> Non
     finite("optim.end_fraction", o.end_fraction, low=0.0, high=1.0)
     for key in ("b1", "b2", "ema_decay"):  # older workdirs lack ema_decay
         finite(f"optim.{key}", o.get(key, 0.0), low=0.0, high=1.0, high_open=True)
-    finite("optim.eps", o.eps, low=0.0)
-    finite("optim.weight_decay", o.weight_decay, low=0.0)
     finite("optim.clip_norm", o.clip_norm)
-    finite("train.z_loss", t.z_loss, low=0.0)
-    finite("train.aux_loss_weight", t.aux_loss_weight, low=0.0)
+    for key, value in (("optim.eps", o.eps), ("optim.weight_decay", o.weight_decay), ("train.z_loss", t.z_loss),
+                       ("train.aux_loss_weight", t.aux_loss_weight)):  # fmt: skip
+        finite(key, value, low=0.0)
     finite("distill.alpha", d.alpha, low=0.0, high=1.0)
     finite("distill.temperature", d.temperature, low=0.0, low_open=True)
     try:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from tfm.layers import tuning
+from tfm.layers import cpu_attention, tuning
 from tfm.layers.masks import dense_mask
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ def dot_product_attention(
       dropout_rate, dropout_rng: dropout on the attention weights (applied
         only when the rate is positive; then a key is required).
       return_weights: also return the ``[B, N, T, S]`` float32 weights.
-      implementation: ``None``/``"xla"`` for the einsum path here; ``"jax"``
+      implementation: ``None``/``"xla"`` for the einsum path here (on CPU,
+        the fused native kernel where it applies: ``tuning.CPU_ATTENTION``); ``"jax"``
         for ``jax.nn.dot_product_attention`` (JAX picks); ``"cudnn"`` for the
         cuDNN flash kernel. The fused paths fall back to ``"xla"`` (logged) when
         the request needs weights or dropout, or the backend refuses.
@@ -165,6 +166,10 @@ def dot_product_attention(
                 reason = f"{type(e).__name__}: {e}"
         log.info("dot_product_attention: %s path unavailable (%s); using the XLA path", implementation, reason)
 
+    if (implementation in (None, "xla") and bias is None and dropout_rate == 0.0 and not return_weights
+            and tuning.cpu_attention() and cpu_attention.supports(query, key, value, mask) and cpu_attention.available()):
+        causal = causal and mask is not None and key.shape[1] == query.shape[1]
+        return cpu_attention.cpu_attention(query, key, value, mask=mask, scale=scale, causal=causal)
     blocks = tuning.causal_blocks(query.shape[1]) if causal and mask is not None and key.shape[1] == query.shape[1] else 1
     if blocks > 1 and dropout_rate == 0.0 and not return_weights:
         return _causal_blocked_attention(query, key, value, mask, bias, scale, blocks).astype(query.dtype)

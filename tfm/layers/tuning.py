@@ -27,6 +27,12 @@ they agree. Measured on the CPU backend with ``benchmarks/vs_pytorch.py``:
   (``tfm.layers.conv``). On CPU XLA computes a strided convolution's weight
   gradient as a window-dilated convolution, slower than the matmul; GPU and TPU
   have convolution kernels of their own.
+* ``CPU_ATTENTION``: the dense attention runs as one fused native kernel
+  (``tfm.layers.cpu_attention``: scores, softmax and output by blocks of query
+  rows, no ``[B, N, T, S]`` tensors, the backward recomputing the
+  probabilities), when the kernel builds and the inputs are float32 without a
+  bias, dropout or returned weights. Default: the CPU backend with one device
+  (a sharded batch keeps the XLA path, which the partitioner splits).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ FUSED_QKV: bool | None = None
 UNROLL_LAYERS: int | None = None
 CAUSAL_BLOCK_ROWS: int | None = None
 CONV_AS_MATMUL: bool | None = None
+CPU_ATTENTION: bool | None = None
 
 _CPU_UNROLL_LAYERS = 8
 _CPU_CAUSAL_BLOCK_ROWS = 64
@@ -58,6 +65,10 @@ def fused_qkv() -> bool:
 
 def conv_as_matmul() -> bool:
     return _on_cpu() if CONV_AS_MATMUL is None else CONV_AS_MATMUL
+
+
+def cpu_attention() -> bool:
+    return (_on_cpu() and jax.device_count() == 1) if CPU_ATTENTION is None else CPU_ATTENTION
 
 
 def scan_unroll(length: int) -> int:

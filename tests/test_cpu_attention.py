@@ -1,0 +1,177 @@
+"""The native CPU attention kernel computes what the XLA path computes: values and gradients.
+
+``tfm.layers.cpu_attention`` is built from source on first use; these tests build it
+(a C++ compiler is part of the test machine) and compare it with
+``dot_product._xla_attention`` over masks, GQA, odd sizes and cross-attention, then
+check the dispatch in ``dot_product_attention``, a GPT and a ViT with the kernel on
+and off, and the fallback where no compiler is found.
+"""
+
+import contextlib
+import logging
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _helpers import maxerr, random_params, randn
+
+from tfm.layers import cpu_attention, dot_product, tuning
+from tfm.layers.blocks import BlockConfig
+from tfm.layers.masks import and_masks, causal_mask, key_padding_mask
+from tfm.models.gpt import GPT, GPTConfig
+from tfm.models.vit import ViT, vit_tiny
+
+TOL = 2e-5
+
+pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="no C++ compiler to build the kernel")
+
+
+@contextlib.contextmanager
+def kernel(on: bool):
+    saved = tuning.CPU_ATTENTION
+    tuning.CPU_ATTENTION = on
+    try:
+        yield
+    finally:
+        tuning.CPU_ATTENTION = saved
+
+
+def fwd_grads(f, q, k, v):
+    g = randn(np.random.default_rng(99), *f(q, k, v).shape)
+    return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * g), argnums=(0, 1, 2))(q, k, v)
+
+
+def reference(mask, scale):
+    return lambda q, k, v: dot_product._xla_attention(q, k, v, mask, None, scale, 0.0, None)[0]
+
+
+def assert_close(a, b, tol=TOL):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert maxerr(x, y) <= tol, maxerr(x, y)
+
+
+# (B, T, S, N, K, H, mask, causal): heads of 16, 24, 32, 64 and 80; rows and keys not multiples of 8 or 16.
+CASES = [
+    (2, 64, 64, 4, 4, 32, "causal", True),
+    (2, 64, 64, 4, 4, 32, "causal", False),
+    (2, 37, 37, 4, 2, 24, "causal_padding", True),
+    (3, 19, 29, 6, 3, 16, "padding", False),
+    (2, 17, 17, 4, 4, 16, None, False),
+    (2, 20, 33, 4, 1, 80, "dense", False),
+    (1, 130, 130, 2, 2, 64, "causal", True),
+    (2, 1, 40, 4, 2, 32, "padding", False),  # one query row (a decoding step)
+]
+
+
+def make_mask(kind, rng, b, t, s, n):
+    if kind is None:
+        return None
+    if kind == "causal":
+        return causal_mask(t, s)
+    # At least the first key stays visible, so every row sees one (fully masked rows: the test below).
+    valid = jnp.asarray(rng.random((b, s)) > 0.3).at[:, 0].set(True)
+    if kind == "padding":
+        return key_padding_mask(valid)
+    if kind == "causal_padding":
+        return and_masks(causal_mask(t, s), key_padding_mask(valid))
+    return jnp.asarray(rng.random((b, n, t, s)) > 0.5).at[..., 0].set(True)  # dense [B, N, T, S]
+
+
+@pytest.mark.parametrize("b, t, s, n, kv, h, mask_kind, causal", CASES)
+def test_kernel_equals_the_xla_path(b, t, s, n, kv, h, mask_kind, causal):
+    rng = np.random.default_rng(t * 7 + h)
+    q, k, v = randn(rng, b, t, n, h), randn(rng, b, s, kv, h), randn(rng, b, s, kv, h)
+    mask, scale = make_mask(mask_kind, rng, b, t, s, n), 1.0 / np.sqrt(h)
+    ours = fwd_grads(lambda q, k, v: cpu_attention.cpu_attention(q, k, v, mask=mask, scale=scale, causal=causal),
+                     q, k, v)  # fmt: skip
+    assert_close(ours, fwd_grads(reference(mask, scale), q, k, v))
+
+
+def test_kernel_under_jit_and_vmap():
+    rng = np.random.default_rng(1)
+    q, k, v = randn(rng, 3, 2, 9, 4, 16), randn(rng, 3, 2, 9, 2, 16), randn(rng, 3, 2, 9, 2, 16)
+    mask = causal_mask(9)
+    f = jax.jit(jax.vmap(lambda q, k, v: cpu_attention.cpu_attention(q, k, v, mask=mask, scale=0.25, causal=True)))
+    g = jax.vmap(reference(mask, 0.25))
+    assert_close(f(q, k, v), g(q, k, v))
+
+
+def test_fully_masked_rows():
+    """No key visible: the row averages all values (as the XLA path), and no gradient reaches its scores."""
+    rng = np.random.default_rng(2)
+    b, t, n, h = 2, 12, 2, 16
+    q, k, v = randn(rng, b, t, n, h), randn(rng, b, t, n, h), randn(rng, b, t, n, h)
+    mask = jnp.ones((b, 1, t, t), bool).at[0, :, 3].set(False).at[1, :, 7:].set(False)
+    ours = fwd_grads(lambda q, k, v: cpu_attention.cpu_attention(q, k, v, mask=mask, scale=0.25, causal=False),
+                     q, k, v)  # fmt: skip
+    ref = fwd_grads(reference(mask, 0.25), q, k, v)
+    assert_close(ours, ref)
+    np.testing.assert_allclose(ours[0][0, 3], jnp.mean(v[0], axis=0), atol=1e-6)
+    # Causal: a row with no key up to it averages the keys of its query block; rows that see a key are exact.
+    pad = jnp.ones((b, t), bool).at[:, :2].set(False)  # left padding: rows 0 and 1 see nothing
+    mask = and_masks(causal_mask(t), key_padding_mask(pad))
+    f = lambda q, k, v: cpu_attention.cpu_attention(q, k, v, mask=mask, scale=0.25, causal=True)  # noqa: E731
+    assert maxerr(f(q, k, v)[:, 2:], reference(mask, 0.25)(q, k, v)[:, 2:]) <= TOL
+    assert bool(jnp.all(jnp.isfinite(f(q, k, v))))
+
+
+def test_dot_product_attention_dispatch(monkeypatch):
+    """Float32 without bias, dropout or weights takes the kernel (when on); anything else the XLA path, unchanged."""
+    calls = []
+    original = cpu_attention.cpu_attention
+    monkeypatch.setattr(cpu_attention, "cpu_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    rng = np.random.default_rng(3)
+    q = randn(rng, 2, 8, 4, 16)
+    mask = causal_mask(8)
+    attend = dot_product.dot_product_attention
+    with kernel(True):
+        on = attend(q, q, q, mask=mask, causal=True)
+        assert len(calls) == 1
+        attend(q, q, q, mask=mask, bias=randn(rng, 1, 4, 8, 8))
+        attend(q, q, q, mask=mask, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+        attend(q, q, q, mask=mask, return_weights=True)
+        attend(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), mask=mask)
+        assert len(calls) == 1
+    with kernel(False):
+        off = attend(q, q, q, mask=mask, causal=True)
+    assert len(calls) == 1
+    assert maxerr(on, off) <= TOL
+    # The default: on for the CPU backend with one device (the tests run on 8 virtual devices).
+    assert tuning.cpu_attention() == (jax.default_backend() == "cpu" and jax.device_count() == 1)
+
+
+def test_models_with_the_kernel_equal_the_xla_path():
+    """A causal GPT (padding included) and a ViT: loss and parameter gradients agree with the kernel on and off."""
+    cfg = GPTConfig(vocab_size=13, max_len=24, num_layers=2, block=BlockConfig(d_model=32, num_heads=4, d_ff=64))
+    gpt, tokens = GPT(cfg), jnp.asarray(np.random.default_rng(4).integers(0, 13, (2, 24)))
+    params = random_params(gpt, tokens)
+    vit = ViT(vit_tiny.replace(num_classes=5, image_size=16, patch_size=4))
+    images = randn(np.random.default_rng(5), 2, 16, 16, 1)
+    vit_params = random_params(vit, images)
+
+    def gpt_loss(p):
+        return jnp.mean(jnp.sin(gpt.apply({"params": p}, tokens)))
+
+    def vit_loss(p):
+        return jnp.mean(jnp.sin(vit.apply({"params": p}, images)))
+
+    results = []
+    for on in (True, False):
+        with kernel(on):
+            results.append([jax.value_and_grad(gpt_loss)(params), jax.value_and_grad(vit_loss)(vit_params)])
+    assert_close(*results)
+
+
+def test_no_compiler_falls_back_with_one_notice(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TFM_KERNEL_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="tfm.layers.cpu_attention"):
+        assert cpu_attention.available.__wrapped__() is False
+    assert "using the XLA attention path" in caplog.text
+    assert not list((tmp_path / "cache").glob("*")), "a failed build left files in the cache"
+    monkeypatch.setenv("CXX", shutil.which("false"))  # a compiler that fails
+    assert cpu_attention.available.__wrapped__() is False
+    assert not list((tmp_path / "cache").glob("*"))

@@ -1,0 +1,165 @@
+"""Fused attention on the CPU: a native kernel through XLA's FFI, built from source on first use.
+
+XLA has no fused attention on the CPU: its path (``dot_product._xla_attention``) writes
+the ``[B, N, T, S]`` scores, transposes the heads for the batched products and runs the
+softmax passes as separate loops. ``kernels/attention_cpu.cc`` does what PyTorch's CPU
+kernel does: per batch row and key/value head, blocks of query rows go through scores,
+float32 softmax and output in cache, and the backward recomputes the probabilities from
+the kept row maxima and sums. Same masks and the same masked-score convention as the
+XLA path; float32 only.
+
+The kernel is compiled once per source, compiler, jaxlib and CPU with the system's C++
+compiler (``$CXX``, else ``c++``/``g++``/``clang++``) into ``$TFM_KERNEL_CACHE`` (default
+``~/.cache/tfm/kernels``), then registered with ``jax.ffi``. Without a compiler, or if
+the build fails, ``available()`` is False (one logged notice) and callers keep the XLA
+path. ``tuning.CPU_ATTENTION`` picks it (default: the CPU backend with one device).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "kernels" / "attention_cpu.cc"
+_FORWARD, _BACKWARD = "tfm_attention_cpu_forward", "tfm_attention_cpu_backward"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TFM_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfm" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What the build's ``-march=native`` depends on: the CPU's model and feature flags where Linux shows them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _compile(compiler: str, out: Path) -> str | None:
+    """Builds the shared library at ``out`` (written whole or not at all); the compiler's error text if it fails."""
+    base = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    error = ""
+    for native in (["-march=native"], ["-mcpu=native"], []):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            result = subprocess.run([compiler, *native, *base, "-o", tmp], capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(tmp, out)
+                return None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        error = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    return error
+
+
+@functools.cache
+def available() -> bool:
+    """Builds (if not cached) and registers the kernel; False, with one logged notice, where it cannot."""
+    compiler = os.environ.get("CXX") or next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
+    if compiler is None:
+        log.info("cpu_attention: no C++ compiler found ($CXX, c++, g++, clang++); using the XLA attention path")
+        return False
+    import jaxlib
+
+    key = hashlib.sha256(
+        b"\0".join(s.encode() for s in (SOURCE.read_text(), compiler, jaxlib.__version__, platform.machine(), _cpu_id()))
+    ).hexdigest()[:16]
+    library = cache_dir() / f"attention_cpu-{key}.so"
+    if not library.exists():
+        try:
+            error = _compile(compiler, library)
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+        if error is not None:
+            log.warning("cpu_attention: building %s failed (%s); using the XLA attention path", SOURCE.name, error)
+            return False
+    lib = ctypes.cdll.LoadLibrary(str(library))
+    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.TfmAttentionForward), platform="cpu")
+    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.TfmAttentionBackward), platform="cpu")
+    return True
+
+
+def supports(query: Array, key: Array, value: Array, mask: Array | None) -> bool:
+    """The inputs the kernel takes: float32 query/key/value and a boolean mask (or none)."""
+    dtypes = {query.dtype, key.dtype, value.dtype}
+    return dtypes == {jnp.dtype(jnp.float32)} and (mask is None or mask.dtype == jnp.bool_)
+
+
+def _mask_operand(mask: Array | None, query: Array, key: Array) -> Array:
+    """``mask`` as ``[Bm, Nm, T, S]`` (Bm in {1, B}, Nm in {1, N}); a ``[1, 1, 1, 1]`` placeholder if None."""
+    if mask is None:
+        return jnp.ones((1, 1, 1, 1), bool)
+    m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    return jnp.broadcast_to(m, (m.shape[0], m.shape[1], query.shape[1], key.shape[1]))
+
+
+def _forward_call(q, k, v, mask, scale, causal, has_mask):
+    b, t, n, _ = q.shape
+    stats = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
+    call = jax.ffi.ffi_call(_FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32), stats, stats),
+                            vmap_method="sequential")  # fmt: skip
+    return call(q, k, v, mask, scale=np.float32(scale), causal=causal, has_mask=has_mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, mask, scale, causal, has_mask):
+    return _forward_call(q, k, v, mask, scale, causal, has_mask)[0]
+
+
+def _attention_fwd(q, k, v, mask, scale, causal, has_mask):
+    out, row_max, row_inv = _forward_call(q, k, v, mask, scale, causal, has_mask)
+    return out, (q, k, v, mask, out, row_max, row_inv)
+
+
+def _attention_bwd(scale, causal, has_mask, residuals, d_out):
+    q, k, v, mask, out, row_max, row_inv = residuals
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    call = jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method="sequential")
+    dq, dk, dv = call(q, k, v, mask, out, d_out.astype(jnp.float32), row_max, row_inv, scale=np.float32(scale),
+                      causal=causal, has_mask=has_mask)  # fmt: skip
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def cpu_attention(query: Array, key: Array, value: Array, *, mask: Array | None, scale: float, causal: bool) -> Array:
+    """softmax(Q K^T * scale, masked) V by the native kernel: query ``[B, T, N, H]``, key/value ``[B, S, K, H]``.
+
+    ``mask``: boolean, broadcastable to ``[B, N, T, S]``, True = may attend; masked scores get the most
+    negative finite float32, so a fully masked row averages the values (of all keys; with ``causal``, of
+    the keys up to its query block's last row, as the XLA path's query blocks do). ``causal`` promises
+    that the mask hides every later key (S == T): the kernel skips them. ``RuntimeError`` where the kernel
+    cannot be built (``available()`` says so beforehand).
+    """
+    if not available():
+        raise RuntimeError("cpu_attention: the native attention kernel could not be built (see the log)")
+    if causal and key.shape[1] != query.shape[1]:
+        raise ValueError(f"causal cpu_attention needs S == T; got query {query.shape} and key {key.shape}")
+    return _attention(query, key, value, _mask_operand(mask, query, key), float(scale), bool(causal), mask is not None)
+
+
+__all__ = ["available", "cache_dir", "cpu_attention", "supports"]

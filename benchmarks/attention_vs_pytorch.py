@@ -4,14 +4,16 @@
         [--out results/attention_vs_pytorch.json]
 
 tfm's side is ``tfm.layers.dot_product.dot_product_attention`` as its self-attention
-calls it (a dense mask; ``causal=True`` for the decoder shapes, so the backend's
-fast paths apply: by query blocks on CPU), jitted with its gradient. PyTorch's
-side is ``F.scaled_dot_product_attention`` (its fused CPU flash kernel) and
-``backward``. Both get the same ``[B, T, N, H]`` float32 query, key, value and
+calls it (a dense mask; ``causal=True`` for the decoder shapes), jitted with its
+gradient, twice: as it runs by default on one CPU device, through the fused native
+kernel (``tfm.layers.cpu_attention``), and through the XLA path
+(``tuning.CPU_ATTENTION = False``: einsums and softmax, by query blocks when causal).
+PyTorch's side is ``F.scaled_dot_product_attention`` (its fused CPU flash kernel) and
+``backward``. All get the same ``[B, T, N, H]`` float32 query, key, value and
 output gradient; the script checks that outputs and input gradients agree
-(``max_abs_diff``), so the two compute the same thing. The sides alternate for
-``--rounds`` rounds of ``--calls`` calls (after a warm-up); medians are printed
-and written to ``--out``.
+(``max_abs_diff``, the largest over both tfm paths), so they compute the same thing.
+The three alternate for ``--rounds`` rounds of ``--calls`` calls (after a warm-up);
+medians are printed and written to ``--out``.
 
 It also times the batched product of the scores (``Q K^T`` per batch row and
 head, ``[B*N, T, H] x [B*N, H, T]``) alone: ``jnp.einsum`` in XLA against
@@ -39,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from tfm import host_memory  # noqa: E402
+from tfm.layers import cpu_attention, tuning  # noqa: E402
 from tfm.layers.dot_product import dot_product_attention  # noqa: E402
 from vs_pytorch import machine_line  # noqa: E402
 
@@ -74,8 +77,14 @@ def bench(name: str, rounds: int, calls: int, torch) -> dict:
     def loss(q, k, v, g):
         return jnp.sum(dot_product_attention(q, k, v, mask=mask, causal=causal) * g)
 
-    tfm_fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    def compiled(kernel: bool):  # the path is picked at trace time
+        tuning.CPU_ATTENTION = kernel
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(jq, jk, jv, jg).compile()
+        tuning.CPU_ATTENTION = None
+        return fn
+
     jq, jk, jv, jg = (jnp.asarray(x) for x in (q, k, v, g))
+    paths = {"tfm": compiled(True), "tfm_xla": compiled(False)}
 
     def heads(x):  # [B, T, N, H] -> PyTorch's [B, N, T, H]
         return torch.from_numpy(x).transpose(1, 2).contiguous().requires_grad_()
@@ -91,17 +100,20 @@ def bench(name: str, rounds: int, calls: int, torch) -> dict:
         out.backward(tg)
         return out
 
-    def tfm_call():
-        return jax.block_until_ready(tfm_fwd_bwd(jq, jk, jv, jg))
+    def call(fn):
+        return lambda: jax.block_until_ready(fn(jq, jk, jv, jg))
 
-    med = _rounds({"tfm": tfm_call, "pytorch": torch_fwd_bwd}, rounds, calls)
-    # the same computation: outputs and gradients agree
+    med = _rounds({**{name: call(fn) for name, fn in paths.items()}, "pytorch": torch_fwd_bwd}, rounds, calls)
+    # the same computation: the loss (the output against g) and the input gradients agree
     out_t = torch_fwd_bwd().detach().transpose(1, 2).numpy()
-    out_j = np.asarray(dot_product_attention(jq, jk, jv, mask=mask, causal=causal))
-    _, grads_j = tfm_fwd_bwd(jq, jk, jv, jg)
     grads_t = [x.grad.transpose(1, 2).numpy() for x in (tq, tk, tv)]
-    diff = max([float(np.abs(out_t - out_j).max())] + [float(np.abs(np.asarray(a) - c).max())
-                                                       for a, c in zip(grads_j, grads_t)])  # fmt: skip
+    loss_t = float(np.sum(out_t.astype(np.float64) * g))
+    diff = 0.0
+    for fn in paths.values():
+        loss_j, grads_j = fn(jq, jk, jv, jg)
+        diffs = [abs(float(loss_j) - loss_t) / max(1.0, abs(loss_t))]
+        diffs += [float(np.abs(np.asarray(a) - c).max()) for a, c in zip(grads_j, grads_t)]
+        diff = max(diff, *diffs)
 
     # the score product alone: [B*N, T, H] x [B*N, H, T]
     a = rng.standard_normal((b * n, t, h)).astype(np.float32)
@@ -114,8 +126,9 @@ def bench(name: str, rounds: int, calls: int, torch) -> dict:
     return {
         "shape": name, "batch": b, "seq": t, "heads": n, "head_dim": h, "causal": causal, "calls": calls,
         "rounds": rounds,
-        "tfm_ms": med["tfm"] * 1e3, "pytorch_ms": med["pytorch"] * 1e3,
+        "tfm_ms": med["tfm"] * 1e3, "tfm_xla_path_ms": med["tfm_xla"] * 1e3, "pytorch_ms": med["pytorch"] * 1e3,
         "speed_ratio_tfm_over_pytorch": med["pytorch"] / med["tfm"],
+        "speed_ratio_tfm_xla_path_over_pytorch": med["pytorch"] / med["tfm_xla"],
         "max_abs_diff": diff,
         "scores_bmm_gflops": {"xla": flops / prod["xla"] / 1e9, "pytorch": flops / prod["pytorch"] / 1e9},
     }  # fmt: skip
@@ -140,9 +153,11 @@ def main() -> None:
                          "run it with JAX_PLATFORMS=cpu")  # fmt: skip
     machine = machine_line(torch)
     print(f"machine: {machine}")
-    print("| shape | B x T, N x H | causal | PyTorch ms | tfm ms | tfm / PyTorch speed | max abs diff | "
-          "Q K^T bmm GFLOP/s (XLA, PyTorch) |")
-    print("|---|---|---|---:|---:|---:|---:|---|")
+    if not cpu_attention.available():
+        raise SystemExit("attention_vs_pytorch: the CPU attention kernel could not be built (no C++ compiler?)")
+    print("| shape | B x T, N x H | causal | PyTorch ms | tfm ms (kernel) | tfm / PyTorch speed | tfm ms (XLA path) | "
+          "XLA path / PyTorch | max abs diff | Q K^T bmm GFLOP/s (XLA, PyTorch) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     results = []
     for name in names:
         r = bench(name, args.rounds, args.calls or (20 if name == "wide" else 200), torch)
@@ -150,7 +165,7 @@ def main() -> None:
         bmm = r["scores_bmm_gflops"]
         print(f"| {name} | {r['batch']} x {r['seq']}, {r['heads']} x {r['head_dim']} | {r['causal']} | "
               f"{r['pytorch_ms']:.2f} | {r['tfm_ms']:.2f} | {r['speed_ratio_tfm_over_pytorch']:.2f}x | "
-              f"{r['max_abs_diff']:.1e} | {bmm['xla']:.0f}, {bmm['pytorch']:.0f} |",
+              f"{r['tfm_xla_path_ms']:.2f} | {r['speed_ratio_tfm_xla_path_over_pytorch']:.2f}x | {r['max_abs_diff']:.1e} | {bmm['xla']:.0f}, {bmm['pytorch']:.0f} |",
               flush=True)  # fmt: skip
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -13,6 +13,8 @@ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) into ``$TFM_KERNEL_CACHE``
 ``~/.cache/tfm/kernels``), then registered with ``jax.ffi``. Without a compiler, or if
 the build fails, ``available()`` is False (one logged notice) and callers keep the XLA
 path. ``tuning.CPU_ATTENTION`` picks it (default: the CPU backend with one device).
+A program traced with it holds a custom call of this process's: to serialise one with
+``jax.export``, trace it with ``tuning.CPU_ATTENTION = False``.
 """
 
 from __future__ import annotations

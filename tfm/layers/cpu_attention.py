@@ -57,6 +57,11 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def _sources() -> list[str]:
+    """The kernel's source and the headers it includes (``kernels/*.h``), as text."""
+    return [SOURCE.read_text()] + [h.read_text() for h in sorted(SOURCE.parent.glob("*.h"))]
+
+
 def _compile(compiler: str, out: Path) -> str | None:
     """Builds the shared library at ``out`` (written whole or not at all); the compiler's error text if it fails."""
     base = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE)]
@@ -87,7 +92,7 @@ def available() -> bool:
     import jaxlib
 
     key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (SOURCE.read_text(), compiler, jaxlib.__version__, platform.machine(), _cpu_id()))
+        b"\0".join(s.encode() for s in (*_sources(), compiler, jaxlib.__version__, platform.machine(), _cpu_id()))
     ).hexdigest()[:16]
     library = cache_dir() / f"attention_cpu-{key}.so"
     if not library.exists():

@@ -15,89 +15,21 @@
 // for AVX-512, AVX2 or NEON; keys and head widths are padded to 16 inside the packed buffers.
 
 #include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <vector>
 
+#include "vector.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int W = 16;  // floats per vector
-constexpr int R = 8;   // query rows per block
+using namespace tfm_kernels;
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint8_t vb __attribute__((vector_size(16)));
-typedef uint8_t vbu __attribute__((vector_size(16), aligned(1)));
-
-constexpr vi kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
-inline void store(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
-inline vf splat(float x) { return vf{} + x; }
-inline vf select(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }  // m ? a : b
-inline int round_up(int x) { return (x + W - 1) / W * W; }
-
-// Horizontal max and sum, by halves.
-inline float hmax(vf x) {
-  float a[W];
-  std::memcpy(a, &x, sizeof a);
-  for (int w = W / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] = std::max(a[i], a[i + w]);
-  return a[0];
-}
-inline float hsum(vf x) {
-  float a[W];
-  std::memcpy(a, &x, sizeof a);
-  for (int w = W / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  return a[0];
-}
-
-// exp for x <= 0 (Cephes' expf polynomial, ~1 ulp); exactly 0 below the smallest normal's log.
-inline vf vexp(vf x) {
-  const vf lo = splat(-87.33654f);
-  const vi under = x < lo;
-  x = select(under, lo, x);
-  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf t = x * splat(1.44269504088896341f) + magic;
-  const vf n = t - magic;
-  const vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-  vf p = splat(1.9875691500E-4f);
-  p = p * r + splat(1.3981999507E-3f);
-  p = p * r + splat(8.3334519073E-3f);
-  p = p * r + splat(4.1665795894E-2f);
-  p = p * r + splat(1.6666665459E-1f);
-  p = p * r + splat(5.0000001201E-1f);
-  p = p * r * r + r + splat(1.f);
-  const vi pow2 = (((vi)t - (vi)magic) + 127) << 23;
-  return (vf)((vi)(p * (vf)pow2) & ~under);
-}
-
-// dst[0, n) = src[0, n) * mul, a vector at a time.
-inline void CopyRow(float* dst, const float* src, int64_t n, float mul = 1.f) {
-  int64_t i = 0;
-  for (; i + W <= n; i += W) store(dst + i, load(src + i) * mul);
-  for (; i < n; ++i) dst[i] = src[i] * mul;
-}
-
-// Scratch buffers of one thread, reused from task to task (no allocation per task).
-float* Scratch(int slot, int64_t size) {
-  thread_local std::vector<float> buffers[12];
-  if (static_cast<int64_t>(buffers[slot].size()) < size) buffers[slot].resize(size);
-  return buffers[slot].data();
-}
+constexpr int R = 8;  // query rows per block
 
 struct Dims {
   int64_t B, T, S, N, K, H, Bm, Nm;
@@ -118,39 +50,17 @@ Dims GetDims(const ffi::AnyBuffer::Dimensions& qd, const ffi::AnyBuffer::Dimensi
   return d;
 }
 
-// Runs body(0..tasks-1) on the caller and XLA's intra-op threads; returns when all are done.
-void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const std::function<void(int64_t)>& body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
-  auto work = [state, tasks, &body] {
-    for (int64_t i; (i = state->next.fetch_add(1)) < tasks;) {
-      body(i);
-      if (state->done.fetch_add(1) + 1 == tasks) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  // A helper that starts after the last task finds nothing to do and touches only `state`
-  // (kept alive by its copy of the pointer), never `body`.
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == tasks; });
-}
-
 // The per-task packed copies of one key/value head: K^T and V^T as [Hp, Sp], K and V as [S, Hp].
 void PackTransposed(const float* x, const Dims& d, int64_t b, int64_t kh, float* out) {
   for (int64_t h = 0; h < d.H; ++h) std::fill(out + h * d.Sp + d.S, out + (h + 1) * d.Sp, 0.f);
-  for (int64_t s = 0; s < d.S; ++s) {
-    const float* row = x + ((b * d.S + s) * d.K + kh) * d.H;
-    for (int64_t h = 0; h < d.H; ++h) out[h * d.Sp + s] = row[h];
+  for (int64_t s0 = 0; s0 < d.S; s0 += W) {  // by tiles of W keys: their rows stay in cache
+    const int n = static_cast<int>(std::min<int64_t>(W, d.S - s0));
+    const float* rows[W];
+    for (int i = 0; i < n; ++i) rows[i] = x + ((b * d.S + s0 + i) * d.K + kh) * d.H;
+    for (int64_t h = 0; h < d.H; ++h) {
+      float* o = out + h * d.Sp + s0;
+      for (int i = 0; i < n; ++i) o[i] = rows[i][h];
+    }
   }
 }
 void PackRows(const float* x, const Dims& d, int64_t b, int64_t kh, float* out) {
@@ -171,38 +81,61 @@ void UnpackQueryRows(const float* in, const Dims& d, int64_t b, int64_t n, int64
   for (int r = 0; r < rows; ++r) CopyRow(x + ((b * d.T + t0 + r) * d.N + n) * d.H, in + r * d.Hp, d.H);
 }
 
-// out[r, c] = sum_h a[r, h] * bt[h, c] for R rows and columns [0, cols) (cols a multiple of W).
+// The products below run over the first NR rows of a block (NR in 8, 4, 2, 1: the fewest that
+// cover its rows), so a block of one query row (a decoding step) does not pay for eight.
+#define TFM_BY_ROWS(fn, rows, ...) \
+  ((rows) > 4 ? fn<8>(__VA_ARGS__) : (rows) > 2 ? fn<4>(__VA_ARGS__) : (rows) > 1 ? fn<2>(__VA_ARGS__) : fn<1>(__VA_ARGS__))
+
+// out[r, c] = sum_h a[r, h] * bt[h, c] for columns [0, cols) (cols a multiple of W).
+template <int NR>
 void RowsTimesPacked(const float* a, const float* bt, const Dims& d, int cols, float* out) {
   for (int c = 0; c < cols; c += W) {
-    vf acc[R] = {};
+    vf acc[NR] = {};
     for (int64_t h = 0; h < d.H; ++h) {
       const vf bv = load(bt + h * d.Sp + c);
-      for (int r = 0; r < R; ++r) acc[r] += a[r * d.Hp + h] * bv;
+      for (int r = 0; r < NR; ++r) acc[r] += a[r * d.Hp + h] * bv;
     }
-    for (int r = 0; r < R; ++r) store(out + r * d.Sp + c, acc[r]);
+    for (int r = 0; r < NR; ++r) store(out + r * d.Sp + c, acc[r]);
+  }
+}
+
+// The same from K's rows ([S, Hp]), a key at a time: for blocks of one or two query rows (decoding),
+// where transposing K would cost more than the products.
+template <int NR>
+void RowsTimesRows(const float* a, const float* rows, int64_t stride, const Dims& d, int keys, float* out) {
+  for (int s = 0; s < keys; ++s) {
+    vf acc[NR] = {};
+    for (int hc = 0; hc < d.Hp; hc += W) {
+      const vf kv = load(rows + s * stride + hc);
+      for (int r = 0; r < NR; ++r) acc[r] += load(a + r * d.Hp + hc) * kv;
+    }
+    for (int r = 0; r < NR; ++r) out[r * d.Sp + s] = hsum(acc[r]);
   }
 }
 
 // out[r, :] = mul[r] * sum_{s < keys} p[r, s] * rows[s, :]  ([R, Sp] x [S, Hp] -> [R, Hp]).
-void WeightsTimesRows(const float* p, const float* rows, const Dims& d, int keys, const float* mul, float* out) {
+template <int NR>
+void WeightsTimesRows(const float* p, const float* rows, int64_t stride, const Dims& d, int keys, const float* mul,
+                      float* out) {
   for (int hc = 0; hc < d.Hp; hc += W) {
-    vf acc[R] = {};
+    vf acc[NR] = {};
     for (int s = 0; s < keys; ++s) {
-      const vf v = load(rows + s * d.Hp + hc);
-      for (int r = 0; r < R; ++r) acc[r] += p[r * d.Sp + s] * v;
+      const vf v = load(rows + s * stride + hc);
+      for (int r = 0; r < NR; ++r) acc[r] += p[r * d.Sp + s] * v;
     }
-    for (int r = 0; r < R; ++r) store(out + r * d.Hp + hc, acc[r] * mul[r]);
+    for (int r = 0; r < NR; ++r) store(out + r * d.Hp + hc, acc[r] * mul[r]);
   }
 }
 
 // acc[s, :] += sum_r p[r, s] * rows[r, :] for s < keys  ([R, Sp]^T x [R, Hp] into [S, Hp]).
+template <int NR>
 void AccumulateTransposed(const float* p, const float* rows, const Dims& d, int keys, float* acc) {
   for (int hc = 0; hc < d.Hp; hc += W) {
-    vf x[R];
-    for (int r = 0; r < R; ++r) x[r] = load(rows + r * d.Hp + hc);
+    vf x[NR];
+    for (int r = 0; r < NR; ++r) x[r] = load(rows + r * d.Hp + hc);
     for (int s = 0; s < keys; ++s) {
       vf a = load(acc + s * d.Hp + hc);
-      for (int r = 0; r < R; ++r) a += p[r * d.Sp + s] * x[r];
+      for (int r = 0; r < NR; ++r) a += p[r * d.Sp + s] * x[r];
       store(acc + s * d.Hp + hc, a);
     }
   }
@@ -249,15 +182,29 @@ void ForwardTask(const float* q, const float* k, const float* v, const bool* mas
   float *kt = Scratch(0, packed), *vr = Scratch(1, d.S * d.Hp), *qr = Scratch(2, R * d.Hp),
         *p = Scratch(3, R * d.Sp), *out = Scratch(4, R * d.Hp);
   float inv[R];
-  PackTransposed(k, d, b, kh, kt);
-  PackRows(v, d, b, kh, vr);
+  const bool few_rows = d.T <= 2;  // K by rows (RowsTimesRows) instead of transposed
+  // Rows of a multiple of W floats are read in place, [S, K * H] apart; others are copied, padded.
+  const bool in_place = d.H == d.Hp;
+  const int64_t stride = in_place ? d.K * d.H : d.Hp;
+  const float* krows = in_place ? k + b * d.S * d.K * d.H + kh * d.H : kt;
+  const float* vrows = in_place ? v + b * d.S * d.K * d.H + kh * d.H : vr;
+  if (!few_rows) {
+    PackTransposed(k, d, b, kh, kt);
+  } else if (!in_place) {
+    PackRows(k, d, b, kh, kt);
+  }
+  if (!in_place) PackRows(v, d, b, kh, vr);
   for (int g = 0; g < d.G; ++g) {
     const int64_t n = kh * d.G + g;
     for (int64_t t0 = 0; t0 < d.T; t0 += R) {
       const int rows = static_cast<int>(std::min<int64_t>(R, d.T - t0));
       const int keys = KeysOf(d, t0, rows), cols = round_up(keys);
       PackQueryRows(q, d, b, n, t0, rows, d.scale, qr);
-      RowsTimesPacked(qr, kt, d, cols, p);
+      if (few_rows) {
+        TFM_BY_ROWS(RowsTimesRows, rows, qr, krows, stride, d, keys, p);
+      } else {
+        TFM_BY_ROWS(RowsTimesPacked, rows, qr, kt, d, cols, p);
+      }
       for (int r = 0; r < R; ++r) {
         float* x = p + r * d.Sp;
         if (r >= rows) {
@@ -284,7 +231,7 @@ void ForwardTask(const float* q, const float* k, const float* v, const bool* mas
         row_max[(b * d.N + n) * d.T + t] = m;
         row_inv[(b * d.N + n) * d.T + t] = inv[r];
       }
-      WeightsTimesRows(p, vr, d, keys, inv, out);  // the softmax's division, applied to the output rows
+      TFM_BY_ROWS(WeightsTimesRows, rows, p, vrows, stride, d, keys, inv, out);  // the softmax's division, applied to the output rows
       UnpackQueryRows(out, d, b, n, t0, rows, o);
     }
   }
@@ -313,8 +260,8 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
       const int keys = KeysOf(d, t0, rows), cols = round_up(keys);
       PackQueryRows(q, d, b, n, t0, rows, d.scale, qr);
       PackQueryRows(dout, d, b, n, t0, rows, 1.f, dor);
-      RowsTimesPacked(qr, kt, d, cols, p);
-      RowsTimesPacked(dor, vt, d, cols, dp);
+      TFM_BY_ROWS(RowsTimesPacked, rows, qr, kt, d, cols, p);
+      TFM_BY_ROWS(RowsTimesPacked, rows, dor, vt, d, cols, dp);
       for (int r = 0; r < R; ++r) {
         float* x = p + r * d.Sp;
         float* y = dp + r * d.Sp;
@@ -336,9 +283,9 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
           store(y + c, select(keep, prob * (load(y + c) - delta), vf{}));  // dS; hidden keys get none
         }
       }
-      AccumulateTransposed(p, dor, d, keys, dv_acc);
-      AccumulateTransposed(dp, qr, d, keys, dk_acc);
-      WeightsTimesRows(dp, kr, d, keys, scale, out);
+      TFM_BY_ROWS(AccumulateTransposed, rows, p, dor, d, keys, dv_acc);
+      TFM_BY_ROWS(AccumulateTransposed, rows, dp, qr, d, keys, dk_acc);
+      TFM_BY_ROWS(WeightsTimesRows, rows, dp, kr, d.Hp, d, keys, scale, out);
       UnpackQueryRows(out, d, b, n, t0, rows, dq);
     }
   }

@@ -1,0 +1,118 @@
+// Portable vector helpers and the thread-pool loop of tfm's CPU kernels (included by attention_cpu.cc).
+//
+// Vectors are the compiler's generic vector types (GCC and Clang): 16 floats, which the
+// compiler lowers to AVX-512, AVX2 or NEON, whichever -march=native / -mcpu=native gives.
+
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace tfm_kernels {
+
+namespace ffi = xla::ffi;
+
+constexpr int W = 16;  // floats per vector
+
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint8_t vb __attribute__((vector_size(16)));
+typedef uint8_t vbu __attribute__((vector_size(16), aligned(1)));
+
+constexpr vi kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void store(float* p, vf x) { *reinterpret_cast<vfu*>(p) = x; }
+inline vf splat(float x) { return vf{} + x; }
+inline vf select(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }  // m ? a : b
+inline int round_up(int x) { return (x + W - 1) / W * W; }
+
+// Horizontal max and sum, by halves.
+inline float hmax(vf x) {
+  float a[W];
+  std::memcpy(a, &x, sizeof a);
+  for (int w = W / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] = std::max(a[i], a[i + w]);
+  return a[0];
+}
+inline float hsum(vf x) {
+  float a[W];
+  std::memcpy(a, &x, sizeof a);
+  for (int w = W / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
+}
+
+// exp for x <= 0 (Cephes' expf polynomial, ~1 ulp); exactly 0 below the smallest normal's log.
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.33654f);
+  const vi under = x < lo;
+  x = select(under, lo, x);
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = x * splat(1.44269504088896341f) + magic;
+  const vf n = t - magic;
+  const vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+  vf p = splat(1.9875691500E-4f);
+  p = p * r + splat(1.3981999507E-3f);
+  p = p * r + splat(8.3334519073E-3f);
+  p = p * r + splat(4.1665795894E-2f);
+  p = p * r + splat(1.6666665459E-1f);
+  p = p * r + splat(5.0000001201E-1f);
+  p = p * r * r + r + splat(1.f);
+  const vi pow2 = (((vi)t - (vi)magic) + 127) << 23;
+  return (vf)((vi)(p * (vf)pow2) & ~under);
+}
+
+// dst[0, n) = src[0, n) * mul, a vector at a time.
+inline void CopyRow(float* dst, const float* src, int64_t n, float mul = 1.f) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) store(dst + i, load(src + i) * mul);
+  for (; i < n; ++i) dst[i] = src[i] * mul;
+}
+
+// Scratch buffers of one thread, reused from task to task (no allocation per task).
+float* Scratch(int slot, int64_t size) {
+  thread_local std::vector<float> buffers[12];
+  if (static_cast<int64_t>(buffers[slot].size()) < size) buffers[slot].resize(size);
+  return buffers[slot].data();
+}
+
+// Runs body(0..tasks-1) on the caller and XLA's intra-op threads; returns when all are done.
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const std::function<void(int64_t)>& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
+  auto work = [state, tasks, &body] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < tasks;) {
+      body(i);
+      if (state->done.fetch_add(1) + 1 == tasks) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  // A helper that starts after the last task finds nothing to do and touches only `state`
+  // (kept alive by its copy of the pointer), never `body`.
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == tasks; });
+}
+
+}  // namespace tfm_kernels

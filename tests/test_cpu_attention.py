@@ -62,7 +62,8 @@ CASES = [
     (2, 17, 17, 4, 4, 16, None, False),
     (2, 20, 33, 4, 1, 80, "dense", False),
     (1, 130, 130, 2, 2, 64, "causal", True),
-    (2, 1, 40, 4, 2, 32, "padding", False),  # one query row (a decoding step)
+    (2, 1, 40, 4, 2, 32, "padding", False),  # one query row (a decoding step; the G heads' rows as one block)
+    (3, 2, 2, 4, 1, 16, "causal", True),  # two rows, MQA: four heads' rows in one block
 ]
 
 

@@ -69,16 +69,54 @@ void PackRows(const float* x, const Dims& d, int64_t b, int64_t kh, float* out) 
     CopyRow(out + s * d.Hp, x + ((b * d.S + s) * d.K + kh) * d.H, d.H);
   }
 }
-// Query-layout rows t0..t0+rows of head n, times `mul`, into [R, Hp] (rows past `rows` zero).
-void PackQueryRows(const float* x, const Dims& d, int64_t b, int64_t n, int64_t t0, int rows, float mul, float* out) {
-  for (int r = 0; r < rows; ++r) {
-    CopyRow(out + r * d.Hp, x + ((b * d.T + t0 + r) * d.N + n) * d.H, d.H, mul);
+// A block of query rows: row r is query position t[r] of query head n[r].
+struct Block {
+  int rows;
+  int64_t n[R], t[R];
+};
+
+// The blocks of one task: per query head, R consecutive positions at a time; or, for decoding
+// (T <= 2), the rows of all G heads that share the key/value head together, so K and V are read once.
+std::vector<Block> Blocks(const Dims& d, int64_t kh, bool across_heads) {
+  std::vector<Block> blocks;
+  const int64_t per_head = across_heads ? d.G * d.T : d.T;
+  for (int64_t g = 0; g < (across_heads ? 1 : d.G); ++g) {
+    for (int64_t j0 = 0; j0 < per_head; j0 += R) {
+      Block blk;
+      blk.rows = static_cast<int>(std::min<int64_t>(R, per_head - j0));
+      for (int r = 0; r < blk.rows; ++r) {
+        const int64_t j = j0 + r;
+        blk.n[r] = kh * d.G + (across_heads ? j / d.T : g);
+        blk.t[r] = across_heads ? j % d.T : j;
+      }
+      blocks.push_back(blk);
+    }
+  }
+  return blocks;
+}
+
+// Keys a block looks at: all of them, or up to its last position when causal.
+inline int KeysOf(const Dims& d, const Block& blk) {
+  int64_t last = 0;
+  for (int r = 0; r < blk.rows; ++r) last = std::max(last, blk.t[r]);
+  return static_cast<int>(d.causal ? std::min<int64_t>(d.S, last + 1) : d.S);
+}
+
+template <typename F>  // float or const float
+inline F* QueryRow(F* x, const Dims& d, int64_t b, const Block& blk, int r) {
+  return x + ((b * d.T + blk.t[r]) * d.N + blk.n[r]) * d.H;
+}
+
+// A block's rows of a query-layout tensor, times `mul`, into [R, Hp] (rows past `rows` zero).
+void PackQueryRows(const float* x, const Dims& d, int64_t b, const Block& blk, float mul, float* out) {
+  for (int r = 0; r < blk.rows; ++r) {
+    CopyRow(out + r * d.Hp, QueryRow(x, d, b, blk, r), d.H, mul);
     std::fill(out + r * d.Hp + d.H, out + (r + 1) * d.Hp, 0.f);
   }
-  std::fill(out + rows * d.Hp, out + R * d.Hp, 0.f);
+  std::fill(out + blk.rows * d.Hp, out + R * d.Hp, 0.f);
 }
-void UnpackQueryRows(const float* in, const Dims& d, int64_t b, int64_t n, int64_t t0, int rows, float* x) {
-  for (int r = 0; r < rows; ++r) CopyRow(x + ((b * d.T + t0 + r) * d.N + n) * d.H, in + r * d.Hp, d.H);
+void UnpackQueryRows(const float* in, const Dims& d, int64_t b, const Block& blk, float* x) {
+  for (int r = 0; r < blk.rows; ++r) CopyRow(QueryRow(x, d, b, blk, r), in + r * d.Hp, d.H);
 }
 
 // The products below run over the first NR rows of a block (NR in 8, 4, 2, 1: the fewest that
@@ -170,11 +208,6 @@ const uint8_t* MaskRow(const bool* mask, const Dims& d, int64_t b, int64_t n, in
   return reinterpret_cast<const uint8_t*>(mask) + ((bm * d.Nm + nm) * d.T + t) * d.S;
 }
 
-// Keys a block of rows starting at t0 looks at: all of them, or up to its last row when causal.
-inline int KeysOf(const Dims& d, int64_t t0, int rows) {
-  return static_cast<int>(d.causal ? std::min<int64_t>(d.S, t0 + rows) : d.S);
-}
-
 void ForwardTask(const float* q, const float* k, const float* v, const bool* mask, const Dims& d, int64_t task,
                  float* o, float* row_max, float* row_inv) {
   const int64_t b = task / d.K, kh = task % d.K;
@@ -194,46 +227,43 @@ void ForwardTask(const float* q, const float* k, const float* v, const bool* mas
     PackRows(k, d, b, kh, kt);
   }
   if (!in_place) PackRows(v, d, b, kh, vr);
-  for (int g = 0; g < d.G; ++g) {
-    const int64_t n = kh * d.G + g;
-    for (int64_t t0 = 0; t0 < d.T; t0 += R) {
-      const int rows = static_cast<int>(std::min<int64_t>(R, d.T - t0));
-      const int keys = KeysOf(d, t0, rows), cols = round_up(keys);
-      PackQueryRows(q, d, b, n, t0, rows, d.scale, qr);
-      if (few_rows) {
-        TFM_BY_ROWS(RowsTimesRows, rows, qr, krows, stride, d, keys, p);
-      } else {
-        TFM_BY_ROWS(RowsTimesPacked, rows, qr, kt, d, cols, p);
-      }
-      for (int r = 0; r < R; ++r) {
-        float* x = p + r * d.Sp;
-        if (r >= rows) {
-          std::fill(x, x + cols, 0.f);
-          inv[r] = 0.f;
-          continue;
-        }
-        const int64_t t = t0 + r;
-        const uint8_t* mrow = MaskRow(mask, d, b, n, t);
-        vf mx = splat(-INFINITY);
-        for (int c = 0; c < cols; c += W) {
-          const vf s = MaskScores(load(x + c), Visible(mrow, d, t, c, keys), c, keys);
-          store(x + c, s);
-          mx = select(s > mx, s, mx);
-        }
-        const float m = hmax(mx);
-        vf sum = {};
-        for (int c = 0; c < cols; c += W) {
-          const vf e = vexp(load(x + c) - m);
-          store(x + c, e);
-          sum += e;
-        }
-        inv[r] = 1.f / hsum(sum);
-        row_max[(b * d.N + n) * d.T + t] = m;
-        row_inv[(b * d.N + n) * d.T + t] = inv[r];
-      }
-      TFM_BY_ROWS(WeightsTimesRows, rows, p, vrows, stride, d, keys, inv, out);  // the softmax's division, applied to the output rows
-      UnpackQueryRows(out, d, b, n, t0, rows, o);
+  for (const Block& blk : Blocks(d, kh, few_rows)) {
+    const int rows = blk.rows, keys = KeysOf(d, blk), cols = round_up(keys);
+    PackQueryRows(q, d, b, blk, d.scale, qr);
+    if (few_rows) {
+      TFM_BY_ROWS(RowsTimesRows, rows, qr, krows, stride, d, keys, p);
+    } else {
+      TFM_BY_ROWS(RowsTimesPacked, rows, qr, kt, d, cols, p);
     }
+    for (int r = 0; r < R; ++r) {
+      float* x = p + r * d.Sp;
+      if (r >= rows) {
+        std::fill(x, x + cols, 0.f);
+        inv[r] = 0.f;
+        continue;
+      }
+      const int64_t n = blk.n[r], t = blk.t[r];
+      const uint8_t* mrow = MaskRow(mask, d, b, n, t);
+      vf mx = splat(-INFINITY);
+      for (int c = 0; c < cols; c += W) {
+        const vf s = MaskScores(load(x + c), Visible(mrow, d, t, c, keys), c, keys);
+        store(x + c, s);
+        mx = select(s > mx, s, mx);
+      }
+      const float m = hmax(mx);
+      vf sum = {};
+      for (int c = 0; c < cols; c += W) {
+        const vf e = vexp(load(x + c) - m);
+        store(x + c, e);
+        sum += e;
+      }
+      inv[r] = 1.f / hsum(sum);
+      row_max[(b * d.N + n) * d.T + t] = m;
+      row_inv[(b * d.N + n) * d.T + t] = inv[r];
+    }
+    // The softmax's division, applied to the output rows.
+    TFM_BY_ROWS(WeightsTimesRows, rows, p, vrows, stride, d, keys, inv, out);
+    UnpackQueryRows(out, d, b, blk, o);
   }
 }
 
@@ -253,41 +283,37 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
   PackTransposed(k, d, b, kh, kt);
   PackTransposed(v, d, b, kh, vt);
   PackRows(k, d, b, kh, kr);
-  for (int g = 0; g < d.G; ++g) {
-    const int64_t n = kh * d.G + g;
-    for (int64_t t0 = 0; t0 < d.T; t0 += R) {
-      const int rows = static_cast<int>(std::min<int64_t>(R, d.T - t0));
-      const int keys = KeysOf(d, t0, rows), cols = round_up(keys);
-      PackQueryRows(q, d, b, n, t0, rows, d.scale, qr);
-      PackQueryRows(dout, d, b, n, t0, rows, 1.f, dor);
-      TFM_BY_ROWS(RowsTimesPacked, rows, qr, kt, d, cols, p);
-      TFM_BY_ROWS(RowsTimesPacked, rows, dor, vt, d, cols, dp);
-      for (int r = 0; r < R; ++r) {
-        float* x = p + r * d.Sp;
-        float* y = dp + r * d.Sp;
-        if (r >= rows) {
-          std::fill(x, x + cols, 0.f);
-          std::fill(y, y + cols, 0.f);
-          continue;
-        }
-        const int64_t t = t0 + r;
-        const uint8_t* mrow = MaskRow(mask, d, b, n, t);
-        const float m = row_max[(b * d.N + n) * d.T + t], inv = row_inv[(b * d.N + n) * d.T + t];
-        const float* orow = o + ((b * d.T + t) * d.N + n) * d.H;
-        float delta = 0.f;  // rowsum(dP * P) = dO . O
-        for (int64_t h = 0; h < d.H; ++h) delta += dor[r * d.Hp + h] * orow[h];
-        for (int c = 0; c < cols; c += W) {
-          const vi keep = Visible(mrow, d, t, c, keys);
-          const vf prob = vexp(MaskScores(load(x + c), keep, c, keys) - m) * inv;
-          store(x + c, prob);
-          store(y + c, select(keep, prob * (load(y + c) - delta), vf{}));  // dS; hidden keys get none
-        }
+  for (const Block& blk : Blocks(d, kh, d.T <= 2)) {
+    const int rows = blk.rows, keys = KeysOf(d, blk), cols = round_up(keys);
+    PackQueryRows(q, d, b, blk, d.scale, qr);
+    PackQueryRows(dout, d, b, blk, 1.f, dor);
+    TFM_BY_ROWS(RowsTimesPacked, rows, qr, kt, d, cols, p);
+    TFM_BY_ROWS(RowsTimesPacked, rows, dor, vt, d, cols, dp);
+    for (int r = 0; r < R; ++r) {
+      float* x = p + r * d.Sp;
+      float* y = dp + r * d.Sp;
+      if (r >= rows) {
+        std::fill(x, x + cols, 0.f);
+        std::fill(y, y + cols, 0.f);
+        continue;
       }
-      TFM_BY_ROWS(AccumulateTransposed, rows, p, dor, d, keys, dv_acc);
-      TFM_BY_ROWS(AccumulateTransposed, rows, dp, qr, d, keys, dk_acc);
-      TFM_BY_ROWS(WeightsTimesRows, rows, dp, kr, d.Hp, d, keys, scale, out);
-      UnpackQueryRows(out, d, b, n, t0, rows, dq);
+      const int64_t n = blk.n[r], t = blk.t[r];
+      const uint8_t* mrow = MaskRow(mask, d, b, n, t);
+      const float m = row_max[(b * d.N + n) * d.T + t], inv = row_inv[(b * d.N + n) * d.T + t];
+      const float* orow = QueryRow(o, d, b, blk, r);
+      float delta = 0.f;  // rowsum(dP * P) = dO . O
+      for (int64_t h = 0; h < d.H; ++h) delta += dor[r * d.Hp + h] * orow[h];
+      for (int c = 0; c < cols; c += W) {
+        const vi keep = Visible(mrow, d, t, c, keys);
+        const vf prob = vexp(MaskScores(load(x + c), keep, c, keys) - m) * inv;
+        store(x + c, prob);
+        store(y + c, select(keep, prob * (load(y + c) - delta), vf{}));  // dS; hidden keys get none
+      }
     }
+    TFM_BY_ROWS(AccumulateTransposed, rows, p, dor, d, keys, dv_acc);
+    TFM_BY_ROWS(AccumulateTransposed, rows, dp, qr, d, keys, dk_acc);
+    TFM_BY_ROWS(WeightsTimesRows, rows, dp, kr, d.Hp, d, keys, scale, out);
+    UnpackQueryRows(out, d, b, blk, dq);
   }
   for (int64_t s = 0; s < d.S; ++s) {
     CopyRow(dk + ((b * d.S + s) * d.K + kh) * d.H, dk_acc + s * d.Hp, d.H);

@@ -150,7 +150,8 @@ def _gpt():
 
 
 def _vit():
-    return ViT(vit_tiny.replace(num_classes=5, image_size=16, patch_size=4)), randn(np.random.default_rng(5), 2, 16, 16, 1)
+    model = ViT(vit_tiny.replace(num_classes=5, image_size=16, patch_size=4))
+    return model, randn(np.random.default_rng(5), 2, 16, 16, 1)
 
 
 @pytest.mark.parametrize("make", [_gpt, _vit], ids=["gpt", "vit"])
@@ -178,3 +179,8 @@ def test_no_compiler_falls_back_with_one_notice(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", shutil.which("false"))  # a compiler that fails
     assert cpu_attention.available.__wrapped__() is False
     assert not list((tmp_path / "cache").glob("*"))
+    # A cached library that cannot be loaded (here: not a library at all) falls back too.
+    monkeypatch.setenv("CXX", shutil.which("true"))  # "builds" an empty file
+    assert cpu_attention.available.__wrapped__() is False
+    assert "loading" in caplog.text
+    assert not list((tmp_path / "cache").glob("*")), "the library that failed to load stayed in the cache"

@@ -103,7 +103,12 @@ def available() -> bool:
         if error is not None:
             log.warning("cpu_attention: building %s failed (%s); using the XLA attention path", SOURCE.name, error)
             return False
-    lib = ctypes.cdll.LoadLibrary(str(library))
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(library))
+    except OSError as e:  # a cached library this machine cannot load: removed, so the next process rebuilds it
+        log.warning("cpu_attention: loading %s failed (%s); using the XLA attention path", library, e)
+        library.unlink(missing_ok=True)
+        return False
     jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.TfmAttentionForward), platform="cpu")
     jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.TfmAttentionBackward), platform="cpu")
     return True

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "vector.h"
 #include "xla/ffi/api/ffi.h"
@@ -28,6 +29,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 using namespace tfm_kernels;
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
 
 constexpr int R = 8;  // query rows per block
 
@@ -121,8 +124,11 @@ void UnpackQueryRows(const float* in, const Dims& d, int64_t b, const Block& blk
 
 // The products below run over the first NR rows of a block (NR in 8, 4, 2, 1: the fewest that
 // cover its rows), so a block of one query row (a decoding step) does not pay for eight.
-#define TFM_BY_ROWS(fn, rows, ...) \
-  ((rows) > 4 ? fn<8>(__VA_ARGS__) : (rows) > 2 ? fn<4>(__VA_ARGS__) : (rows) > 1 ? fn<2>(__VA_ARGS__) : fn<1>(__VA_ARGS__))
+#define TFM_BY_ROWS(fn, rows, ...)                                             \
+  ((rows) > 4   ? fn<8>(__VA_ARGS__)                                           \
+   : (rows) > 2 ? fn<4>(__VA_ARGS__)                                           \
+   : (rows) > 1 ? fn<2>(__VA_ARGS__)                                           \
+                : fn<1>(__VA_ARGS__))
 
 // out[r, c] = sum_h a[r, h] * bt[h, c] for columns [0, cols) (cols a multiple of W).
 template <int NR>
@@ -321,10 +327,10 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
   }
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::PRED> mask, float scale, bool causal, bool has_mask,
-                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> row_max,
-                   ffi::ResultBuffer<ffi::F32> row_inv) {
+using Mask = ffi::Buffer<ffi::PRED>;
+
+ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, Mask mask, float scale, bool causal, bool has_mask,
+                   F32Out o, F32Out row_max, F32Out row_inv) {
   const Dims d = GetDims(q.dimensions(), k.dimensions(), mask.dimensions(), scale, causal, has_mask);
   ParallelFor(pool, d.B * d.K, [&](int64_t task) {
     ForwardTask(q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), d, task, o->typed_data(),
@@ -333,11 +339,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> dout,
-                    ffi::Buffer<ffi::F32> row_max, ffi::Buffer<ffi::F32> row_inv, float scale, bool causal,
-                    bool has_mask, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
+ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, Mask mask, F32 o, F32 dout, F32 row_max,
+                    F32 row_inv, float scale, bool causal, bool has_mask, F32Out dq, F32Out dk, F32Out dv) {
   const Dims d = GetDims(q.dimensions(), k.dimensions(), mask.dimensions(), scale, causal, has_mask);
   ParallelFor(pool, d.B * d.K, [&](int64_t task) {
     BackwardTask(q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), o.typed_data(),
@@ -347,36 +350,17 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The bindings: the thread pool, query, key, value and mask first; then the backward's four
+// extra inputs; then the attributes and three outputs of both.
+auto Inputs() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<Mask>(); }
+template <typename Binding>
+auto Attributes(Binding binding) {
+  return std::move(binding).template Attr<float>("scale").template Attr<bool>("causal").template Attr<bool>("has_mask")
+      .template Ret<F32>().template Ret<F32>().template Ret<F32>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<bool>("has_mask")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmAttentionForward, Forward, Attributes(Inputs()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<bool>("causal")
-                                  .Attr<bool>("has_mask")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              Attributes(Inputs().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()));

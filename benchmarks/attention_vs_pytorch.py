@@ -68,6 +68,18 @@ def _rounds(fns: dict, rounds: int, calls: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _both_paths(fn, *args) -> dict:
+    """``fn`` compiled for ``args`` through the CPU kernel (``"tfm"``) and through XLA's path (``"tfm_xla"``)."""
+    paths = {}
+    for name, kernel in (("tfm", True), ("tfm_xla", False)):
+        tuning.CPU_ATTENTION = kernel  # read when fn is traced: a new function each time, so no trace is reused
+        paths[name] = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+        if ("tfm_attention_cpu_forward" in paths[name].as_text()) != kernel:
+            raise SystemExit(f"attention_vs_pytorch: the {name} side did not take the path it was set to")
+    tuning.CPU_ATTENTION = None
+    return paths
+
+
 # Few query rows against many keys, forward only: decoding steps over a cache (B, T, S, N, K, H).
 DECODE_SHAPES = {
     "decode": (4, 1, 1024, 8, 8, 64),
@@ -85,13 +97,7 @@ def bench_forward(name: str, rounds: int, calls: int, torch) -> dict:
     valid = np.arange(s)[None, :] < (s - np.arange(b)[:, None] * 7)  # some padding at the end of each row
     jq, jk, jv, jm = jnp.asarray(q), jnp.asarray(kv[0]), jnp.asarray(kv[1]), jnp.asarray(valid)[:, None, None, :]
 
-    def compiled(kernel: bool):
-        tuning.CPU_ATTENTION = kernel
-        fn = jax.jit(lambda q, k, v, m: dot_product_attention(q, k, v, mask=m)).lower(jq, jk, jv, jm).compile()
-        tuning.CPU_ATTENTION = None
-        return fn
-
-    paths = {"tfm": compiled(True), "tfm_xla": compiled(False)}
+    paths = _both_paths(lambda q, k, v, m: dot_product_attention(q, k, v, mask=m), jq, jk, jv, jm)
     g = n // k
     tq = torch.from_numpy(q).transpose(1, 2).contiguous()
     tk, tv = (torch.from_numpy(x).transpose(1, 2).repeat_interleave(g, dim=1).contiguous() for x in kv)
@@ -122,14 +128,8 @@ def bench(name: str, rounds: int, calls: int, torch) -> dict:
     def loss(q, k, v, g):
         return jnp.sum(dot_product_attention(q, k, v, mask=mask, causal=causal) * g)
 
-    def compiled(kernel: bool):  # the path is picked at trace time
-        tuning.CPU_ATTENTION = kernel
-        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(jq, jk, jv, jg).compile()
-        tuning.CPU_ATTENTION = None
-        return fn
-
     jq, jk, jv, jg = (jnp.asarray(x) for x in (q, k, v, g))
-    paths = {"tfm": compiled(True), "tfm_xla": compiled(False)}
+    paths = _both_paths(jax.value_and_grad(loss, argnums=(0, 1, 2)), jq, jk, jv, jg)
 
     def heads(x):  # [B, T, N, H] -> PyTorch's [B, N, T, H]
         return torch.from_numpy(x).transpose(1, 2).contiguous().requires_grad_()

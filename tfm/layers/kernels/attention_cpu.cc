@@ -288,7 +288,10 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
   std::fill(dv_acc, dv_acc + d.S * d.Hp, 0.f);
   PackTransposed(k, d, b, kh, kt);
   PackTransposed(v, d, b, kh, vt);
-  PackRows(k, d, b, kh, kr);
+  const bool in_place = d.H == d.Hp;  // K's rows read where they are, as in the forward
+  const int64_t stride = in_place ? d.K * d.H : d.Hp;
+  const float* krows = in_place ? k + b * d.S * d.K * d.H + kh * d.H : kr;
+  if (!in_place) PackRows(k, d, b, kh, kr);
   for (const Block& blk : Blocks(d, kh, d.T <= 2)) {
     const int rows = blk.rows, keys = KeysOf(d, blk), cols = round_up(keys);
     PackQueryRows(q, d, b, blk, d.scale, qr);
@@ -318,7 +321,7 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
     }
     TFM_BY_ROWS(AccumulateTransposed, rows, p, dor, d, keys, dv_acc);
     TFM_BY_ROWS(AccumulateTransposed, rows, dp, qr, d, keys, dk_acc);
-    TFM_BY_ROWS(WeightsTimesRows, rows, dp, kr, d.Hp, d, keys, scale, out);
+    TFM_BY_ROWS(WeightsTimesRows, rows, dp, krows, stride, d, keys, scale, out);
     UnpackQueryRows(out, d, b, blk, dq);
   }
   for (int64_t s = 0; s < d.S; ++s) {

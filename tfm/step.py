@@ -37,6 +37,7 @@ import optax
 
 from tfm import distill as distill_lib
 from tfm import optim
+from tfm.fused_optim import FusedAdamW
 from tfm.tasks import Task
 
 StepFn = Callable[[Any, dict], tuple[Any, dict]]
@@ -130,6 +131,7 @@ def make_train_step(
     batch_sharding: jax.sharding.Sharding | None = None,
     distill: distill_lib.Distillation | None = None,
     ema_decay: float = 0.0,
+    fused: FusedAdamW | None = None,
 ) -> StepFn:
     """``train_step(state, batch) -> (state, metrics)``; pure, ready for ``jax.jit``.
 
@@ -140,6 +142,9 @@ def make_train_step(
     the batch's sharding (the strided split moves no data between devices).
 
     ``ema_decay`` > 0: the state carries ``ema_params`` (``init_fn(..., ema=True)``), updated each step.
+
+    ``fused``: ``tx``'s update, clipping and the guard as one native pass (``tfm.fused_optim``; the
+    CPU with one device); the state and the result are those of ``tx``'s path, to float32 rounding.
     """
     n_micro = grad_accum_steps
     if not task.splittable and n_micro > 1:
@@ -191,17 +196,26 @@ def make_train_step(
             stats = jax.tree.map(lambda x: x / n_micro, stats)
 
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         loss = sums["loss_sum"] / sums["weight_sum"]
         loss_ok, grads_ok = jnp.isfinite(loss) & jnp.isfinite(aux), jnp.isfinite(grad_norm)
-        # Finite gradients can still give non-finite parameters (an overflowing learning rate or decay).
-        params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-        ok = loss_ok & grads_ok & params_ok
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, carry=carry,
-                         ema_params=state.ema_params)  # fmt: skip
-        # A non-finite step changes nothing, so no NaN can reach a checkpoint.
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        if fused is not None and fused.supports(state.params, state.opt_state):
+            # The kernel keeps the old parameters and moments itself on a refused step; the rest is selected here.
+            params, opt_state, params_ok = fused.update(grads, grad_norm, state.params, state.opt_state,
+                                                        loss_ok & grads_ok)  # fmt: skip
+            ok = loss_ok & grads_ok & params_ok
+            kept = jax.tree.map(lambda a, b: jnp.where(ok, a, b), (state.step + 1, carry), (state.step, state.carry))
+            new = TrainState(step=kept[0], params=params, opt_state=opt_state, rng=state.rng, carry=kept[1],
+                             ema_params=state.ema_params)  # fmt: skip
+        else:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            # Finite gradients can still give non-finite parameters (an overflowing learning rate or decay).
+            params_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+            ok = loss_ok & grads_ok & params_ok
+            new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, carry=carry,
+                             ema_params=state.ema_params)  # fmt: skip
+            # A non-finite step changes nothing, so no NaN can reach a checkpoint.
+            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
         if state.ema_params is not None:  # from the kept parameters; a refused step leaves it as it was
             new = new.replace(ema_params=optim.update_ema(state.ema_params, new.params, state.step, ema_decay, ok))
         metrics = {

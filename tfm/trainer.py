@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from tfm import config as config_lib
 from tfm import data as data_lib
-from tfm import diagnosis, placement, storage, warm_start
+from tfm import diagnosis, fused_optim, placement, storage, warm_start
 from tfm import loop as loop_lib
 from tfm import metrics as metrics_lib
 from tfm import sharding as sh
@@ -45,7 +45,7 @@ from tfm import workdir as workdir_lib
 from tfm.checkpoint import Checkpointer
 from tfm.loop import CarriedEval, Loop, Profiler, StepCache, StopSignals, TrainingError
 from tfm.models import PRESETS
-from tfm.optim import make_optimizer, make_schedule
+from tfm.optim import decay_mask, make_optimizer, make_schedule
 from tfm.step import TrainState, make_eval_step, make_train_step
 from tfm.step import init_fn as make_init_fn
 
@@ -162,6 +162,11 @@ class Trainer:
             self.schedule, name=o.name, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
             clip_norm=o.clip_norm if o.clip_norm > 0 else None,
         )  # fmt: skip
+        # The same update as one native pass (CPU, one device; the kernel has no partitioning rule).
+        self.fused_optimizer = None if self.mesh.size > 1 else fused_optim.for_optimizer(
+            o.name, self.schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+            clip_norm=o.clip_norm if o.clip_norm > 0 else None, decay_mask=decay_mask,
+        )  # fmt: skip
         self.place = placement.BatchPlacer(self.mesh, self.rules, config.data.batch_size)
         self.batch_sharding, replicated = self.place.sharding, NamedSharding(self.mesh, P())
         self._init = make_init_fn(self.model, self.task, self.tx, example, rows=config.data.batch_size,
@@ -176,6 +181,7 @@ class Trainer:
             self.model, self.task, self.tx, self.schedule, grad_accum_steps=t.grad_accum_steps,
             label_smoothing=t.label_smoothing, z_loss=t.z_loss, aux_loss_weight=t.aux_loss_weight,
             batch_sharding=self.batch_sharding, distill=self.distill, ema_decay=o.ema_decay,
+            fused=self.fused_optimizer,
         )  # fmt: skip
         self._train_step = jax.jit(
             step,

@@ -8,110 +8,25 @@ float32 softmax and output in cache, and the backward recomputes the probabiliti
 the kept row maxima and sums. Same masks and the same masked-score convention as the
 XLA path; float32 only.
 
-The kernel is compiled once per source, compiler, jaxlib and CPU with the system's C++
-compiler (``$CXX``, else ``c++``/``g++``/``clang++``) into ``$TFM_KERNEL_CACHE`` (default
-``~/.cache/tfm/kernels``), then registered with ``jax.ffi``. Without a compiler, or if
-the build fails, ``available()`` is False (one logged notice) and callers keep the XLA
-path. ``tuning.CPU_ATTENTION`` picks it (default: the CPU backend with one device).
+The kernel is built, cached and registered with tfm's other CPU kernels
+(``tfm.layers.cpu_kernels``); where that fails, ``available()`` is False and callers keep
+the XLA path. ``tuning.CPU_ATTENTION`` picks it (default: the CPU backend with one device).
 A program traced with it holds a custom call of this process's: to serialise one with
 ``jax.export``, trace it with ``tuning.CPU_ATTENTION = False``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-log = logging.getLogger(__name__)
+from tfm.layers.cpu_kernels import available
 
-SOURCE = Path(__file__).parent / "kernels" / "attention_cpu.cc"
 _FORWARD, _BACKWARD = "tfm_attention_cpu_forward", "tfm_attention_cpu_backward"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("TFM_KERNEL_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfm" / "kernels"
-
-
-def _cpu_id() -> str:
-    """What the build's ``-march=native`` depends on: the CPU's model and feature flags where Linux shows them."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
-    except OSError:
-        return platform.processor()
-
-
-def _sources() -> list[str]:
-    """The kernel's source and the headers it includes (``kernels/*.h``), as text."""
-    return [SOURCE.read_text()] + [h.read_text() for h in sorted(SOURCE.parent.glob("*.h"))]
-
-
-def _compile(compiler: str, out: Path) -> str | None:
-    """Builds the shared library at ``out`` (written whole or not at all); the compiler's error text if it fails."""
-    base = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    error = ""
-    for native in (["-march=native"], ["-mcpu=native"], []):
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            result = subprocess.run([compiler, *native, *base, "-o", tmp], capture_output=True, text=True)
-            if result.returncode == 0:
-                os.replace(tmp, out)
-                return None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        error = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    return error
-
-
-@functools.cache
-def available() -> bool:
-    """Builds (if not cached) and registers the kernel; False, with one logged notice, where it cannot."""
-    compiler = os.environ.get("CXX") or next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
-    if compiler is None:
-        log.info("cpu_attention: no C++ compiler found ($CXX, c++, g++, clang++); using the XLA attention path")
-        return False
-    import jaxlib
-
-    key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (*_sources(), compiler, jaxlib.__version__, platform.machine(), _cpu_id()))
-    ).hexdigest()[:16]
-    library = cache_dir() / f"attention_cpu-{key}.so"
-    if not library.exists():
-        try:
-            error = _compile(compiler, library)
-        except OSError as e:
-            error = f"{type(e).__name__}: {e}"
-        if error is not None:
-            log.warning("cpu_attention: building %s failed (%s); using the XLA attention path", SOURCE.name, error)
-            return False
-    try:
-        lib = ctypes.cdll.LoadLibrary(str(library))
-    except OSError as e:  # a cached library this machine cannot load: removed, so the next process rebuilds it
-        log.warning("cpu_attention: loading %s failed (%s); using the XLA attention path", library, e)
-        library.unlink(missing_ok=True)
-        return False
-    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.TfmAttentionForward), platform="cpu")
-    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.TfmAttentionBackward), platform="cpu")
-    return True
 
 
 def supports(query: Array, key: Array, value: Array, mask: Array | None) -> bool:
@@ -174,4 +89,4 @@ def cpu_attention(query: Array, key: Array, value: Array, *, mask: Array | None,
     return _attention(query, key, value, _mask_operand(mask, query, key), float(scale), bool(causal), mask is not None)
 
 
-__all__ = ["available", "cache_dir", "cpu_attention", "supports"]
+__all__ = ["available", "cpu_attention", "supports"]

@@ -33,6 +33,11 @@ they agree. Measured on the CPU backend with ``benchmarks/vs_pytorch.py``:
   probabilities), when the kernel builds and the inputs are float32 without a
   bias, dropout or returned weights. Default: the CPU backend with one device
   (a sharded batch keeps the XLA path, which the partitioner splits).
+* ``FUSED_OPTIMIZER``: the Adam/AdamW update, its global-norm clipping and the
+  train step's non-finite guard run as one native pass over the parameters
+  (``tfm.fused_optim``) instead of XLA's passes and the guard's select over the
+  whole state. Default: the CPU backend with one device (the Trainer also asks
+  for a one-device mesh), float32 parameters.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ UNROLL_LAYERS: int | None = None
 CAUSAL_BLOCK_ROWS: int | None = None
 CONV_AS_MATMUL: bool | None = None
 CPU_ATTENTION: bool | None = None
+FUSED_OPTIMIZER: bool | None = None
 
 _CPU_UNROLL_LAYERS = 8
 _CPU_CAUSAL_BLOCK_ROWS = 64
@@ -69,6 +75,10 @@ def conv_as_matmul() -> bool:
 
 def cpu_attention() -> bool:
     return (_on_cpu() and jax.device_count() == 1) if CPU_ATTENTION is None else CPU_ATTENTION
+
+
+def fused_optimizer() -> bool:
+    return (_on_cpu() and jax.device_count() == 1) if FUSED_OPTIMIZER is None else FUSED_OPTIMIZER
 
 
 def scan_unroll(length: int) -> int:

@@ -82,14 +82,14 @@ inline void CopyRow(float* dst, const float* src, int64_t n, float mul = 1.f) {
 }
 
 // Scratch buffers of one thread, reused from task to task (no allocation per task).
-float* Scratch(int slot, int64_t size) {
+inline float* Scratch(int slot, int64_t size) {
   thread_local std::vector<float> buffers[12];
   if (static_cast<int64_t>(buffers[slot].size()) < size) buffers[slot].resize(size);
   return buffers[slot].data();
 }
 
 // Runs body(0..tasks-1) on the caller and XLA's intra-op threads; returns when all are done.
-void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const std::function<void(int64_t)>& body) {
+inline void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const std::function<void(int64_t)>& body) {
   struct State {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};

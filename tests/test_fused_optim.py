@@ -116,7 +116,8 @@ def test_supports_only_what_it_computes():
     assert not fused.supports(params, with_ema.init(params))  # state it would not carry over
 
 
-def test_train_step_with_the_fused_update_equals_the_optax_one():
+@pytest.mark.parametrize("accum, ema", [(1, 0.0), (2, 0.9)])
+def test_train_step_with_the_fused_update_equals_the_optax_one(accum, ema):
     cfg = GPTConfig(vocab_size=40, max_len=16, num_layers=2, block=BlockConfig(d_model=32, num_heads=4, d_ff=64))
     model, task = GPT(cfg), tasks.get_task("lm")
     schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 2, 10)
@@ -124,10 +125,10 @@ def test_train_step_with_the_fused_update_equals_the_optax_one():
     fused = fused_optim.FusedAdamW(schedule, 0.9, 0.99, 1e-8, 0.1, 1.0, decay_mask)
     r = np.random.default_rng(0)
     batches = [{"inputs": r.integers(0, 40, (4, 16)), "targets": r.integers(0, 40, (4, 16))} for _ in range(4)]
-    init = init_fn(model, task, tx, batches[0], rows=4)
+    init = init_fn(model, task, tx, batches[0], rows=4, ema=ema > 0)
     results = []
     for f in (None, fused):
-        step = jax.jit(make_train_step(model, task, tx, schedule, fused=f))
+        step = jax.jit(make_train_step(model, task, tx, schedule, fused=f, grad_accum_steps=accum, ema_decay=ema))
         state = nn.unbox(init(jax.random.key(0)))
         losses = []
         for b in batches:
@@ -138,11 +139,12 @@ def test_train_step_with_the_fused_update_equals_the_optax_one():
     (a, la), (b, lb) = results
     np.testing.assert_allclose(la, lb, rtol=1e-5)
     assert int(a.step) == int(b.step) == 4
-    assert_trees_close((a.params, a.opt_state), (b.params, b.opt_state), rtol=1e-4, atol=1e-6)
+    assert_trees_close((a.params, a.opt_state, a.ema_params), (b.params, b.opt_state, b.ema_params),
+                       rtol=1e-4, atol=1e-6)  # fmt: skip
     # A non-finite batch (a NaN in the parameters' path) is refused by the fused step as by the other.
     emb = b.params["embed"]["embedding"]
     bad = b.replace(params={**b.params, "embed": {**b.params["embed"], "embedding": emb.at[:].set(jnp.nan)}})
-    step = jax.jit(make_train_step(model, task, tx, schedule, fused=fused))
+    step = jax.jit(make_train_step(model, task, tx, schedule, fused=fused, grad_accum_steps=accum, ema_decay=ema))
     after, m = step(bad, batches[0])
     assert not bool(m["loss_finite"]) and int(after.step) == 4
     for x, y in zip(jax.tree.leaves((after.params, after.opt_state)), jax.tree.leaves((bad.params, bad.opt_state))):

@@ -3,8 +3,8 @@
 ``tfm.layers.cpu_attention`` is built from source on first use; these tests build it
 (a C++ compiler is part of the test machine) and compare it with
 ``dot_product._xla_attention`` over masks, GQA, odd sizes and cross-attention, then
-check the dispatch in ``dot_product_attention``, a GPT and a ViT with the kernel on
-and off, and the fallback where no compiler is found.
+check the dispatch in ``dot_product_attention`` and a GPT and a ViT with the kernel on
+and off. The build and its fallback are tested in test_cpu_kernels.py.
 """
 
 import contextlib

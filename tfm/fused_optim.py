@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tfm import optim
 from tfm.layers import cpu_kernels, tuning
 
 _TARGET = "tfm_adamw_cpu"
@@ -52,7 +53,7 @@ class FusedAdamW:
         nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _STATES))
         adam = [x for x in nodes if isinstance(x, optax.ScaleByAdamState)]
         scheds = [x for x in nodes if isinstance(x, optax.ScaleByScheduleState)]
-        if len(adam) != 1 or len(scheds) != (0 if _is_constant(self.learning_rate) else 1):
+        if len(adam) != 1 or len(scheds) != (1 if callable(self.learning_rate) else 0):
             return False
         if len(nodes) != len(adam) + len(scheds):  # array state this update would not carry over
             return False
@@ -106,17 +107,18 @@ class FusedAdamW:
         return treedef.unflatten(out[:n]), new_state, params_ok
 
 
-def _is_constant(lr) -> bool:
-    return not callable(lr)
+def for_optimizer(learning_rate, *, name: str, b1: float, b2: float, eps: float, weight_decay: float,
+                  clip_norm: float | None, devices: int = 1) -> FusedAdamW | None:  # fmt: skip
+    """The fused form of ``make_optimizer(learning_rate, ...)`` where it runs, else None.
 
-
-def for_optimizer(name: str, learning_rate, *, b1: float, b2: float, eps: float, weight_decay: float,
-                  clip_norm: float | None, decay_mask=None) -> FusedAdamW | None:  # fmt: skip
-    """The fused update for ``make_optimizer``'s arguments where ``tuning.fused_optimizer()`` picks it, else None."""
-    if name not in ("adam", "adamw") or not tuning.fused_optimizer() or not cpu_kernels.available():
+    It runs where ``tuning.fused_optimizer()`` picks it, the kernels build, and the mesh has one
+    device (the kernel has no partitioning rule: a sharded state would be gathered).
+    """
+    if name not in ("adam", "adamw") or devices > 1 or not tuning.fused_optimizer() or not cpu_kernels.available():
         return None
-    return FusedAdamW(learning_rate, b1, b2, eps, weight_decay if name == "adamw" else 0.0, clip_norm,
-                      decay_mask if name == "adamw" else None)  # fmt: skip
+    decayed = name == "adamw"
+    return FusedAdamW(learning_rate, b1, b2, eps, weight_decay if decayed else 0.0, clip_norm,
+                      optim.decay_mask if decayed else None)  # fmt: skip
 
 
 __all__ = ["FusedAdamW", "for_optimizer"]

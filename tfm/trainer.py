@@ -45,7 +45,7 @@ from tfm import workdir as workdir_lib
 from tfm.checkpoint import Checkpointer
 from tfm.loop import CarriedEval, Loop, Profiler, StepCache, StopSignals, TrainingError
 from tfm.models import PRESETS
-from tfm.optim import decay_mask, make_optimizer, make_schedule
+from tfm.optim import make_optimizer, make_schedule
 from tfm.step import TrainState, make_eval_step, make_train_step
 from tfm.step import init_fn as make_init_fn
 
@@ -158,15 +158,10 @@ class Trainer:
         self.mesh = sh.make_mesh(sizes, devices)
         o, t = config.optim, config.train
         self.schedule = make_schedule(o, self.model_config.block.d_model, t.steps)
-        self.tx = make_optimizer(
-            self.schedule, name=o.name, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-            clip_norm=o.clip_norm if o.clip_norm > 0 else None,
-        )  # fmt: skip
-        # The same update as one native pass (CPU, one device; the kernel has no partitioning rule).
-        self.fused_optimizer = None if self.mesh.size > 1 else fused_optim.for_optimizer(
-            o.name, self.schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-            clip_norm=o.clip_norm if o.clip_norm > 0 else None, decay_mask=decay_mask,
-        )  # fmt: skip
+        opt = {"name": o.name, "b1": o.b1, "b2": o.b2, "eps": o.eps, "weight_decay": o.weight_decay,
+               "clip_norm": o.clip_norm if o.clip_norm > 0 else None}  # fmt: skip
+        self.tx = make_optimizer(self.schedule, **opt)
+        self.fused_optimizer = fused_optim.for_optimizer(self.schedule, devices=self.mesh.size, **opt)
         self.place = placement.BatchPlacer(self.mesh, self.rules, config.data.batch_size)
         self.batch_sharding, replicated = self.place.sharding, NamedSharding(self.mesh, P())
         self._init = make_init_fn(self.model, self.task, self.tx, example, rows=config.data.batch_size,

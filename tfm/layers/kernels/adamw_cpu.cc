@@ -24,7 +24,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -41,7 +40,7 @@ constexpr int64_t kChunk = 1 << 15;  // elements per task
 
 struct Leaf {
   const float* g;
-  float *p, *m, *v;  // the results, which hold the arguments' values on entry (aliased, or copied by XLA)
+  float *p, *m, *v;  // updated in place (each result aliases its argument)
   int64_t n;
   float wd;
 };
@@ -102,11 +101,8 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Remai
         (*po)->element_count() != n || (*mo)->element_count() != n || (*vo)->element_count() != n)
       return ffi::Error::InvalidArgument("tfm_adamw_cpu: a leaf's gradient, moments or results differ in size");
     if ((*po)->typed_data() != p->typed_data() || (*mo)->typed_data() != m->typed_data() ||
-        (*vo)->typed_data() != v->typed_data()) {  // not aliased: XLA gave fresh results, so start from the arguments
-      std::memcpy((*po)->typed_data(), p->typed_data(), n * sizeof(float));
-      std::memcpy((*mo)->typed_data(), m->typed_data(), n * sizeof(float));
-      std::memcpy((*vo)->typed_data(), v->typed_data(), n * sizeof(float));
-    }
+        (*vo)->typed_data() != v->typed_data())  // XLA aliases them, copying an argument first where it must
+      return ffi::Error::InvalidArgument("tfm_adamw_cpu: each result must alias its argument");
     leaves[j] = Leaf{g->typed_data(), (*po)->typed_data(), (*mo)->typed_data(), (*vo)->typed_data(), n,
                      decayed[j] ? weight_decay : 0.f};
     for (int64_t i = 0; i < n; i += kChunk) chunks.emplace_back(j, i);

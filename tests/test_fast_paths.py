@@ -24,6 +24,7 @@ from tfm.layers.blocks import BlockConfig, EncoderBlock, Stack
 from tfm.layers.feedforward import ACTIVATIONS
 from tfm.layers.linear import _matmul_plan, einsum_matmul
 from tfm.layers.masks import and_masks, causal_mask, key_padding_mask, segment_mask
+from tfm.layers.norms import LayerNorm, RMSNorm
 from tfm.models.detr import DETR, detr_tiny
 from tfm.models.gpt import GPT, GPTConfig
 from tfm.models.vit import ViT, vit_tiny
@@ -161,6 +162,37 @@ def test_convolution_stems_give_the_same_model_with_patch_matmuls(family):
     assert_close(patches, plain, tol=1e-4)
 
 
+@pytest.mark.parametrize("norm", [LayerNorm(), LayerNorm(use_bias=False), RMSNorm(), LayerNorm(dtype=jnp.bfloat16)])
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_hand_written_norm_backward_equals_autodiff(norm, offset):
+    """Values and gradients (input, scale, bias) equal XLA's derivative, also for inputs far from zero mean."""
+    rng = np.random.default_rng(6)
+    x = randn(rng, 3, 5, 16) * 3.0 + offset
+    params = random_params(norm, x)
+    run = lambda p, a: norm.apply({"params": p}, a).astype(jnp.float32)  # noqa: E731
+    with forced(NORM_VJP=True):
+        assert tuning.norm_vjp()
+        written = value_and_grads(run, params, x)
+    with forced(NORM_VJP=False):
+        derived = value_and_grads(run, params, x)
+    assert len(jax.tree.leaves(written)) == 2 + len(jax.tree.leaves(params))
+    tol = 1e-2 if norm.dtype == jnp.bfloat16 else TOL
+    assert_close(written, derived, tol=tol)
+
+
+def test_hand_written_norm_backward_in_a_gpt():
+    """A pre-LN GPT's loss gradients with every LayerNorm on the hand-written backward equal XLA's."""
+    cfg = GPTConfig(vocab_size=11, max_len=8, num_layers=2, block=BlockConfig(d_model=16, num_heads=4, d_ff=32))
+    model, tokens = GPT(cfg), jnp.asarray(np.random.default_rng(7).integers(0, 11, (2, 8)))
+    params = random_params(model, tokens)
+    run = lambda p: model.apply({"params": p}, tokens)  # noqa: E731
+    results = []
+    for on in (True, False):
+        with forced(NORM_VJP=on):
+            results.append(value_and_grads(run, params))
+    assert_close(*results)
+
+
 def test_unrolled_layer_scan_equals_the_loop():
     rng = np.random.default_rng(2)
     x = randn(rng, 2, 6, 16)
@@ -226,6 +258,7 @@ def test_the_backend_choices():
         assert not tuning.fold_to_matmul() and not tuning.fused_qkv()
     on_cpu = jax.default_backend() == "cpu"
     assert tuning.fold_to_matmul() == on_cpu and tuning.fused_qkv() == on_cpu and tuning.conv_as_matmul() == on_cpu
+    assert tuning.norm_vjp() == on_cpu
     with forced(CAUSAL_BLOCK_ROWS=64):
         # At least 64 rows a block, at most 8 blocks, and blocks that divide T.
         assert [tuning.causal_blocks(t) for t in (64, 127, 128, 200, 256, 2048, 8192)] == [1, 1, 2, 2, 4, 8, 8]

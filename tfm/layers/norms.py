@@ -1,6 +1,21 @@
-"""LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019), computed in float32."""
+"""LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019), computed in float32.
+
+Where ``tuning.norm_vjp()`` says so, both run through ``layer_norm``/``rms_norm``
+below: the same forward, with the backward written out by hand instead of
+differentiated through the mean and variance. With x̂ the normalised input, s
+the scale, r = 1/sqrt(var + eps) and g the output's cotangent (row means over
+the last axis)::
+
+    dx = r (g s - mean(g s) - x̂ mean(g s x̂))     (RMSNorm: no mean(g s) term)
+    d scale = Σ_rows g x̂,   d bias = Σ_rows g
+
+Two row reductions and one pass over the rows, where XLA's derivative of the
+forward's reductions takes several passes more (see ``tuning``).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -8,6 +23,51 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
+from tfm.layers import tuning
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: Array, scale: Array, bias: Array | None, epsilon: float) -> Array:
+    """``(x - mean) / sqrt(var + eps) * scale [+ bias]`` over the last axis, float32, with a hand-written VJP."""
+    return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + epsilon)
+    xhat = centred * rstd
+    y = xhat * scale if bias is None else xhat * scale + bias
+    return y, (xhat, rstd, scale, bias)
+
+
+def _norm_bwd(centre: bool, residuals, g):
+    xhat, rstd, scale, bias = residuals
+    rows = tuple(range(g.ndim - 1))
+    gs = g * scale
+    inner = gs - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True)
+    if centre:
+        inner = inner - jnp.mean(gs, axis=-1, keepdims=True)
+    dbias = None if bias is None else jnp.sum(g, axis=rows)
+    return rstd * inner, jnp.sum(g * xhat, axis=rows), dbias
+
+
+layer_norm.defvjp(_layer_norm_fwd, lambda epsilon, res, g: _norm_bwd(True, res, g))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: Array, scale: Array, epsilon: float) -> Array:
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, float32, with a hand-written VJP."""
+    return _rms_norm_fwd(x, scale, epsilon)[0]
+
+
+def _rms_norm_fwd(x, scale, epsilon):
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + epsilon)
+    xhat = x * rstd
+    return xhat * scale, (xhat, rstd, scale, None)
+
+
+rms_norm.defvjp(_rms_norm_fwd, lambda epsilon, res, g: _norm_bwd(False, res, g)[:2])
 
 
 class LayerNorm(nn.Module):
@@ -23,13 +83,16 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.NORM,)), (d,), self.param_dtype)
         xf = x.astype(jnp.float32)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.NORM,)), (d,), self.param_dtype)
+            bias = bias.astype(jnp.float32)
+        if tuning.norm_vjp():
+            return layer_norm(xf, scale.astype(jnp.float32), bias, self.epsilon).astype(self.dtype)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-        if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.NORM,)), (d,), self.param_dtype)
-            y = y + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        return (y if bias is None else y + bias).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -44,6 +107,8 @@ class RMSNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.NORM,)), (d,), self.param_dtype)
         xf = x.astype(jnp.float32)
+        if tuning.norm_vjp():
+            return rms_norm(xf, scale.astype(jnp.float32), self.epsilon).astype(self.dtype)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.epsilon)
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 

@@ -170,10 +170,10 @@ def test_hand_written_norm_backward_equals_autodiff(norm, offset):
     x = randn(rng, 3, 5, 16) * 3.0 + offset
     params = random_params(norm, x)
     run = lambda p, a: norm.apply({"params": p}, a).astype(jnp.float32)  # noqa: E731
-    with forced(NORM_VJP=True):
-        assert tuning.norm_vjp()
+    with forced(HAND_VJP=True):
+        assert tuning.hand_vjp()
         written = value_and_grads(run, params, x)
-    with forced(NORM_VJP=False):
+    with forced(HAND_VJP=False):
         derived = value_and_grads(run, params, x)
     assert len(jax.tree.leaves(written)) == 2 + len(jax.tree.leaves(params))
     tol = 1e-2 if norm.dtype == jnp.bfloat16 else TOL
@@ -188,7 +188,7 @@ def test_hand_written_norm_backward_in_a_gpt():
     run = lambda p: model.apply({"params": p}, tokens)  # noqa: E731
     results = []
     for on in (True, False):
-        with forced(NORM_VJP=on):
+        with forced(HAND_VJP=on):
             results.append(value_and_grads(run, params))
     assert_close(*results)
 
@@ -258,7 +258,7 @@ def test_the_backend_choices():
         assert not tuning.fold_to_matmul() and not tuning.fused_qkv()
     on_cpu = jax.default_backend() == "cpu"
     assert tuning.fold_to_matmul() == on_cpu and tuning.fused_qkv() == on_cpu and tuning.conv_as_matmul() == on_cpu
-    assert tuning.norm_vjp() == on_cpu
+    assert tuning.hand_vjp() == on_cpu
     with forced(CAUSAL_BLOCK_ROWS=64):
         # At least 64 rows a block, at most 8 blocks, and blocks that divide T.
         assert [tuning.causal_blocks(t) for t in (64, 127, 128, 200, 256, 2048, 8192)] == [1, 1, 2, 2, 4, 8, 8]
@@ -267,12 +267,16 @@ def test_the_backend_choices():
     assert (tuning.causal_blocks(2048) > 1) == on_cpu
 
 
-def test_exact_gelu_matches_jax_nn_gelu():
+@pytest.mark.parametrize("hand_vjp", [True, False])
+def test_exact_gelu_matches_jax_nn_gelu(hand_vjp):
+    """Values and gradients, with the derivative written out and with XLA's."""
     x = jnp.linspace(-8.0, 8.0, 4001)
     ours, ref = ACTIVATIONS["gelu"], lambda v: jax.nn.gelu(v, approximate=False)
-    assert maxerr(ours(x), ref(x)) <= 1e-6
     grad = lambda f: jax.vmap(jax.grad(f))(x)  # noqa: E731
-    assert maxerr(grad(ours), grad(ref)) <= 1e-6
+    with forced(HAND_VJP=hand_vjp):
+        assert maxerr(ours(x), ref(x)) <= 1e-6
+        assert maxerr(grad(ours), grad(ref)) <= 1e-6
+        assert ("custom_vjp" in str(jax.make_jaxpr(lambda v: ours(v))(x))) == hand_vjp  # a fresh trace
 
 
 def test_gpt_init_has_gpt2_statistics():

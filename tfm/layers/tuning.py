@@ -27,11 +27,13 @@ they agree. Measured on the CPU backend with ``benchmarks/vs_pytorch.py``:
   (``tfm.layers.conv``). On CPU XLA computes a strided convolution's weight
   gradient as a window-dilated convolution, slower than the matmul; GPU and TPU
   have convolution kernels of their own.
-* ``NORM_VJP``: LayerNorm and RMSNorm differentiate through a hand-written
+* ``HAND_VJP``: LayerNorm and RMSNorm differentiate through a hand-written
   backward (``tfm.layers.norms.layer_norm``: two row reductions and one pass)
-  instead of XLA's derivative of the mean and variance. On CPU the GPT step
-  ran 3–6 % faster (both shapes of ``benchmarks/vs_pytorch.py``); GPU and TPU
-  keep XLA's derivative, unmeasured there.
+  instead of XLA's derivative of the mean and variance, and the exact GELU
+  through its derivative written out (``tfm.layers.feedforward.gelu``). On CPU
+  the norms made the GPT step 3–6 % faster and the GELU ~1 % more (both shapes
+  of ``benchmarks/vs_pytorch.py``); GPU and TPU keep XLA's derivatives,
+  unmeasured there.
 * ``CPU_ATTENTION``: the dense attention runs as one fused native kernel
   (``tfm.layers.cpu_attention``: scores, softmax and output by blocks of query
   rows, no ``[B, N, T, S]`` tensors, the backward recomputing the
@@ -56,7 +58,7 @@ CAUSAL_BLOCK_ROWS: int | None = None
 CONV_AS_MATMUL: bool | None = None
 CPU_ATTENTION: bool | None = None
 FUSED_OPTIMIZER: bool | None = None
-NORM_VJP: bool | None = None
+HAND_VJP: bool | None = None
 
 _CPU_UNROLL_LAYERS = 8
 _CPU_CAUSAL_BLOCK_ROWS = 64
@@ -79,8 +81,8 @@ def conv_as_matmul() -> bool:
     return _on_cpu() if CONV_AS_MATMUL is None else CONV_AS_MATMUL
 
 
-def norm_vjp() -> bool:
-    return _on_cpu() if NORM_VJP is None else NORM_VJP
+def hand_vjp() -> bool:
+    return _on_cpu() if HAND_VJP is None else HAND_VJP
 
 
 def cpu_attention() -> bool:

@@ -1,8 +1,9 @@
 """LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019), computed in float32.
 
-Where ``tuning.hand_vjp()`` says so, both run through ``layer_norm``/``rms_norm``
-below: the same forward, with the backward written out by hand instead of
-differentiated through the mean and variance. With x̂ the normalised input, s
+Both compute their forward pass once, in ``_layer_norm_fwd``/``_rms_norm_fwd``.
+Where ``tuning.hand_vjp()`` says so, they run through ``layer_norm``/``rms_norm``:
+that forward, with the backward written out by hand instead of XLA's derivative
+of the mean and variance. With x̂ the normalised input, s
 the scale, r = 1/sqrt(var + eps) and g the output's cotangent (row means over
 the last axis)::
 
@@ -87,12 +88,8 @@ class LayerNorm(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.NORM,)), (d,), self.param_dtype)
             bias = bias.astype(jnp.float32)
-        if tuning.hand_vjp():
-            return layer_norm(xf, scale.astype(jnp.float32), bias, self.epsilon).astype(self.dtype)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-        return (y if bias is None else y + bias).astype(self.dtype)
+        norm = layer_norm if tuning.hand_vjp() else lambda *a: _layer_norm_fwd(*a)[0]  # XLA's derivative
+        return norm(xf, scale.astype(jnp.float32), bias, self.epsilon).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -107,10 +104,8 @@ class RMSNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.NORM,)), (d,), self.param_dtype)
         xf = x.astype(jnp.float32)
-        if tuning.hand_vjp():
-            return rms_norm(xf, scale.astype(jnp.float32), self.epsilon).astype(self.dtype)
-        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.epsilon)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        norm = rms_norm if tuning.hand_vjp() else lambda *a: _rms_norm_fwd(*a)[0]  # XLA's derivative
+        return norm(xf, scale.astype(jnp.float32), self.epsilon).astype(self.dtype)
 
 
 NORMS = ("layernorm", "rmsnorm")

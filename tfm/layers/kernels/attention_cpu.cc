@@ -122,6 +122,16 @@ void UnpackQueryRows(const float* in, const Dims& d, int64_t b, const Block& blk
   for (int r = 0; r < blk.rows; ++r) CopyRow(QueryRow(x, d, b, blk, r), in + r * d.Hp, d.H);
 }
 
+// Asks the cache for a block's rows of a query-layout tensor ahead of their use: rows T * N * H floats
+// apart come from memory, and the next block's loads would otherwise wait for them. Inlined: GCC drops
+// calls to a function that only prefetches, as if it did nothing.
+__attribute__((always_inline)) inline void PrefetchQueryRows(const float* x, const Dims& d, int64_t b, const Block& blk) {
+  for (int r = 0; r < blk.rows; ++r) {
+    const float* row = QueryRow(x, d, b, blk, r);
+    for (int64_t h = 0; h < d.H; h += 64 / sizeof(float)) __builtin_prefetch(row + h);
+  }
+}
+
 // The products below run over the first NR rows of a block (NR in 8, 4, 2, 1: the fewest that
 // cover its rows), so a block of one query row (a decoding step) does not pay for eight.
 #define TFM_BY_ROWS(fn, rows, ...)                                             \
@@ -130,10 +140,24 @@ void UnpackQueryRows(const float* in, const Dims& d, int64_t b, const Block& blk
    : (rows) > 1 ? fn<2>(__VA_ARGS__)                                           \
                 : fn<1>(__VA_ARGS__))
 
-// out[r, c] = sum_h a[r, h] * bt[h, c] for columns [0, cols) (cols a multiple of W).
+// out[r, c] = sum_h a[r, h] * bt[h, c] for columns [0, cols) (cols a multiple of W), two vectors of
+// columns at a time where it can: each broadcast a[r, h] then feeds two products.
 template <int NR>
 void RowsTimesPacked(const float* a, const float* bt, const Dims& d, int cols, float* out) {
-  for (int c = 0; c < cols; c += W) {
+  int c = 0;
+  for (; c + 2 * W <= cols; c += 2 * W) {
+    vf acc0[NR] = {}, acc1[NR] = {};
+    for (int64_t h = 0; h < d.H; ++h) {
+      const vf b0 = load(bt + h * d.Sp + c), b1 = load(bt + h * d.Sp + c + W);
+      for (int r = 0; r < NR; ++r) {
+        const float x = a[r * d.Hp + h];
+        acc0[r] += x * b0;
+        acc1[r] += x * b1;
+      }
+    }
+    for (int r = 0; r < NR; ++r) store(out + r * d.Sp + c, acc0[r]), store(out + r * d.Sp + c + W, acc1[r]);
+  }
+  for (; c < cols; c += W) {
     vf acc[NR] = {};
     for (int64_t h = 0; h < d.H; ++h) {
       const vf bv = load(bt + h * d.Sp + c);
@@ -157,11 +181,28 @@ void RowsTimesRows(const float* a, const float* rows, int64_t stride, const Dims
   }
 }
 
-// out[r, :] = mul[r] * sum_{s < keys} p[r, s] * rows[s, :]  ([R, Sp] x [S, Hp] -> [R, Hp]).
+// out[r, :] = mul[r] * sum_{s < keys} p[r, s] * rows[s, :]  ([R, Sp] x [S, Hp] -> [R, Hp]), two vectors
+// of columns at a time where it can.
 template <int NR>
 void WeightsTimesRows(const float* p, const float* rows, int64_t stride, const Dims& d, int keys, const float* mul,
                       float* out) {
-  for (int hc = 0; hc < d.Hp; hc += W) {
+  int hc = 0;
+  for (; hc + 2 * W <= d.Hp; hc += 2 * W) {
+    vf acc0[NR] = {}, acc1[NR] = {};
+    for (int s = 0; s < keys; ++s) {
+      const vf v0 = load(rows + s * stride + hc), v1 = load(rows + s * stride + hc + W);
+      for (int r = 0; r < NR; ++r) {
+        const float x = p[r * d.Sp + s];
+        acc0[r] += x * v0;
+        acc1[r] += x * v1;
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      store(out + r * d.Hp + hc, acc0[r] * mul[r]);
+      store(out + r * d.Hp + hc + W, acc1[r] * mul[r]);
+    }
+  }
+  for (; hc < d.Hp; hc += W) {
     vf acc[NR] = {};
     for (int s = 0; s < keys; ++s) {
       const vf v = load(rows + s * stride + hc);
@@ -171,10 +212,26 @@ void WeightsTimesRows(const float* p, const float* rows, int64_t stride, const D
   }
 }
 
-// acc[s, :] += sum_r p[r, s] * rows[r, :] for s < keys  ([R, Sp]^T x [R, Hp] into [S, Hp]).
+// acc[s, :] += sum_r p[r, s] * rows[r, :] for s < keys  ([R, Sp]^T x [R, Hp] into [S, Hp]), two vectors of
+// columns at a time where it can: two independent sums per key, and each p[r, s] read once for both.
 template <int NR>
 void AccumulateTransposed(const float* p, const float* rows, const Dims& d, int keys, float* acc) {
-  for (int hc = 0; hc < d.Hp; hc += W) {
+  int hc = 0;
+  for (; hc + 2 * W <= d.Hp; hc += 2 * W) {
+    vf x0[NR], x1[NR];
+    for (int r = 0; r < NR; ++r) x0[r] = load(rows + r * d.Hp + hc), x1[r] = load(rows + r * d.Hp + hc + W);
+    for (int s = 0; s < keys; ++s) {
+      float* a = acc + s * d.Hp + hc;
+      vf a0 = load(a), a1 = load(a + W);
+      for (int r = 0; r < NR; ++r) {
+        const float w = p[r * d.Sp + s];
+        a0 += w * x0[r];
+        a1 += w * x1[r];
+      }
+      store(a, a0), store(a + W, a1);
+    }
+  }
+  for (; hc < d.Hp; hc += W) {
     vf x[NR];
     for (int r = 0; r < NR; ++r) x[r] = load(rows + r * d.Hp + hc);
     for (int s = 0; s < keys; ++s) {
@@ -233,7 +290,10 @@ void ForwardTask(const float* q, const float* k, const float* v, const bool* mas
     PackRows(k, d, b, kh, kt);
   }
   if (!in_place) PackRows(v, d, b, kh, vr);
-  for (const Block& blk : Blocks(d, kh, few_rows)) {
+  const std::vector<Block> blocks = Blocks(d, kh, few_rows);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const Block& blk = blocks[i];
+    if (i + 1 < blocks.size()) PrefetchQueryRows(q, d, b, blocks[i + 1]);
     const int rows = blk.rows, keys = KeysOf(d, blk), cols = round_up(keys);
     PackQueryRows(q, d, b, blk, d.scale, qr);
     if (few_rows) {
@@ -292,7 +352,12 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
   const int64_t stride = in_place ? d.K * d.H : d.Hp;
   const float* krows = in_place ? k + b * d.S * d.K * d.H + kh * d.H : kr;
   if (!in_place) PackRows(k, d, b, kh, kr);
-  for (const Block& blk : Blocks(d, kh, d.T <= 2)) {
+  const std::vector<Block> blocks = Blocks(d, kh, d.T <= 2);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const Block& blk = blocks[i];
+    if (i + 1 < blocks.size()) {
+      for (const float* x : {q, dout, o}) PrefetchQueryRows(x, d, b, blocks[i + 1]);
+    }
     const int rows = blk.rows, keys = KeysOf(d, blk), cols = round_up(keys);
     PackQueryRows(q, d, b, blk, d.scale, qr);
     PackQueryRows(dout, d, b, blk, 1.f, dor);
@@ -310,8 +375,12 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
       const uint8_t* mrow = MaskRow(mask, d, b, n, t);
       const float m = row_max[(b * d.N + n) * d.T + t], inv = row_inv[(b * d.N + n) * d.T + t];
       const float* orow = QueryRow(o, d, b, blk, r);
-      float delta = 0.f;  // rowsum(dP * P) = dO . O
-      for (int64_t h = 0; h < d.H; ++h) delta += dor[r * d.Hp + h] * orow[h];
+      // rowsum(dP * P) = dO . O, by lanes then across them (a scalar sum would be one long dependency chain).
+      vf lanes = {};
+      int64_t h = 0;
+      for (; h + W <= d.H; h += W) lanes += load(dor + r * d.Hp + h) * load(orow + h);
+      float delta = hsum(lanes);
+      for (; h < d.H; ++h) delta += dor[r * d.Hp + h] * orow[h];
       for (int c = 0; c < cols; c += W) {
         const vi keep = Visible(mrow, d, t, c, keys);
         const vf prob = vexp(MaskScores(load(x + c), keep, c, keys) - m) * inv;

@@ -89,6 +89,36 @@ def test_kernel_equals_the_xla_path(b, t, s, n, kv, h, mask_kind, causal):
     assert_close(ours, fwd_grads(reference(mask, scale), q, k, v))
 
 
+@pytest.mark.parametrize("b, t, s, n, kv, h, mask_kind, causal", [c for c in CASES if c[1] == c[2]])
+def test_packed_kernel_equals_the_split_one(b, t, s, n, kv, h, mask_kind, causal):
+    """Self-attention over the unsplit [B, T, (N + 2K) H] projection: the same output, bit for bit, and
+    one gradient tensor holding the split kernel's dQ, dK and dV side by side (and close to the XLA path)."""
+    rng = np.random.default_rng(t * 5 + h)
+    qkv, mask, scale = randn(rng, b, t, (n + 2 * kv) * h), make_mask(mask_kind, rng, b, t, t, n), 1.0 / np.sqrt(h)
+
+    def split(x):
+        q, k, v = jnp.split(x, [n * h, (n + kv) * h], axis=-1)
+        return q.reshape(b, t, n, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
+
+    def packed(x):
+        return cpu_attention.cpu_attention_packed(x, heads=n, kv_heads=kv, mask=mask, scale=scale, causal=causal)
+
+    g = randn(rng, b, t, n, h)
+    out, vjp = jax.vjp(packed, qkv)
+    split_out, split_vjp = jax.vjp(lambda x: cpu_attention.cpu_attention(*split(x), mask=mask, scale=scale,
+                                                                         causal=causal), qkv)  # fmt: skip
+    ref_out, ref_vjp = jax.vjp(lambda x: reference(mask, scale)(*split(x)), qkv)
+    np.testing.assert_array_equal(out, split_out)
+    np.testing.assert_array_equal(vjp(g)[0], split_vjp(g)[0])
+    assert_close((out, vjp(g)), (ref_out, ref_vjp(g)))
+
+
+def test_packed_kernel_refuses_a_width_that_is_not_heads_times_head_dim():
+    with pytest.raises(ValueError, match="width 50"):
+        cpu_attention.cpu_attention_packed(jnp.zeros((1, 4, 50)), heads=4, kv_heads=2, mask=None, scale=1.0,
+                                           causal=False)  # fmt: skip
+
+
 def test_kernel_under_jit_and_vmap():
     rng = np.random.default_rng(1)
     q, k, v = randn(rng, 3, 2, 9, 4, 16), randn(rng, 3, 2, 9, 2, 16), randn(rng, 3, 2, 9, 2, 16)
@@ -163,5 +193,28 @@ def test_models_with_the_kernel_equal_the_xla_path(make):
             # A new function each time: the path is picked when it is traced.
             loss = jax.jit(jax.value_and_grad(lambda p: jnp.mean(jnp.sin(model.apply({"params": p}, inputs)))))
             results.append(loss(params))
-            assert ("tfm_attention_cpu_forward" in str(jax.make_jaxpr(loss)(params))) == on
+            jaxpr = str(jax.make_jaxpr(loss)(params))
+            # Self-attention reads the fused projection unsplit (the packed kernel); nothing else runs it.
+            assert ("tfm_attention_cpu_packed_forward" in jaxpr) == on
+            assert "tfm_attention_cpu_forward" not in jaxpr
     assert_close(*results)
+
+
+def test_rope_attention_keeps_the_split_kernel():
+    """RoPE rotates the query and key between the projection and the kernel: the split tensors go in."""
+    from tfm.layers.attention import MultiHeadAttention
+
+    x = randn(np.random.default_rng(6), 2, 12, 32)
+    mask = causal_mask(12)
+    for rope in (False, True):
+        layer = MultiHeadAttention(num_heads=4, head_dim=8, use_rope=rope, causal=True)
+        params = layer.init(jax.random.PRNGKey(0), x, mask=mask)
+        results = []
+        for on in (True, False):
+            with kernel(on):
+                f = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x, mask=mask))), (0, 1)))
+                results.append(f(params, x))
+                jaxpr = str(jax.make_jaxpr(f)(params, x))
+                assert ("tfm_attention_cpu_packed_forward" in jaxpr) == (on and not rope)
+                assert ("tfm_attention_cpu_forward" in jaxpr) == (on and rope)
+        assert_close(*results)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers import tuning
+from tfm.layers import cpu_attention, tuning
 from tfm.layers.attention_kinds import KINDS, AttentionKind, attention, get_kind
-from tfm.layers.dot_product import dot_product_attention
+from tfm.layers.dot_product import dot_product_attention, uses_cpu_kernel
 from tfm.layers.linear import Einsum, Initializer, fused_projection
 from tfm.layers.masks import and_masks
 from tfm.layers.position import apply_rope
@@ -111,6 +111,16 @@ class MultiHeadAttention(nn.Module):
             )  # fmt: skip
 
         projections = proj("query", n, sh.HEADS), proj("key", k, sh.KV_HEADS, self.key_bias), proj("value", k, sh.KV_HEADS)
+        spec = get_kind(self.kind)
+        if self_attention and tuning.fused_qkv() and self._packed_kernel(spec, mask, bias, deterministic):
+            # The native kernel reads query, key and value from the fused projection's output and writes their
+            # gradients as one tensor: the three are never split out, nor their gradients joined.
+            qkv = fused_projection(inputs_q, projections, self.dtype, split=False)
+            causal = self.causal and mask is not None
+            result = cpu_attention.cpu_attention_packed(
+                qkv, heads=n, kv_heads=k, mask=mask, scale=h**-0.5 if self.scale is None else self.scale, causal=causal
+            )
+            return self._out(result, n, h, d)
         if self_attention and tuning.fused_qkv():
             query, key, value = fused_projection(inputs_q, projections, self.dtype)
         else:
@@ -122,7 +132,6 @@ class MultiHeadAttention(nn.Module):
         value = nn.with_logical_constraint(value, (sh.BATCH, sh.KV_LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
 
         t = inputs_q.shape[1]
-        spec = get_kind(self.kind)
         if not self_attention and not spec.cross:
             cross = [k.name for k in KINDS.values() if k.cross]
             raise ValueError(f"attention kind {spec.name!r} is for self-attention; cross-attention uses one of {cross}")
@@ -199,6 +208,16 @@ class MultiHeadAttention(nn.Module):
             param_dtype=self.param_dtype, name="out",
         )("BTNH,NHD->BTD", result)  # fmt: skip
         return nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.EMBED))
+
+    def _packed_kernel(self, spec: AttentionKind, mask: Array | None, bias: Array | None, deterministic: bool) -> bool:
+        """Whether self-attention runs the native CPU kernel on the unsplit Q/K/V projection: where the
+        split tensors would reach it (``dot_product_attention``'s rule) with nothing between (RoPE, a cache)."""
+        if self.use_rope or self.decode or not spec.dense_masks or bias is not None or self.sow_weights:
+            return False
+        if self.implementation not in (None, "xla") or (self.dropout_rate > 0.0 and not deterministic):
+            return False
+        probe = jax.ShapeDtypeStruct((1, 1, 1, 1), self.dtype)  # the kernel's rule reads dtypes only
+        return uses_cpu_kernel(probe, probe, probe, mask)
 
     def _kind_options(self) -> dict:
         """The options every kind may take, from this module's fields (each kind keeps those it knows)."""

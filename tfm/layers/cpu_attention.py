@@ -27,6 +27,7 @@ from jax import Array
 from tfm.layers.cpu_kernels import available
 
 _FORWARD, _BACKWARD = "tfm_attention_cpu_forward", "tfm_attention_cpu_backward"
+_PACKED_FORWARD, _PACKED_BACKWARD = "tfm_attention_cpu_packed_forward", "tfm_attention_cpu_packed_backward"
 
 
 def supports(query: Array, key: Array, value: Array, mask: Array | None) -> bool:
@@ -89,4 +90,55 @@ def cpu_attention(query: Array, key: Array, value: Array, *, mask: Array | None,
     return _attention(query, key, value, _mask_operand(mask, query, key), float(scale), bool(causal), mask is not None)
 
 
-__all__ = ["available", "cpu_attention", "supports"]
+def _packed_forward_call(qkv, mask, scale, causal, has_mask, heads, kv_heads):
+    b, t, _ = qkv.shape
+    stats = jax.ShapeDtypeStruct((b, heads, t), jnp.float32)
+    out = jax.ShapeDtypeStruct((b, t, heads, qkv.shape[2] // (heads + 2 * kv_heads)), jnp.float32)
+    call = jax.ffi.ffi_call(_PACKED_FORWARD, (out, stats, stats), vmap_method="sequential")
+    return call(qkv, mask, scale=np.float32(scale), causal=causal, has_mask=has_mask, heads=np.int64(heads),
+                kv_heads=np.int64(kv_heads))  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _packed_attention(qkv, mask, scale, causal, has_mask, heads, kv_heads):
+    return _packed_forward_call(qkv, mask, scale, causal, has_mask, heads, kv_heads)[0]
+
+
+def _packed_fwd(qkv, mask, scale, causal, has_mask, heads, kv_heads):
+    out, row_max, row_inv = _packed_forward_call(qkv, mask, scale, causal, has_mask, heads, kv_heads)
+    return out, (qkv, mask, out, row_max, row_inv)
+
+
+def _packed_bwd(scale, causal, has_mask, heads, kv_heads, residuals, d_out):
+    qkv, mask, out, row_max, row_inv = residuals
+    call = jax.ffi.ffi_call(_PACKED_BACKWARD, jax.ShapeDtypeStruct(qkv.shape, jnp.float32), vmap_method="sequential")
+    d_qkv = call(qkv, mask, out, d_out.astype(jnp.float32), row_max, row_inv, scale=np.float32(scale), causal=causal,
+                 has_mask=has_mask, heads=np.int64(heads), kv_heads=np.int64(kv_heads))  # fmt: skip
+    return d_qkv, None
+
+
+_packed_attention.defvjp(_packed_fwd, _packed_bwd)
+
+
+def cpu_attention_packed(qkv: Array, *, heads: int, kv_heads: int, mask: Array | None, scale: float,
+                         causal: bool) -> Array:  # fmt: skip
+    """``cpu_attention`` of self-attention over the fused projection's output, unsplit.
+
+    ``qkv [B, T, (heads + 2 kv_heads) H]``: each position's row holds its query heads, then its key heads,
+    then its value heads (``linear.fused_projection(..., split=False)``). Returns ``[B, T, heads, H]``,
+    what ``cpu_attention`` returns for the split query, key and value; its gradient is one tensor of
+    ``qkv``'s layout, so neither the split nor the join of the three gradients is materialised.
+    """
+    if not available():
+        raise RuntimeError("cpu_attention: the native attention kernel could not be built (see the log)")
+    b, t, width = qkv.shape
+    if width % (heads + 2 * kv_heads) or heads % kv_heads:
+        raise ValueError(f"cpu_attention_packed: width {width} is not (heads + 2 kv_heads) H for heads={heads}, "
+                         f"kv_heads={kv_heads}")  # fmt: skip
+    h = width // (heads + 2 * kv_heads)
+    like = jax.ShapeDtypeStruct((b, t, heads, h), qkv.dtype)
+    operand = _mask_operand(mask, like, like)
+    return _packed_attention(qkv, operand, float(scale), bool(causal), mask is not None, int(heads), int(kv_heads))
+
+
+__all__ = ["available", "cpu_attention", "cpu_attention_packed", "supports"]

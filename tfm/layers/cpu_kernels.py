@@ -36,6 +36,8 @@ KERNELS = Path(__file__).parent / "kernels"
 TARGETS = {
     "tfm_attention_cpu_forward": "TfmAttentionForward",
     "tfm_attention_cpu_backward": "TfmAttentionBackward",
+    "tfm_attention_cpu_packed_forward": "TfmAttentionPackedForward",
+    "tfm_attention_cpu_packed_backward": "TfmAttentionPackedBackward",
     "tfm_adamw_cpu": "TfmAdamW",
 }
 UNUSED_DAYS = 30  # a build removes the cache's other libraries left unused this long

@@ -167,7 +167,7 @@ def dot_product_attention(
         log.info("dot_product_attention: %s path unavailable (%s); using the XLA path", implementation, reason)
 
     if (implementation in (None, "xla") and bias is None and dropout_rate == 0.0 and not return_weights
-            and tuning.cpu_attention() and cpu_attention.supports(query, key, value, mask) and cpu_attention.available()):
+            and uses_cpu_kernel(query, key, value, mask)):
         causal = causal and mask is not None and key.shape[1] == query.shape[1]
         return cpu_attention.cpu_attention(query, key, value, mask=mask, scale=scale, causal=causal)
     blocks = tuning.causal_blocks(query.shape[1]) if causal and mask is not None and key.shape[1] == query.shape[1] else 1
@@ -176,6 +176,11 @@ def dot_product_attention(
     out, weights = _xla_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng)
     out = out.astype(query.dtype)
     return (out, weights) if return_weights else out
+
+
+def uses_cpu_kernel(query: Array, key: Array, value: Array, mask: Array | None) -> bool:
+    """Whether the XLA path's attention, without bias, dropout or returned weights, runs the native CPU kernel."""
+    return tuning.cpu_attention() and cpu_attention.supports(query, key, value, mask) and cpu_attention.available()
 
 
 def _mask_shape(query: Array, key: Array, mask: Array) -> tuple[int, ...]:

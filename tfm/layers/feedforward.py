@@ -32,7 +32,12 @@ def _gelu_hand_vjp(x: Array) -> Array:
 
 
 def _gelu_bwd(x: Array, g: Array) -> tuple[Array]:
-    """d/dx x Phi(x) = Phi(x) + x phi(x), recomputed from x (what PyTorch's ``gelu_backward`` computes)."""
+    """d/dx x Phi(x) = Phi(x) + x phi(x), recomputed from x (what PyTorch's ``gelu_backward`` computes).
+
+    The barrier keeps XLA from sharing ``erf`` with the forward: shared, the forward would write Phi(x) out
+    as a second tensor of the FFN's width for the backward to read, which costs more than computing it again.
+    """
+    x = jax.lax.optimization_barrier(x)
     cdf = 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
     pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(1.0 / math.sqrt(2.0 * math.pi), x.dtype)
     return (g * (cdf + x * pdf),)

@@ -62,11 +62,14 @@ def as_dtype(w: Array, dtype: jnp.dtype) -> Array:
     return w if w.dtype == dtype else w.astype(dtype)
 
 
-def fused_projection(x: Array, projections: Sequence[Einsum], dtype: jnp.dtype) -> tuple[Array, ...]:
+def fused_projection(x: Array, projections: Sequence[Einsum], dtype: jnp.dtype, split: bool = True
+                     ) -> tuple[Array, ...] | Array:  # fmt: skip
     """``x [B, T, D]`` through several ``[D, heads, H]`` projections with one matmul.
 
     The kernels (and biases) are concatenated on their output axes, so the
-    parameters stay those of the separate projections and the result is theirs.
+    parameters stay those of the separate projections and the result is theirs:
+    one ``[B, T, heads, H]`` per projection, or with ``split=False`` the product
+    itself, ``[B, T, F]`` with the projections' outputs side by side.
     """
     d = x.shape[-1]
     kernels = [as_dtype(p.kernel, dtype) for p in projections]
@@ -75,6 +78,8 @@ def fused_projection(x: Array, projections: Sequence[Einsum], dtype: jnp.dtype) 
     if any(p.use_bias for p in projections):  # a projection without one adds zeros
         y = y + jnp.concatenate([p.bias.astype(dtype).reshape(-1) if p.use_bias else jnp.zeros((n,), dtype)
                                  for p, n in zip(projections, widths)])  # fmt: skip
+    if not split:
+        return y
     parts = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
     return tuple(part.reshape(x.shape[:-1] + w.shape[1:]) for part, w in zip(parts, kernels))
 

@@ -36,6 +36,7 @@ constexpr int R = 8;  // query rows per block
 
 struct Dims {
   int64_t B, T, S, N, K, H, Bm, Nm;
+  int64_t qs, ks;  // floats from one position's row to the next: of the query (and dQ); of key and value (dK, dV)
   int G, Hp, Sp;
   float scale;
   bool causal, has_mask;
@@ -47,6 +48,7 @@ Dims GetDims(const ffi::AnyBuffer::Dimensions& qd, const ffi::AnyBuffer::Dimensi
   d.B = qd[0], d.T = qd[1], d.N = qd[2], d.H = qd[3], d.S = kd[1], d.K = kd[2];
   d.Bm = md[0], d.Nm = md[1];
   d.G = static_cast<int>(d.N / d.K);
+  d.qs = d.N * d.H, d.ks = d.K * d.H;  // separate tensors; the packed handlers below set their own
   d.Hp = round_up(static_cast<int>(d.H));
   d.Sp = round_up(static_cast<int>(d.S));
   d.scale = scale, d.causal = causal, d.has_mask = has_mask;
@@ -59,7 +61,7 @@ void PackTransposed(const float* x, const Dims& d, int64_t b, int64_t kh, float*
   for (int64_t s0 = 0; s0 < d.S; s0 += W) {  // by tiles of W keys: their rows stay in cache
     const int n = static_cast<int>(std::min<int64_t>(W, d.S - s0));
     const float* rows[W];
-    for (int i = 0; i < n; ++i) rows[i] = x + ((b * d.S + s0 + i) * d.K + kh) * d.H;
+    for (int i = 0; i < n; ++i) rows[i] = x + (b * d.S + s0 + i) * d.ks + kh * d.H;
     for (int64_t h = 0; h < d.H; ++h) {
       float* o = out + h * d.Sp + s0;
       for (int i = 0; i < n; ++i) o[i] = rows[i][h];
@@ -69,7 +71,7 @@ void PackTransposed(const float* x, const Dims& d, int64_t b, int64_t kh, float*
 void PackRows(const float* x, const Dims& d, int64_t b, int64_t kh, float* out) {
   for (int64_t s = 0; s < d.S; ++s) {
     std::fill(out + s * d.Hp + d.H, out + (s + 1) * d.Hp, 0.f);
-    CopyRow(out + s * d.Hp, x + ((b * d.S + s) * d.K + kh) * d.H, d.H);
+    CopyRow(out + s * d.Hp, x + (b * d.S + s) * d.ks + kh * d.H, d.H);
   }
 }
 // A block of query rows: row r is query position t[r] of query head n[r].
@@ -106,28 +108,29 @@ inline int KeysOf(const Dims& d, const Block& blk) {
 }
 
 template <typename F>  // float or const float
-inline F* QueryRow(F* x, const Dims& d, int64_t b, const Block& blk, int r) {
-  return x + ((b * d.T + blk.t[r]) * d.N + blk.n[r]) * d.H;
+inline F* QueryRow(F* x, int64_t stride, const Dims& d, int64_t b, const Block& blk, int r) {
+  return x + (b * d.T + blk.t[r]) * stride + blk.n[r] * d.H;
 }
 
 // A block's rows of a query-layout tensor, times `mul`, into [R, Hp] (rows past `rows` zero).
-void PackQueryRows(const float* x, const Dims& d, int64_t b, const Block& blk, float mul, float* out) {
+void PackQueryRows(const float* x, int64_t stride, const Dims& d, int64_t b, const Block& blk, float mul, float* out) {
   for (int r = 0; r < blk.rows; ++r) {
-    CopyRow(out + r * d.Hp, QueryRow(x, d, b, blk, r), d.H, mul);
+    CopyRow(out + r * d.Hp, QueryRow(x, stride, d, b, blk, r), d.H, mul);
     std::fill(out + r * d.Hp + d.H, out + (r + 1) * d.Hp, 0.f);
   }
   std::fill(out + blk.rows * d.Hp, out + R * d.Hp, 0.f);
 }
-void UnpackQueryRows(const float* in, const Dims& d, int64_t b, const Block& blk, float* x) {
-  for (int r = 0; r < blk.rows; ++r) CopyRow(QueryRow(x, d, b, blk, r), in + r * d.Hp, d.H);
+void UnpackQueryRows(const float* in, const Dims& d, int64_t b, const Block& blk, float* x, int64_t stride) {
+  for (int r = 0; r < blk.rows; ++r) CopyRow(QueryRow(x, stride, d, b, blk, r), in + r * d.Hp, d.H);
 }
 
 // Asks the cache for a block's rows of a query-layout tensor ahead of their use: rows T * N * H floats
 // apart come from memory, and the next block's loads would otherwise wait for them. Inlined: GCC drops
 // calls to a function that only prefetches, as if it did nothing.
-__attribute__((always_inline)) inline void PrefetchQueryRows(const float* x, const Dims& d, int64_t b, const Block& blk) {
+__attribute__((always_inline)) inline void PrefetchQueryRows(const float* x, int64_t stride, const Dims& d, int64_t b,
+                                                            const Block& blk) {
   for (int r = 0; r < blk.rows; ++r) {
-    const float* row = QueryRow(x, d, b, blk, r);
+    const float* row = QueryRow(x, stride, d, b, blk, r);
     for (int64_t h = 0; h < d.H; h += 64 / sizeof(float)) __builtin_prefetch(row + h);
   }
 }
@@ -281,9 +284,9 @@ void ForwardTask(const float* q, const float* k, const float* v, const bool* mas
   const bool few_rows = d.T <= 2;  // K by rows (RowsTimesRows) instead of transposed
   // Rows of a multiple of W floats are read in place, [S, K * H] apart; others are copied, padded.
   const bool in_place = d.H == d.Hp;
-  const int64_t stride = in_place ? d.K * d.H : d.Hp;
-  const float* krows = in_place ? k + b * d.S * d.K * d.H + kh * d.H : kt;
-  const float* vrows = in_place ? v + b * d.S * d.K * d.H + kh * d.H : vr;
+  const int64_t stride = in_place ? d.ks : d.Hp;
+  const float* krows = in_place ? k + b * d.S * d.ks + kh * d.H : kt;
+  const float* vrows = in_place ? v + b * d.S * d.ks + kh * d.H : vr;
   if (!few_rows) {
     PackTransposed(k, d, b, kh, kt);
   } else if (!in_place) {
@@ -293,9 +296,9 @@ void ForwardTask(const float* q, const float* k, const float* v, const bool* mas
   const std::vector<Block> blocks = Blocks(d, kh, few_rows);
   for (size_t i = 0; i < blocks.size(); ++i) {
     const Block& blk = blocks[i];
-    if (i + 1 < blocks.size()) PrefetchQueryRows(q, d, b, blocks[i + 1]);
+    if (i + 1 < blocks.size()) PrefetchQueryRows(q, d.qs, d, b, blocks[i + 1]);
     const int rows = blk.rows, keys = KeysOf(d, blk), cols = round_up(keys);
-    PackQueryRows(q, d, b, blk, d.scale, qr);
+    PackQueryRows(q, d.qs, d, b, blk, d.scale, qr);
     if (few_rows) {
       TFM_BY_ROWS(RowsTimesRows, rows, qr, krows, stride, d, keys, p);
     } else {
@@ -329,7 +332,7 @@ void ForwardTask(const float* q, const float* k, const float* v, const bool* mas
     }
     // The softmax's division, applied to the output rows.
     TFM_BY_ROWS(WeightsTimesRows, rows, p, vrows, stride, d, keys, inv, out);
-    UnpackQueryRows(out, d, b, blk, o);
+    UnpackQueryRows(out, d, b, blk, o, d.N * d.H);
   }
 }
 
@@ -349,18 +352,19 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
   PackTransposed(k, d, b, kh, kt);
   PackTransposed(v, d, b, kh, vt);
   const bool in_place = d.H == d.Hp;  // K's rows read where they are, as in the forward
-  const int64_t stride = in_place ? d.K * d.H : d.Hp;
-  const float* krows = in_place ? k + b * d.S * d.K * d.H + kh * d.H : kr;
+  const int64_t stride = in_place ? d.ks : d.Hp;
+  const float* krows = in_place ? k + b * d.S * d.ks + kh * d.H : kr;
   if (!in_place) PackRows(k, d, b, kh, kr);
   const std::vector<Block> blocks = Blocks(d, kh, d.T <= 2);
   for (size_t i = 0; i < blocks.size(); ++i) {
     const Block& blk = blocks[i];
     if (i + 1 < blocks.size()) {
-      for (const float* x : {q, dout, o}) PrefetchQueryRows(x, d, b, blocks[i + 1]);
+      PrefetchQueryRows(q, d.qs, d, b, blocks[i + 1]);
+      for (const float* x : {dout, o}) PrefetchQueryRows(x, d.N * d.H, d, b, blocks[i + 1]);
     }
     const int rows = blk.rows, keys = KeysOf(d, blk), cols = round_up(keys);
-    PackQueryRows(q, d, b, blk, d.scale, qr);
-    PackQueryRows(dout, d, b, blk, 1.f, dor);
+    PackQueryRows(q, d.qs, d, b, blk, d.scale, qr);
+    PackQueryRows(dout, d.N * d.H, d, b, blk, 1.f, dor);
     TFM_BY_ROWS(RowsTimesPacked, rows, qr, kt, d, cols, p);
     TFM_BY_ROWS(RowsTimesPacked, rows, dor, vt, d, cols, dp);
     for (int r = 0; r < R; ++r) {
@@ -374,7 +378,7 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
       const int64_t n = blk.n[r], t = blk.t[r];
       const uint8_t* mrow = MaskRow(mask, d, b, n, t);
       const float m = row_max[(b * d.N + n) * d.T + t], inv = row_inv[(b * d.N + n) * d.T + t];
-      const float* orow = QueryRow(o, d, b, blk, r);
+      const float* orow = QueryRow(o, d.N * d.H, d, b, blk, r);
       // rowsum(dP * P) = dO . O, by lanes then across them (a scalar sum would be one long dependency chain).
       vf lanes = {};
       int64_t h = 0;
@@ -391,11 +395,11 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
     TFM_BY_ROWS(AccumulateTransposed, rows, p, dor, d, keys, dv_acc);
     TFM_BY_ROWS(AccumulateTransposed, rows, dp, qr, d, keys, dk_acc);
     TFM_BY_ROWS(WeightsTimesRows, rows, dp, krows, stride, d, keys, scale, out);
-    UnpackQueryRows(out, d, b, blk, dq);
+    UnpackQueryRows(out, d, b, blk, dq, d.qs);
   }
   for (int64_t s = 0; s < d.S; ++s) {
-    CopyRow(dk + ((b * d.S + s) * d.K + kh) * d.H, dk_acc + s * d.Hp, d.H);
-    CopyRow(dv + ((b * d.S + s) * d.K + kh) * d.H, dv_acc + s * d.Hp, d.H);
+    CopyRow(dk + (b * d.S + s) * d.ks + kh * d.H, dk_acc + s * d.Hp, d.H);
+    CopyRow(dv + (b * d.S + s) * d.ks + kh * d.H, dv_acc + s * d.Hp, d.H);
   }
 }
 
@@ -422,6 +426,41 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, Mask mask, F32 o,
   return ffi::Error::Success();
 }
 
+// The same over one packed tensor qkv [B, T, (N + 2K) H]: each position's row holds its query heads,
+// then its key heads, then its value heads (the fused Q/K/V projection's output, unsplit), and the
+// backward writes dQ, dK and dV into one tensor of that layout. T == S (self-attention).
+Dims PackedDims(const ffi::AnyBuffer::Dimensions& xd, const ffi::AnyBuffer::Dimensions& md, int64_t heads,
+                int64_t kv_heads, float scale, bool causal, bool has_mask) {
+  const int64_t h = xd[2] / (heads + 2 * kv_heads);
+  const int64_t qd[4] = {xd[0], xd[1], heads, h}, kd[4] = {xd[0], xd[1], kv_heads, h};
+  Dims d = GetDims(ffi::AnyBuffer::Dimensions(qd, 4), ffi::AnyBuffer::Dimensions(kd, 4), md, scale, causal, has_mask);
+  d.qs = d.ks = xd[2];
+  return d;
+}
+
+ffi::Error PackedForward(ffi::ThreadPool pool, F32 qkv, Mask mask, float scale, bool causal, bool has_mask,
+                         int64_t heads, int64_t kv_heads, F32Out o, F32Out row_max, F32Out row_inv) {
+  const Dims d = PackedDims(qkv.dimensions(), mask.dimensions(), heads, kv_heads, scale, causal, has_mask);
+  const float* q = qkv.typed_data();
+  ParallelFor(pool, d.B * d.K, [&](int64_t task) {
+    ForwardTask(q, q + d.N * d.H, q + (d.N + d.K) * d.H, mask.typed_data(), d, task, o->typed_data(),
+                row_max->typed_data(), row_inv->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error PackedBackward(ffi::ThreadPool pool, F32 qkv, Mask mask, F32 o, F32 dout, F32 row_max, F32 row_inv,
+                          float scale, bool causal, bool has_mask, int64_t heads, int64_t kv_heads, F32Out dqkv) {
+  const Dims d = PackedDims(qkv.dimensions(), mask.dimensions(), heads, kv_heads, scale, causal, has_mask);
+  const float* q = qkv.typed_data();
+  float* dq = dqkv->typed_data();
+  ParallelFor(pool, d.B * d.K, [&](int64_t task) {
+    BackwardTask(q, q + d.N * d.H, q + (d.N + d.K) * d.H, mask.typed_data(), o.typed_data(), dout.typed_data(),
+                 row_max.typed_data(), row_inv.typed_data(), d, task, dq, dq + d.N * d.H, dq + (d.N + d.K) * d.H);
+  });
+  return ffi::Error::Success();
+}
+
 // The bindings: the thread pool, query, key, value and mask first; then the backward's four
 // extra inputs; then the attributes and three outputs of both.
 auto Inputs() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<Mask>(); }
@@ -431,8 +470,20 @@ auto Attributes(Binding binding) {
       .template Ret<F32>().template Ret<F32>().template Ret<F32>();
 }
 
+template <typename Binding>
+auto PackedAttributes(Binding binding) {
+  return std::move(binding).template Attr<float>("scale").template Attr<bool>("causal")
+      .template Attr<bool>("has_mask").template Attr<int64_t>("heads").template Attr<int64_t>("kv_heads");
+}
+auto PackedInputs() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<Mask>(); }
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmAttentionForward, Forward, Attributes(Inputs()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmAttentionBackward, Backward,
                               Attributes(Inputs().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmAttentionPackedForward, PackedForward,
+                              PackedAttributes(PackedInputs()).Ret<F32>().Ret<F32>().Ret<F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmAttentionPackedBackward, PackedBackward,
+                              PackedAttributes(PackedInputs().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()).Ret<F32>());

@@ -62,7 +62,16 @@ void PackTransposed(const float* x, const Dims& d, int64_t b, int64_t kh, float*
     const int n = static_cast<int>(std::min<int64_t>(W, d.S - s0));
     const float* rows[W];
     for (int i = 0; i < n; ++i) rows[i] = x + (b * d.S + s0 + i) * d.ks + kh * d.H;
-    for (int64_t h = 0; h < d.H; ++h) {
+    int64_t h = 0;
+#if TFM_HAVE_SHUFFLE
+    for (; n == W && h + W <= d.H; h += W) {  // a whole 16 x 16 tile at a time, in registers
+      vf tile[W];
+      for (int i = 0; i < W; ++i) tile[i] = load(rows[i] + h);
+      Transpose(tile);
+      for (int j = 0; j < W; ++j) store(out + (h + j) * d.Sp + s0, tile[j]);
+    }
+#endif
+    for (; h < d.H; ++h) {
       float* o = out + h * d.Sp + s0;
       for (int i = 0; i < n; ++i) o[i] = rows[i][h];
     }

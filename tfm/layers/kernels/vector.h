@@ -74,6 +74,26 @@ inline vf vexp(vf x) {
   return (vf)((vi)(p * (vf)pow2) & ~under);
 }
 
+// r[i][j] <- r[j][i]: a 16 x 16 tile transposed in registers, in four rounds of interleaving row i
+// with row i + 8 (each round a two-source shuffle per row; Eklundh's transpose). Where the compiler
+// lacks __builtin_shufflevector (GCC before 12), callers transpose element by element instead.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define TFM_HAVE_SHUFFLE 1
+inline void Transpose(vf (&r)[W]) {
+  for (int round = 0; round < 4; ++round) {
+    vf o[W];
+    for (int i = 0; i < W / 2; ++i) {
+      o[2 * i] = __builtin_shufflevector(r[i], r[i + 8], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      o[2 * i + 1] =
+          __builtin_shufflevector(r[i], r[i + 8], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    }
+    for (int i = 0; i < W; ++i) r[i] = o[i];
+  }
+}
+#else
+#define TFM_HAVE_SHUFFLE 0
+#endif
+
 // dst[0, n) = src[0, n) * mul, a vector at a time.
 inline void CopyRow(float* dst, const float* src, int64_t n, float mul = 1.f) {
   int64_t i = 0;

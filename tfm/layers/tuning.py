@@ -40,7 +40,9 @@ they agree. Measured on the CPU backend with ``benchmarks/vs_pytorch.py``:
   rows, no ``[B, N, T, S]`` tensors, the backward recomputing the
   probabilities), when the kernel builds and the inputs are float32 without a
   bias, dropout or returned weights. Default: the CPU backend with one device
-  (a sharded batch keeps the XLA path, which the partitioner splits).
+  (a sharded batch keeps the XLA path, which the partitioner splits). With
+  ``FUSED_QKV`` and no RoPE or cache in between, self-attention hands the kernel
+  the fused projection's output unsplit and takes one gradient tensor back.
 * ``FUSED_OPTIMIZER``: the Adam/AdamW update, its global-norm clipping and the
   train step's non-finite guard run as one native pass over the parameters
   (``tfm.fused_optim``) instead of XLA's passes and the guard's select over the

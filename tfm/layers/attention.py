@@ -18,7 +18,7 @@ from jax import Array
 from tfm import sharding as sh
 from tfm.layers import cpu_attention, tuning
 from tfm.layers.attention_kinds import KINDS, AttentionKind, attention, get_kind
-from tfm.layers.dot_product import dot_product_attention, uses_cpu_kernel
+from tfm.layers.dot_product import dot_product_attention, score_scale, uses_cpu_kernel
 from tfm.layers.linear import Einsum, Initializer, fused_projection
 from tfm.layers.masks import and_masks
 from tfm.layers.position import apply_rope
@@ -103,25 +103,14 @@ class MultiHeadAttention(nn.Module):
         d = inputs_q.shape[-1]
         h = self.head_dim
 
-        def proj(name, heads, heads_axis, bias=True):
-            return Einsum(
-                (d, heads, h), (sh.EMBED, heads_axis, sh.HEAD_DIM), in_axis=0, out_axis=(1, 2),
-                use_bias=self.use_bias and bias, kernel_init=self.kernel_init, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=name,
-            )  # fmt: skip
-
-        projections = proj("query", n, sh.HEADS), proj("key", k, sh.KV_HEADS, self.key_bias), proj("value", k, sh.KV_HEADS)
+        projections = (_projection(self, "query", d, n, sh.HEADS),
+                       _projection(self, "key", d, k, sh.KV_HEADS, self.key_bias),
+                       _projection(self, "value", d, k, sh.KV_HEADS))  # fmt: skip
         spec = get_kind(self.kind)
-        if self_attention and tuning.fused_qkv() and self._packed_kernel(spec, mask, bias, deterministic):
-            # The native kernel reads query, key and value from the fused projection's output and writes their
-            # gradients as one tensor: the three are never split out, nor their gradients joined.
-            qkv = fused_projection(inputs_q, projections, self.dtype, split=False)
-            causal = self.causal and mask is not None
-            result = cpu_attention.cpu_attention_packed(
-                qkv, heads=n, kv_heads=k, mask=mask, scale=h**-0.5 if self.scale is None else self.scale, causal=causal
-            )
-            return self._out(result, n, h, d)
-        if self_attention and tuning.fused_qkv():
+        fused = self_attention and tuning.fused_qkv()
+        if fused and _packed_kernel_applies(self, spec, mask, bias, deterministic):
+            return self._out(_packed_attention(self, inputs_q, projections, mask, n, k, h), n, h, d)
+        if fused:
             query, key, value = fused_projection(inputs_q, projections, self.dtype)
         else:
             query = projections[0]("BTD,DNH->BTNH", inputs_q)
@@ -209,16 +198,6 @@ class MultiHeadAttention(nn.Module):
         )("BTNH,NHD->BTD", result)  # fmt: skip
         return nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.EMBED))
 
-    def _packed_kernel(self, spec: AttentionKind, mask: Array | None, bias: Array | None, deterministic: bool) -> bool:
-        """Whether self-attention runs the native CPU kernel on the unsplit Q/K/V projection: where the
-        split tensors would reach it (``dot_product_attention``'s rule) with nothing between (RoPE, a cache)."""
-        if self.use_rope or self.decode or not spec.dense_masks or bias is not None or self.sow_weights:
-            return False
-        if self.implementation not in (None, "xla") or (self.dropout_rate > 0.0 and not deterministic):
-            return False
-        probe = jax.ShapeDtypeStruct((1, 1, 1, 1), self.dtype)  # the kernel's rule reads dtypes only
-        return uses_cpu_kernel(probe, probe, probe, mask)
-
     def _kind_options(self) -> dict:
         """The options every kind may take, from this module's fields (each kind keeps those it knows)."""
         return {"window": self.window, "block_size": self.window, "global_tokens": self.global_tokens,
@@ -243,6 +222,38 @@ class MultiHeadAttention(nn.Module):
             var.value = x
         cache_index.value = cache_index.value + query.shape[1]
         return out
+
+
+def _projection(layer: MultiHeadAttention, name: str, d: int, heads: int, heads_axis: str, bias: bool = True) -> Einsum:
+    """One of ``layer``'s input projections, ``[D, heads, H]`` (created inside its ``__call__``)."""
+    return Einsum(
+        (d, heads, layer.head_dim), (sh.EMBED, heads_axis, sh.HEAD_DIM), in_axis=0, out_axis=(1, 2),
+        use_bias=layer.use_bias and bias, kernel_init=layer.kernel_init, dtype=layer.dtype,
+        param_dtype=layer.param_dtype, name=name,
+    )  # fmt: skip
+
+
+def _packed_kernel_applies(layer: MultiHeadAttention, spec: AttentionKind, mask: Array | None,
+                           bias: Array | None, deterministic: bool) -> bool:  # fmt: skip
+    """Whether ``layer``'s self-attention runs the native CPU kernel on the unsplit Q/K/V projection: where the
+    split tensors would reach it (``dot_product_attention``'s rule) with nothing between (RoPE, a cache)."""
+    if layer.use_rope or layer.decode or not spec.dense_masks or bias is not None or layer.sow_weights:
+        return False
+    if layer.implementation not in (None, "xla") or (layer.dropout_rate > 0.0 and not deterministic):
+        return False
+    probe = jax.ShapeDtypeStruct((1, 1, 1, 1), layer.dtype)  # the kernel's rule reads dtypes only
+    return uses_cpu_kernel(probe, probe, probe, mask)
+
+
+def _packed_attention(layer: MultiHeadAttention, x: Array, projections: tuple[Einsum, ...], mask: Array | None,
+                      heads: int, kv_heads: int, head_dim: int) -> Array:  # fmt: skip
+    """Self-attention by the native kernel over the fused Q/K/V projection, unsplit: ``[B, T, heads, H]``.
+    The kernel reads query, key and value in place and returns one gradient; the three are never split
+    out, nor their gradients joined."""
+    qkv = fused_projection(x, projections, layer.dtype, split=False)
+    return cpu_attention.cpu_attention_packed(qkv, heads=heads, kv_heads=kv_heads, mask=mask,
+                                              scale=score_scale(head_dim, layer.scale),
+                                              causal=layer.causal and mask is not None)  # fmt: skip
 
 
 def _key_padding(mask: Array | None, kind: str, key: Array) -> Array | None:

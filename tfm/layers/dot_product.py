@@ -147,7 +147,7 @@ def dot_product_attention(
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if dropout_rate > 0.0 and dropout_rng is None:
         raise ValueError("dropout_rate > 0 needs a dropout_rng")
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scale = score_scale(query.shape[-1], scale)
 
     if implementation in ("jax", "cudnn"):
         reason = "return_weights" if return_weights else "dropout" if dropout_rate > 0.0 else None
@@ -176,6 +176,11 @@ def dot_product_attention(
     out, weights = _xla_attention(query, key, value, mask, bias, scale, dropout_rate, dropout_rng)
     out = out.astype(query.dtype)
     return (out, weights) if return_weights else out
+
+
+def score_scale(head_dim: int, scale: float | None) -> float:
+    """The scores' scale: ``scale``, or ``1/sqrt(H)`` (the paper's) when None."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
 
 
 def uses_cpu_kernel(query: Array, key: Array, value: Array, mask: Array | None) -> bool:

@@ -35,7 +35,8 @@ from tfm.layers import cpu_kernels, tuning  # noqa: E402
 from tfm.trainer import Trainer  # noqa: E402
 
 # --kernel: the tuning setting it turns on and off, and the FFI target its step then holds.
-KERNELS = {"attention": ("CPU_ATTENTION", "tfm_attention_cpu_forward"), "adamw": ("FUSED_OPTIMIZER", "tfm_adamw_cpu")}
+KERNELS = {"attention": ("CPU_ATTENTION", "tfm_attention_cpu_forward"), "adamw": ("FUSED_OPTIMIZER", "tfm_adamw_cpu"),
+           "rowwise": ("CPU_ROWWISE", "tfm_norm_cpu_forward")}
 
 
 def main() -> None:

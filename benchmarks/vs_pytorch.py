@@ -298,6 +298,7 @@ def main():
         tuning.FOLD_TO_MATMUL, tuning.FUSED_QKV, tuning.UNROLL_LAYERS = False, False, 0
         tuning.CAUSAL_BLOCK_ROWS = 0
         tuning.CONV_AS_MATMUL = tuning.CPU_ATTENTION = tuning.FUSED_OPTIMIZER = tuning.HAND_VJP = False
+        tuning.CPU_ROWWISE = False
         host_memory.RESERVE = False
     host_memory.dispatch_inline()  # as python -m tfm.train does
     machine = machine_line(torch)

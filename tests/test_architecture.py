@@ -211,6 +211,7 @@ def test_vit_flops_agree_with_xlas_count_of_the_forward_pass(stem, monkeypatch):
     flops = tasks.get_task("classify").flops_per_step(cfg, params, {"inputs": images.shape})
     # XLA's count sees no FLOPs inside a custom call: trace through XLA's attention, not the CPU kernel.
     monkeypatch.setattr(tuning, "CPU_ATTENTION", False)
+    monkeypatch.setattr(tuning, "CPU_ROWWISE", False)
     compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile()
     xla = compiled.cost_analysis()["flops"]
     # XLA counts the elementwise work too (norms, GELU, softmax): a few per cent more.

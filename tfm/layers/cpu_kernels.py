@@ -1,7 +1,8 @@
 """tfm's native CPU kernels: one shared library, built from source on first use, registered with XLA's FFI.
 
 The sources are ``kernels/*.cc`` (with the headers ``kernels/*.h``): the fused attention
-(``attention_cpu.cc``, used by ``tfm.layers.cpu_attention``) and the fused AdamW update
+(``attention_cpu.cc``, used by ``tfm.layers.cpu_attention``), the one-pass norms and GELU
+(``rowwise_cpu.cc``, used by ``tfm.layers.cpu_rowwise``) and the fused AdamW update
 (``adamw_cpu.cc``, used by ``tfm.fused_optim``). They are compiled together, once per source,
 compiler, jaxlib and CPU, with the system's C++ compiler (``$CXX``, else ``c++``/``g++``/
 ``clang++``) into ``$TFM_KERNEL_CACHE`` (default ``~/.cache/tfm/kernels``). Each load marks its
@@ -39,6 +40,10 @@ TARGETS = {
     "tfm_attention_cpu_packed_forward": "TfmAttentionPackedForward",
     "tfm_attention_cpu_packed_backward": "TfmAttentionPackedBackward",
     "tfm_adamw_cpu": "TfmAdamW",
+    "tfm_norm_cpu_forward": "TfmNormForward",
+    "tfm_norm_cpu_backward": "TfmNormBackward",
+    "tfm_gelu_cpu_forward": "TfmGeluForward",
+    "tfm_gelu_cpu_backward": "TfmGeluBackward",
 }
 UNUSED_DAYS = 30  # a build removes the cache's other libraries left unused this long
 _PREFIXES = ("tfm_kernels-", "attention_cpu-")  # the libraries this module writes, and those of earlier versions

@@ -11,7 +11,9 @@ the last axis)::
     d scale = Σ_rows g x̂,   d bias = Σ_rows g
 
 Two row reductions and one pass over the rows, where XLA's derivative of the
-forward's reductions takes several passes more (see ``tuning``).
+forward's reductions takes several passes more (see ``tuning``). Where
+``tuning.cpu_rowwise()`` says so, a native kernel computes the same forward and
+backward in one pass each (``tfm.layers.cpu_rowwise``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from tfm import sharding as sh
-from tfm.layers import tuning
+from tfm.layers import cpu_rowwise, tuning
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -71,6 +73,10 @@ def _rms_norm_fwd(x, scale, epsilon):
 rms_norm.defvjp(_rms_norm_fwd, lambda epsilon, res, g: _norm_bwd(False, res, g)[:2])
 
 
+def _native() -> bool:
+    return tuning.cpu_rowwise() and cpu_rowwise.available()
+
+
 class LayerNorm(nn.Module):
     """(x - mean) / sqrt(var + eps) * scale + bias over the last axis (biased variance, like torch)."""
 
@@ -88,7 +94,10 @@ class LayerNorm(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.NORM,)), (d,), self.param_dtype)
             bias = bias.astype(jnp.float32)
-        norm = layer_norm if tuning.hand_vjp() else lambda *a: _layer_norm_fwd(*a)[0]  # XLA's derivative
+        if _native():
+            norm = cpu_rowwise.layer_norm
+        else:
+            norm = layer_norm if tuning.hand_vjp() else lambda *a: _layer_norm_fwd(*a)[0]  # XLA's derivative
         return norm(xf, scale.astype(jnp.float32), bias, self.epsilon).astype(self.dtype)
 
 
@@ -104,7 +113,10 @@ class RMSNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.NORM,)), (d,), self.param_dtype)
         xf = x.astype(jnp.float32)
-        norm = rms_norm if tuning.hand_vjp() else lambda *a: _rms_norm_fwd(*a)[0]  # XLA's derivative
+        if _native():
+            norm = cpu_rowwise.rms_norm
+        else:
+            norm = rms_norm if tuning.hand_vjp() else lambda *a: _rms_norm_fwd(*a)[0]  # XLA's derivative
         return norm(xf, scale.astype(jnp.float32), self.epsilon).astype(self.dtype)
 
 

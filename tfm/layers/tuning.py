@@ -43,6 +43,12 @@ they agree. Measured on the CPU backend with ``benchmarks/vs_pytorch.py``:
   (a sharded batch keeps the XLA path, which the partitioner splits). With
   ``FUSED_QKV`` and no RoPE or cache in between, self-attention hands the kernel
   the fused projection's output unsplit and takes one gradient tensor back.
+* ``CPU_ROWWISE``: LayerNorm, RMSNorm and the exact GELU run as native kernels
+  (``tfm.layers.cpu_rowwise``: each norm one pass over the rows forward and one
+  backward, instead of XLA's chain of reductions and loops; the GELU with a
+  vectorised erf), when the kernels build and the inputs are float32. It takes
+  precedence over ``HAND_VJP``, whose formulas the kernels compute. Default: the
+  CPU backend with one device (a sharded batch keeps the XLA path).
 * ``FUSED_OPTIMIZER``: the Adam/AdamW update, its global-norm clipping and the
   train step's non-finite guard run as one native pass over the parameters
   (``tfm.fused_optim``) instead of XLA's passes and the guard's select over the
@@ -61,6 +67,7 @@ CAUSAL_BLOCK_ROWS: int | None = None
 CONV_AS_MATMUL: bool | None = None
 CPU_ATTENTION: bool | None = None
 FUSED_OPTIMIZER: bool | None = None
+CPU_ROWWISE: bool | None = None
 HAND_VJP: bool | None = None
 
 _CPU_UNROLL_LAYERS = 8
@@ -90,6 +97,10 @@ def hand_vjp() -> bool:
 
 def cpu_attention() -> bool:
     return (_on_cpu() and jax.device_count() == 1) if CPU_ATTENTION is None else CPU_ATTENTION
+
+
+def cpu_rowwise() -> bool:
+    return (_on_cpu() and jax.device_count() == 1) if CPU_ROWWISE is None else CPU_ROWWISE
 
 
 def fused_optimizer() -> bool:

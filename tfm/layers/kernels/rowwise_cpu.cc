@@ -188,30 +188,16 @@ ffi::Error GeluBackward(ffi::ThreadPool pool, F32 x, F32 g, F32Out dx) {
 
 }  // namespace
 
+// The bindings: XLA's intra-op threads, then the operands, the results and the attributes, in order.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmNormForward, NormForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Attr<float>("eps")
-                                  .Attr<bool>("centre")
-                                  .Attr<bool>("has_bias"));
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>()  // x, scale, bias
+                                  .Ret<F32>().Ret<F32>().Ret<F32>()  // y, mean, rstd
+                                  .Attr<float>("eps").Attr<bool>("centre").Attr<bool>("has_bias"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmNormBackward, NormBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
+                                  .Arg<F32>()  // x, scale, mean, rstd, g
+                                  .Ret<F32>().Ret<F32>().Ret<F32>()  // dx, d scale, d bias
                                   .Attr<bool>("centre"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmGeluForward, GeluForward,

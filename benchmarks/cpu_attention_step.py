@@ -1,13 +1,15 @@
 """A recipe's training step with one of tfm's CPU kernels on and off, side by side.
 
-    python benchmarks/cpu_attention_step.py --config configs/fashion_mnist_vit.py [--kernel attention|adamw]
+    python benchmarks/cpu_attention_step.py --config configs/fashion_mnist_vit.py [--kernel attention|adamw|rowwise]
         [--steps 100] [--rounds 3] [--config.KEY=VALUE ...]
 
 Builds the recipe's ``Trainer`` (one device, as ``python -m tfm.train`` on a CPU),
 compiles its step twice (a trainer each), with the kernel on and off: ``--kernel
 attention`` sets ``tuning.CPU_ATTENTION`` (``tfm.layers.cpu_attention`` against XLA's
 attention path), ``--kernel adamw`` sets ``tuning.FUSED_OPTIMIZER`` (``tfm.fused_optim``
-against optax's update and the guard's select). The two run alternately on the same 20
+against optax's update and the guard's select), ``--kernel rowwise`` sets
+``tuning.CPU_ROWWISE`` (``tfm.layers.cpu_rowwise``'s norms and GELU against the XLA paths with
+the hand-written backward). The two run alternately on the same 20
 batches, placed on the device beforehand: ``--rounds`` rounds of ``--steps`` steps each
 after 3 warm-up steps. Prints each round's ms per step and the ratio of the medians
 (XLA path / kernel: above 1 means the kernel's step is faster), and the losses of the

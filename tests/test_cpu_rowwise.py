@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import maxerr, random_params, randn
+from _helpers import maxerr, randn, random_params
 
 from tfm.layers import cpu_rowwise, feedforward, norms, tuning
 from tfm.layers.blocks import BlockConfig
@@ -128,7 +128,7 @@ def test_the_modules_pick_the_kernels_only_when_on():
         results = []
         for on in (True, False):
             with kernels(on):
-                f = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x))), (0, 1)))
+                f = jax.jit(jax.value_and_grad(lambda p, x, m=module: jnp.sum(jnp.sin(m.apply(p, x))), (0, 1)))
                 results.append(f(params, x))
                 assert ("tfm_norm_cpu_forward" in str(jax.make_jaxpr(f)(params, x))) == on
         assert_close(*results)

@@ -22,10 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from tfm.layers import tuning
 from tfm.layers.cpu_kernels import available
 
 _NORM_FORWARD, _NORM_BACKWARD = "tfm_norm_cpu_forward", "tfm_norm_cpu_backward"
 _GELU_FORWARD, _GELU_BACKWARD = "tfm_gelu_cpu_forward", "tfm_gelu_cpu_backward"
+
+
+def enabled() -> bool:
+    """Whether the layers take these kernels: ``tuning.cpu_rowwise()`` says so and they build."""
+    return tuning.cpu_rowwise() and available()
 
 
 def _f32(x: Array) -> jax.ShapeDtypeStruct:
@@ -101,4 +107,4 @@ def gelu(x: Array) -> Array:
     return _gelu(x)
 
 
-__all__ = ["available", "gelu", "layer_norm", "rms_norm"]
+__all__ = ["available", "enabled", "gelu", "layer_norm", "rms_norm"]

@@ -57,7 +57,7 @@ def gelu(x: Array) -> Array:
     ``x`` goes through the native kernel (``tfm.layers.cpu_rowwise.gelu``), the same
     forward and gradient in one pass each.
     """
-    if x.dtype == jnp.float32 and tuning.cpu_rowwise() and cpu_rowwise.available():
+    if x.dtype == jnp.float32 and cpu_rowwise.enabled():
         return cpu_rowwise.gelu(x)
     return _gelu_hand_vjp(x) if tuning.hand_vjp() else _gelu(x)
 

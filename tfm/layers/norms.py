@@ -73,10 +73,6 @@ def _rms_norm_fwd(x, scale, epsilon):
 rms_norm.defvjp(_rms_norm_fwd, lambda epsilon, res, g: _norm_bwd(False, res, g)[:2])
 
 
-def _native() -> bool:
-    return tuning.cpu_rowwise() and cpu_rowwise.available()
-
-
 class LayerNorm(nn.Module):
     """(x - mean) / sqrt(var + eps) * scale + bias over the last axis (biased variance, like torch)."""
 
@@ -94,7 +90,7 @@ class LayerNorm(nn.Module):
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.NORM,)), (d,), self.param_dtype)
             bias = bias.astype(jnp.float32)
-        if _native():
+        if cpu_rowwise.enabled():
             norm = cpu_rowwise.layer_norm
         else:
             norm = layer_norm if tuning.hand_vjp() else lambda *a: _layer_norm_fwd(*a)[0]  # XLA's derivative
@@ -113,7 +109,7 @@ class RMSNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.NORM,)), (d,), self.param_dtype)
         xf = x.astype(jnp.float32)
-        if _native():
+        if cpu_rowwise.enabled():
             norm = cpu_rowwise.rms_norm
         else:
             norm = rms_norm if tuning.hand_vjp() else lambda *a: _rms_norm_fwd(*a)[0]  # XLA's derivative

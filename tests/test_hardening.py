@@ -118,6 +118,39 @@ def test_readers_never_disturb_a_live_run(tmp_path, capsys):
     assert s["start_step"] == 60 and s["step"] == 62
 
 
+@pytest.mark.parametrize("error", [NotADirectoryError, FileNotFoundError])
+def test_a_step_deleted_while_a_reader_lists_the_steps_is_looked_up_again(tmp_path, monkeypatch, error):
+    """The live run's keep policy deletes a step between orbax's exists() and is_dir() (or open): a reader
+    lists again; the trainer itself still raises, since nobody else deletes its steps."""
+    from orbax.checkpoint._src.metadata import checkpoint as step_metadata
+
+    directory = str(tmp_path / "checkpoints")
+    state = {"w": np.arange(4, dtype=np.float32)}
+    writer = Checkpointer(directory, async_save=False)
+    writer.save(1, state, {"index": 1})
+    writer.close()
+
+    real, failures = step_metadata._sanitize_metadata_path, []
+
+    def vanishing(path):
+        if len(failures) < 2:  # the first two listings meet a step being deleted
+            failures.append(str(path))
+            raise error(f"Path is not a directory: {path}")
+        return real(path)
+
+    monkeypatch.setattr(step_metadata, "_sanitize_metadata_path", vanishing)
+    reader = Checkpointer(directory, read_only=True)
+    assert len(failures) == 2, "the fault was never met: the test proves nothing"
+    abstract = {"w": jax.ShapeDtypeStruct((4,), np.float32)}
+    step, restored, data = reader.restore(abstract)
+    assert step == 1 and data == {"index": 1}
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    reader.close()
+    failures.clear()
+    with pytest.raises(error):
+        Checkpointer(directory)
+
+
 def test_a_reader_creates_nothing_in_a_run_without_checkpoints(tmp_path, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()

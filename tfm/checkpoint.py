@@ -99,11 +99,16 @@ class Checkpointer:
             absl_log.setLevel(level)
 
     def _retry_while_live(self, fn, attempts: int = 5):
-        """``fn()``; a reader retries when a live trainer deletes a step while it is being listed."""
+        """``fn()``; a reader retries when a live trainer deletes a step while it is being listed.
+
+        orbax reads each step's metadata when it lists the steps: a step deleted between its
+        ``exists()`` and ``is_dir()`` raises ``NotADirectoryError``, one deleted before ``open``
+        ``FileNotFoundError``.
+        """
         for attempt in range(attempts):
             try:
                 return fn()
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 if not self.read_only or attempt == attempts - 1:
                     raise
                 time.sleep(0.05 * (attempt + 1))

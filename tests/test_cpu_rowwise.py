@@ -49,6 +49,22 @@ def assert_close(a, b, tol=TOL):
         assert maxerr(x, y) <= tol * scale, (maxerr(x, y), scale)
 
 
+def residual_flags(f, *args) -> list[bool]:
+    """``has_residual`` of each norm backward kernel that ``f``'s trace calls."""
+    flags = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.params.get("target_name") == "tfm_norm_cpu_backward":
+                flags.append(dict(eqn.params["attributes"])["has_residual"])
+            for value in eqn.params.values():
+                if hasattr(value, "jaxpr"):
+                    walk(value.jaxpr)
+
+    walk(jax.make_jaxpr(f)(*args).jaxpr)
+    return flags
+
+
 def _inputs(shape, seed=0):
     rng = np.random.default_rng(seed)
     d = shape[-1]
@@ -121,6 +137,47 @@ def test_bad_inputs_are_refused_by_name():
         cpu_rowwise.rms_norm(x, scale[:7], 1e-6)
 
 
+@pytest.mark.parametrize("shape", [(2, 12, 128), (7, 33), (0, 24)])
+def test_keep_input_adds_the_input_gradient_in_the_backward(shape):
+    """(x, norm(x)) with the sum's gradient added by the kernel: XLA adding the two, to float32 rounding
+    (the kernel may round the last multiply and the add once, as a fused multiply-add)."""
+    x, scale, bias = _inputs(shape)
+    rng = np.random.default_rng(3)
+    w_input, w_norm = randn(rng, *shape), randn(rng, *shape)
+    for norm in (lambda x, s, **k: cpu_rowwise.layer_norm(x, s, bias, 1e-5, **k),
+                 lambda x, s, **k: cpu_rowwise.rms_norm(x, s, 1e-6, **k)):  # fmt: skip
+
+        def kept(x, s, norm=norm):
+            x_out, y = norm(x, s, keep_input=True)
+            return jnp.sum(w_input * jnp.tanh(x_out) + w_norm * y)
+
+        def separate(x, s, norm=norm):
+            return jnp.sum(w_input * jnp.tanh(x) + w_norm * norm(x, s))
+
+        kept_result, separate_result = (jax.jit(jax.value_and_grad(f, (0, 1)))(x, scale) for f in (kept, separate))
+        assert_close(kept_result, separate_result, tol=1e-6)
+        assert residual_flags(jax.grad(kept), x, scale) == [True]
+        assert residual_flags(jax.grad(separate), x, scale) == [False]
+
+
+def test_the_norm_modules_hand_their_input_back():
+    """``keep_input``: (x, norm(x)), kernel or not; the kernel's backward then adds x's gradient; bfloat16 as given."""
+    x = randn(np.random.default_rng(9), 2, 6, 32)
+    for norm_kind in ("layernorm", "rmsnorm"):
+        module = norms.make_norm(norm_kind, 1e-5)
+        params = module.init(jax.random.key(0), x)
+        for on in (True, False):
+            with kernels(on):
+                x_out, y = module.apply(params, x, keep_input=True)
+                np.testing.assert_array_equal(x_out, x)
+                assert_close(y, module.apply(params, x))
+                grad = jax.grad(lambda x: jnp.sum(jnp.sin(sum(module.apply(params, x, keep_input=True)))))
+                assert residual_flags(grad, x) == ([True] if on else [])
+                x16 = x.astype(jnp.bfloat16)
+                x_out, _ = module.apply(params, x16, keep_input=True)
+                assert x_out is x16  # a bfloat16 stream is never widened
+
+
 def test_the_modules_pick_the_kernels_only_when_on():
     x = randn(np.random.default_rng(8), 2, 5, 16)
     for module in (norms.LayerNorm(), norms.RMSNorm()):
@@ -139,9 +196,10 @@ def test_the_modules_pick_the_kernels_only_when_on():
     assert tuning.cpu_rowwise() == (jax.default_backend() == "cpu" and jax.device_count() == 1)
 
 
-def test_gpt_with_the_kernels_equals_the_xla_path():
-    cfg = GPTConfig(vocab_size=13, max_len=24, num_layers=2,
-                    block=BlockConfig(d_model=32, num_heads=4, d_ff=64, activation="gelu"))  # fmt: skip
+@pytest.mark.parametrize("position", ["pre", "post"])
+def test_gpt_with_the_kernels_equals_the_xla_path(position):
+    block = BlockConfig(d_model=32, num_heads=4, d_ff=64, activation="gelu", norm_position=position)
+    cfg = GPTConfig(vocab_size=13, max_len=24, num_layers=2, block=block)
     model, tokens = GPT(cfg), jnp.asarray(np.random.default_rng(4).integers(0, 13, (2, 24)))
     params = random_params(model, tokens)
     results = []
@@ -151,4 +209,8 @@ def test_gpt_with_the_kernels_equals_the_xla_path():
             results.append(loss(params))
             jaxpr = str(jax.make_jaxpr(loss)(params))
             assert ("tfm_norm_cpu_backward" in jaxpr) == on and ("tfm_gelu_cpu_backward" in jaxpr) == on
+            # Pre-LN: the block's two norms (traced once for the scanned layers) add their residual sum's
+            # gradient; the final norm has none. Post-LN: a norm follows the sum and has nothing to add.
+            expected = ([False, True, True] if position == "pre" else [False, False]) if on else []
+            assert sorted(residual_flags(loss, params)) == expected
     assert_close(*results, tol=2e-5)

@@ -187,7 +187,9 @@ class _Residual(nn.Module):
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate)
         if cfg.norm_position == "pre":
-            return x + drop(sublayer(norm(x)), deterministic=deterministic)
+            # The norm hands x back for the sum: its native backward then adds the sum's gradient itself.
+            x, normed = norm(x, keep_input=True)
+            return x + drop(sublayer(normed), deterministic=deterministic)
         return norm(x + drop(sublayer(x), deterministic=deterministic))
 
 

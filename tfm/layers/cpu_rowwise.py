@@ -55,14 +55,39 @@ def _norm_fwd(x, scale, bias, epsilon, centre):
     return y, (x, scale, bias, mean, rstd)
 
 
-def _norm_bwd(epsilon, centre, residuals, g):
+def _norm_backward_call(residuals, g, centre, g_input=None):
+    """dx (plus ``g_input``: the gradient of the input where it is also passed on unchanged), d scale, d bias."""
     x, scale, bias, mean, rstd = residuals
     call = jax.ffi.ffi_call(_NORM_BACKWARD, (_f32(x), _f32(scale), _f32(scale)), vmap_method="sequential")
-    dx, dscale, dbias = call(x, scale, mean, rstd, g.astype(jnp.float32), centre=centre)
+    g = g.astype(jnp.float32)
+    extra = g if g_input is None else g_input.astype(jnp.float32)  # unread without has_residual
+    dx, dscale, dbias = call(x, scale, mean, rstd, g, extra, centre=centre, has_residual=g_input is not None)
     return dx, dscale, None if bias is None else dbias
 
 
+def _norm_bwd(epsilon, centre, residuals, g):
+    return _norm_backward_call(residuals, g, centre)
+
+
 _norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _norm_keeping_input(x, scale, bias, epsilon, centre):
+    return x, _norm_forward_call(x, scale, bias, epsilon, centre)[0]
+
+
+def _norm_keeping_input_fwd(x, scale, bias, epsilon, centre):
+    y, mean, rstd = _norm_forward_call(x, scale, bias, epsilon, centre)
+    return (x, y), (x, scale, bias, mean, rstd)
+
+
+def _norm_keeping_input_bwd(epsilon, centre, residuals, gs):
+    g_input, g = gs
+    return _norm_backward_call(residuals, g, centre, g_input)
+
+
+_norm_keeping_input.defvjp(_norm_keeping_input_fwd, _norm_keeping_input_bwd)
 
 
 def _check(name: str, x: Array, *params: Array | None) -> None:
@@ -77,16 +102,21 @@ def _check(name: str, x: Array, *params: Array | None) -> None:
                              f"expected {x.shape[-1:]}")  # fmt: skip
 
 
-def layer_norm(x: Array, scale: Array, bias: Array | None, epsilon: float) -> Array:
-    """``norms.layer_norm`` by the native kernel: float32 ``x [..., D]``, ``scale``/``bias [D]`` (bias may be None)."""
+def layer_norm(x: Array, scale: Array, bias: Array | None, epsilon: float, keep_input: bool = False
+               ) -> Array | tuple[Array, Array]:  # fmt: skip
+    """``norms.layer_norm`` by the native kernel: float32 ``x [..., D]``, ``scale``/``bias [D]`` (bias may be None).
+
+    ``keep_input=True`` returns ``(x, y)``: the input passed on (a pre-LN block's residual sum takes it),
+    whose gradient the backward adds to dx in the same pass instead of XLA adding the two afterwards.
+    """
     _check("layer_norm", x, scale, bias)
-    return _norm(x, scale, bias, float(epsilon), True)
+    return (_norm_keeping_input if keep_input else _norm)(x, scale, bias, float(epsilon), True)
 
 
-def rms_norm(x: Array, scale: Array, epsilon: float) -> Array:
-    """``norms.rms_norm`` by the native kernel: float32 ``x [..., D]``, ``scale [D]``."""
+def rms_norm(x: Array, scale: Array, epsilon: float, keep_input: bool = False) -> Array | tuple[Array, Array]:
+    """``norms.rms_norm`` by the native kernel: float32 ``x [..., D]``, ``scale [D]``; ``keep_input`` as above."""
     _check("rms_norm", x, scale)
-    return _norm(x, scale, None, float(epsilon), False)
+    return (_norm_keeping_input if keep_input else _norm)(x, scale, None, float(epsilon), False)
 
 
 @jax.custom_vjp

@@ -13,7 +13,8 @@ the last axis)::
 Two row reductions and one pass over the rows, where XLA's derivative of the
 forward's reductions takes several passes more (see ``tuning``). Where
 ``tuning.cpu_rowwise()`` says so, a native kernel computes the same forward and
-backward in one pass each (``tfm.layers.cpu_rowwise``).
+backward in one pass each (``tfm.layers.cpu_rowwise``); a pre-LN block also has
+it add the residual sum's gradient there (``keep_input``).
 """
 
 from __future__ import annotations
@@ -82,7 +83,13 @@ class LayerNorm(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, keep_input: bool = False) -> Array | tuple[Array, Array]:
+        """The normalised ``x``; with ``keep_input``, ``(x, normalised x)``.
+
+        ``keep_input`` serves a pre-LN block, which adds its sub-layer's output to the ``x`` returned:
+        with the native kernel (float32) the gradient of that sum is added to the norm's input gradient
+        in the norm's own backward pass (``cpu_rowwise.layer_norm``), instead of by a pass of XLA's.
+        """
         d = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.NORM,)), (d,), self.param_dtype)
         xf = x.astype(jnp.float32)
@@ -91,10 +98,14 @@ class LayerNorm(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.NORM,)), (d,), self.param_dtype)
             bias = bias.astype(jnp.float32)
         if cpu_rowwise.enabled():
+            if keep_input and x.dtype == jnp.float32:
+                x, y = cpu_rowwise.layer_norm(xf, scale.astype(jnp.float32), bias, self.epsilon, keep_input=True)
+                return x, y.astype(self.dtype)
             norm = cpu_rowwise.layer_norm
         else:
             norm = layer_norm if tuning.hand_vjp() else lambda *a: _layer_norm_fwd(*a)[0]  # XLA's derivative
-        return norm(xf, scale.astype(jnp.float32), bias, self.epsilon).astype(self.dtype)
+        y = norm(xf, scale.astype(jnp.float32), bias, self.epsilon).astype(self.dtype)
+        return (x, y) if keep_input else y
 
 
 class RMSNorm(nn.Module):
@@ -105,15 +116,20 @@ class RMSNorm(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, keep_input: bool = False) -> Array | tuple[Array, Array]:
+        """The normalised ``x``; with ``keep_input``, ``(x, normalised x)`` (as ``LayerNorm``)."""
         d = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.NORM,)), (d,), self.param_dtype)
         xf = x.astype(jnp.float32)
         if cpu_rowwise.enabled():
+            if keep_input and x.dtype == jnp.float32:
+                x, y = cpu_rowwise.rms_norm(xf, scale.astype(jnp.float32), self.epsilon, keep_input=True)
+                return x, y.astype(self.dtype)
             norm = cpu_rowwise.rms_norm
         else:
             norm = rms_norm if tuning.hand_vjp() else lambda *a: _rms_norm_fwd(*a)[0]  # XLA's derivative
-        return norm(xf, scale.astype(jnp.float32), self.epsilon).astype(self.dtype)
+        y = norm(xf, scale.astype(jnp.float32), self.epsilon).astype(self.dtype)
+        return (x, y) if keep_input else y
 
 
 NORMS = ("layernorm", "rmsnorm")

@@ -46,9 +46,11 @@ they agree. Measured on the CPU backend with ``benchmarks/vs_pytorch.py``:
 * ``CPU_ROWWISE``: LayerNorm, RMSNorm and the exact GELU run as native kernels
   (``tfm.layers.cpu_rowwise``: each norm one pass over the rows forward and one
   backward, instead of XLA's chain of reductions and loops; the GELU with a
-  vectorised erf), when the kernels build and the inputs are float32. It takes
-  precedence over ``HAND_VJP``, whose formulas the kernels compute. Default: the
-  CPU backend with one device (a sharded batch keeps the XLA path).
+  vectorised erf), when the kernels build and the inputs are float32. A pre-LN
+  block's norm also adds the residual sum's gradient to its input gradient in its
+  backward pass (``keep_input``), where XLA ran that add as a pass of its own. It
+  takes precedence over ``HAND_VJP``, whose formulas the kernels compute. Default:
+  the CPU backend with one device (a sharded batch keeps the XLA path).
 * ``FUSED_OPTIMIZER``: the Adam/AdamW update, its global-norm clipping and the
   train step's non-finite guard run as one native pass over the parameters
   (``tfm.fused_optim``) instead of XLA's passes and the guard's select over the

@@ -7,6 +7,8 @@
 //   forward   y = x^ s + bias                      (RMSNorm: no mean, no bias; var = mean(x^2))
 //   backward  dx = r (g s - mean(g s) - x^ mean(g s x^))    (RMSNorm: no mean(g s) term)
 //             d scale = sum_rows g x^,  d bias = sum_rows g
+// A pre-LN block also passes x on to its residual sum: the backward then adds that sum's gradient
+// to dx (has_residual), the add XLA would otherwise run as a pass of its own.
 // The forward keeps the row means and the r's [R], and the backward recomputes x^ from x. The
 // column sums of the backward are summed per block of kRows rows, then over the blocks in order:
 // their rounding does not depend on how many threads ran.
@@ -83,11 +85,11 @@ ffi::Error NormForward(ffi::ThreadPool pool, F32 x, F32 scale, F32 bias, F32Out 
   return ffi::Error::Success();
 }
 
-ffi::Error NormBackward(ffi::ThreadPool pool, F32 x, F32 scale, F32 mean, F32 rstd, F32 g, F32Out dx, F32Out dscale,
-                        F32Out dbias, bool centre) {
+ffi::Error NormBackward(ffi::ThreadPool pool, F32 x, F32 scale, F32 mean, F32 rstd, F32 g, F32 residual, F32Out dx,
+                        F32Out dscale, F32Out dbias, bool centre, bool has_residual) {
   const int64_t rows = RowsOf(x), d = x.dimensions().back(), tasks = (rows + kRows - 1) / kRows;
   const float *xp = x.typed_data(), *sp = scale.typed_data(), *mp = mean.typed_data(), *rp = rstd.typed_data(),
-              *gp = g.typed_data();
+              *gp = g.typed_data(), *resp = residual.typed_data();
   float* dxp = dx->typed_data();
   std::vector<float> partial(2 * tasks * d);  // per task: its rows' sums of g x^, then of g
   ParallelFor(pool, tasks, [&](int64_t task) {
@@ -113,11 +115,15 @@ ffi::Error NormBackward(ffi::ThreadPool pool, F32 x, F32 scale, F32 mean, F32 rs
       }
       a = centre ? a / d : 0.f, b /= d;
       float* dr = dxp + r * d;
+      const float* rr = resp + r * d;
       for (i = 0; i + W <= d; i += W) {
-        const vf xh = (load(xr + i) - m) * rs;
-        store(dr + i, (load(gr + i) * load(sp + i) - a - xh * b) * rs);
+        const vf xh = (load(xr + i) - m) * rs, v = (load(gr + i) * load(sp + i) - a - xh * b) * rs;
+        store(dr + i, has_residual ? v + load(rr + i) : v);
       }
-      for (; i < d; ++i) dr[i] = (gr[i] * sp[i] - a - (xr[i] - m) * rs * b) * rs;
+      for (; i < d; ++i) {
+        const float v = (gr[i] * sp[i] - a - (xr[i] - m) * rs * b) * rs;
+        dr[i] = has_residual ? v + rr[i] : v;
+      }
     }
   });
   float *ds = dscale->typed_data(), *db = dbias->typed_data();
@@ -196,9 +202,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmNormForward, NormForward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmNormBackward, NormBackward,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>()  // x, scale, mean, rstd, g
+                                  .Arg<F32>().Arg<F32>()  // x, scale, mean, rstd, g, the residual's gradient
                                   .Ret<F32>().Ret<F32>().Ret<F32>()  // dx, d scale, d bias
-                                  .Attr<bool>("centre"));
+                                  .Attr<bool>("centre").Attr<bool>("has_residual"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TfmGeluForward, GeluForward,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Ret<F32>());

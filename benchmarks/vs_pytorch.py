@@ -1,6 +1,7 @@
 """tfm's training step against a plain PyTorch GPT of the same shape, weights and optimizer, side by side.
 
-    python benchmarks/vs_pytorch.py [--shapes shakespeare,wide] [--rounds 3] [--steps N] [--out results/vs_pytorch.json]
+    python benchmarks/vs_pytorch.py [--shapes shakespeare,wide] [--rounds 3] [--steps N] [--processes 5]
+                                    [--out results/vs_pytorch.json]
 
 The PyTorch model is written from the equations the way people write one:
 ``nn.Embedding``, ``nn.Linear`` (a fused QKV projection, as nanoGPT), ``nn.LayerNorm``,
@@ -22,6 +23,13 @@ printed and written to ``--out``, with each side's peak memory: the growth of
 the process's resident memory during one more, untimed round of up to 10 steps
 (sampled every millisecond by a thread whose work would slow a timed round),
 and XLA's plan for tfm's compiled step.
+
+All of that runs in ``--processes`` fresh processes, one after the other (default 5),
+and the medians over them are reported: the ratio as the median of the processes'
+own ratios, with its range. One process's ratio is not steady enough to report
+alone: PyTorch's step on this kind of 2-core machine has moved by a quarter from one
+process to the next (the same code, weights and batches), while its rounds within a
+process agree to a few percent. Each process's figures are kept in the JSON.
 
 ``--plain`` turns off the fast paths that tfm picks by backend
 (``tfm.layers.tuning``, and ``tfm.host_memory``, which keeps the step's freed
@@ -281,17 +289,109 @@ def machine_line(torch) -> str:
            f"({torch.get_num_threads()} threads), jax {jax.__version__}"  # fmt: skip
 
 
+def combine(runs: list[dict]) -> dict:
+    """One shape's results from several processes: medians of their medians, each process's figures kept.
+
+    The ratio is the median of the processes' own ratios (each pairs its two sides in time); the
+    step-1 losses must agree across processes (the same weights and batches in each).
+    """
+    first = runs[0]
+    if any(r["loss_step1"] != first["loss_step1"] for r in runs):
+        raise ValueError(f"{first['shape']}: the processes' step-1 losses differ: {[r['loss_step1'] for r in runs]}")
+    med = {k: statistics.median(r[k] for r in runs)
+           for k in ("tfm_ms_per_step", "pytorch_ms_per_step", "speed_ratio_tfm_over_pytorch")}  # fmt: skip
+    tokens = first["batch"] * first["seq"]
+    ratios = [r["speed_ratio_tfm_over_pytorch"] for r in runs]
+    return {
+        **{k: v for k, v in first.items() if k not in ("round_ms", "loss_final", "peak_rss_growth_mib")},
+        **med, "processes": len(runs),
+        "tfm_tokens_per_s": tokens / med["tfm_ms_per_step"] * 1e3,
+        "pytorch_tokens_per_s": tokens / med["pytorch_ms_per_step"] * 1e3,
+        "speed_ratio_range": [min(ratios), max(ratios)],
+        "loss_final": first["loss_final"],
+        "peak_rss_growth_mib": {k: statistics.median(r["peak_rss_growth_mib"][k] for r in runs)
+                                for k in ("tfm", "pytorch")},  # fmt: skip
+        "per_process": [{k: r[k] for k in ("tfm_ms_per_step", "pytorch_ms_per_step", "speed_ratio_tfm_over_pytorch",
+                                            "round_ms", "peak_rss_growth_mib")} for r in runs],  # fmt: skip
+    }
+
+
+def row(r: dict) -> str:
+    m, name = r["peak_rss_growth_mib"], r["shape"]
+    spread = f" ({r['speed_ratio_range'][0]:.2f}-{r['speed_ratio_range'][1]:.2f}x)" if "speed_ratio_range" in r else ""
+    return (f"| {name} | {r['params'] / 1e6:.2f} M | {r['batch']} x {r['seq']} | {r['pytorch_ms_per_step']:.1f} | "
+            f"{r['tfm_ms_per_step']:.1f} | {r['speed_ratio_tfm_over_pytorch']:.2f}x{spread} | "
+            f"{r['loss_step1']['tfm']:.6f}, {r['loss_step1']['pytorch']:.6f} | "
+            f"{r['loss_final']['tfm']:.4f}, {r['loss_final']['pytorch']:.4f} | {m['tfm']:.0f}, {m['pytorch']:.0f} |")
+
+
+def run_processes(args) -> tuple[str, list[dict]]:
+    """Runs this benchmark in ``args.processes`` fresh processes, one after the other, and combines them."""
+    import subprocess
+    import tempfile
+
+    per_shape: dict[str, list[dict]] = {}
+    machine = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            out = os.path.join(tmp, f"{i}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--processes", "1", "--shapes", args.shapes,
+                   "--rounds", str(args.rounds), "--out", out, *sum((["--set", s] for s in args.set), [])]
+            cmd += (["--steps", str(args.steps)] if args.steps else []) + (["--plain"] if args.plain else [])
+            print(f"process {i + 1} of {args.processes}:", flush=True)
+            subprocess.run(cmd, check=True)
+            with open(out, encoding="utf-8") as f:
+                run = json.load(f)
+            machine = run["machine"]
+            for r in run["results"]:
+                per_shape.setdefault(r["shape"], []).append(r)
+    return machine, [combine(runs) for runs in per_shape.values()]
+
+
+HEADER = ("| shape | params | batch x seq | PyTorch ms/step | tfm ms/step | tfm / PyTorch speed | "
+          "loss step 1 (tfm, PyTorch) | loss last step (tfm, PyTorch) | peak RSS growth MiB (tfm, PyTorch) |\n"
+          "|---|---:|---|---:|---:|---:|---|---|---|")  # fmt: skip
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="shakespeare,wide")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="steps per round (default: 200 shakespeare, 10 wide)")
+    p.add_argument("--processes", type=int, default=5,
+                   help="fresh processes to run it in, one after the other; the medians over them are reported")
     p.add_argument("--out", default="results/vs_pytorch.json",
                    help="JSON of the results; entries of shapes not run now are kept ('' writes nothing)")
     p.add_argument("--set", action="append", default=[], help="a tfm config override, e.g. model.scan_layers=false")
     p.add_argument("--plain", action="store_true",
                    help="turn off tfm's backend-picked fast paths (tfm.layers.tuning): the step as written")
     args = p.parse_args()
+    if args.processes < 1:
+        p.error(f"--processes must be at least 1, got {args.processes}")
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        p.error(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    if args.processes > 1:
+        machine, results = run_processes(args)
+        print(f"machine: {machine}; medians over {args.processes} processes (the ratio's range in brackets)")
+        print(HEADER)
+        for r in results:
+            print(row(r))
+    else:
+        machine, results = run_here(args)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        kept = []
+        if os.path.exists(args.out):
+            with open(args.out, encoding="utf-8") as f:
+                kept = [r for r in json.load(f).get("results", []) if r.get("shape") not in args.shapes.split(",")]
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"machine": machine, "host": platform.machine(), "results": kept + results}, f, indent=2)
+            f.write("\n")
+
+
+def run_here(args) -> tuple[str, list[dict]]:
+    """This process's run: each shape in turn, A B A B."""
     import torch
 
     if args.plain:
@@ -303,29 +403,14 @@ def main():
     host_memory.dispatch_inline()  # as python -m tfm.train does
     machine = machine_line(torch)
     print(f"machine: {machine}")
-    print("| shape | params | batch x seq | PyTorch ms/step | tfm ms/step | tfm / PyTorch speed | "
-          "loss step 1 (tfm, PyTorch) | loss last step (tfm, PyTorch) | peak RSS growth MiB (tfm, PyTorch) |")
-    print("|---|---:|---|---:|---:|---:|---|---|---|")
+    print(HEADER)
     results = []
     for name in args.shapes.split(","):
         r = bench(name, SHAPES[name], args.rounds, args.steps or DEFAULT_STEPS[name], torch, args.set)
         r["fast_paths"] = not args.plain
         results.append(r)
-        m = r["peak_rss_growth_mib"]
-        print(f"| {name} | {r['params'] / 1e6:.2f} M | {r['batch']} x {r['seq']} | {r['pytorch_ms_per_step']:.1f} | "
-              f"{r['tfm_ms_per_step']:.1f} | {r['speed_ratio_tfm_over_pytorch']:.2f}x | "
-              f"{r['loss_step1']['tfm']:.6f}, {r['loss_step1']['pytorch']:.6f} | "
-              f"{r['loss_final']['tfm']:.4f}, {r['loss_final']['pytorch']:.4f} | {m['tfm']:.0f}, {m['pytorch']:.0f} |",
-              flush=True)  # fmt: skip
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        kept = []
-        if os.path.exists(args.out):
-            with open(args.out, encoding="utf-8") as f:
-                kept = [r for r in json.load(f).get("results", []) if r.get("shape") not in args.shapes.split(",")]
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"machine": machine, "host": platform.machine(), "results": kept + results}, f, indent=2)
-            f.write("\n")
+        print(row(r), flush=True)
+    return machine, results
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ CASES = [
     (1, 130, 130, 2, 2, 64, "causal", True),
     (2, 1, 40, 4, 2, 32, "padding", False),  # one query row (a decoding step; the G heads' rows as one block)
     (3, 2, 2, 4, 1, 16, "causal", True),  # two rows, MQA: four heads' rows in one block
+    (13, 5, 5, 3, 3, 16, "padding", False),  # 39 tasks: taken by threads in runs of several, the last run short
 ]
 
 

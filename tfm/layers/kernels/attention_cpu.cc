@@ -48,21 +48,24 @@ Dims GetDims(const ffi::AnyBuffer::Dimensions& qd, const ffi::AnyBuffer::Dimensi
 
 // The per-task packed copies of one key/value head: K^T and V^T as [Hp, Sp], K and V as [S, Hp].
 void PackTransposed(const float* x, const Dims& d, int64_t b, int64_t kh, float* out) {
-  for (int64_t h = 0; h < d.H; ++h) std::fill(out + h * d.Sp + d.S, out + (h + 1) * d.Sp, 0.f);
+  int64_t h_tiles = 0;  // head columns [0, h_tiles) come as whole W x W tiles, their padded keys zeroed on the way
+#if TFM_HAVE_SHUFFLE
+  h_tiles = d.H / W * W;
+#endif
+  for (int64_t h = h_tiles; h < d.H; ++h) std::fill(out + h * d.Sp + d.S, out + (h + 1) * d.Sp, 0.f);
   for (int64_t s0 = 0; s0 < d.S; s0 += W) {  // by tiles of W keys: their rows stay in cache
     const int n = static_cast<int>(std::min<int64_t>(W, d.S - s0));
     const float* rows[W];
     for (int i = 0; i < n; ++i) rows[i] = x + (b * d.S + s0 + i) * d.ks + kh * d.H;
-    int64_t h = 0;
 #if TFM_HAVE_SHUFFLE
-    for (; n == W && h + W <= d.H; h += W) {  // a whole 16 x 16 tile at a time, in registers
+    for (int64_t h = 0; h < h_tiles; h += W) {  // a whole 16 x 16 tile at a time, in registers
       vf tile[W];
-      for (int i = 0; i < W; ++i) tile[i] = load(rows[i] + h);
+      for (int i = 0; i < W; ++i) tile[i] = i < n ? load(rows[i] + h) : vf{};
       Transpose(tile);
       for (int j = 0; j < W; ++j) store(out + (h + j) * d.Sp + s0, tile[j]);
     }
 #endif
-    for (; h < d.H; ++h) {
+    for (int64_t h = h_tiles; h < d.H; ++h) {
       float* o = out + h * d.Sp + s0;
       for (int i = 0; i < n; ++i) o[i] = rows[i][h];
     }
@@ -82,8 +85,10 @@ struct Block {
 
 // The blocks of one task: per query head, R consecutive positions at a time; or, for decoding
 // (T <= 2), the rows of all G heads that share the key/value head together, so K and V are read once.
-std::vector<Block> Blocks(const Dims& d, int64_t kh, bool across_heads) {
-  std::vector<Block> blocks;
+// The vector is the calling thread's, reused from task to task (no allocation per task).
+const std::vector<Block>& Blocks(const Dims& d, int64_t kh, bool across_heads) {
+  thread_local std::vector<Block> blocks;
+  blocks.clear();
   const int64_t per_head = across_heads ? d.G * d.T : d.T;
   for (int64_t g = 0; g < (across_heads ? 1 : d.G); ++g) {
     for (int64_t j0 = 0; j0 < per_head; j0 += R) {
@@ -183,7 +188,7 @@ void ForwardTask(const float* q, const float* k, const float* v, const bool* mas
     PackRows(k, d, b, kh, kt);
   }
   if (!in_place) PackRows(v, d, b, kh, vr);
-  const std::vector<Block> blocks = Blocks(d, kh, few_rows);
+  const std::vector<Block>& blocks = Blocks(d, kh, few_rows);
   for (size_t i = 0; i < blocks.size(); ++i) {
     const Block& blk = blocks[i];
     if (i + 1 < blocks.size()) PrefetchQueryRows(q, d.qs, d, b, blocks[i + 1]);
@@ -245,7 +250,7 @@ void BackwardTask(const float* q, const float* k, const float* v, const bool* ma
   const int64_t stride = in_place ? d.ks : d.Hp;
   const float* krows = in_place ? k + b * d.S * d.ks + kh * d.H : kr;
   if (!in_place) PackRows(k, d, b, kh, kr);
-  const std::vector<Block> blocks = Blocks(d, kh, d.T <= 2);
+  const std::vector<Block>& blocks = Blocks(d, kh, d.T <= 2);
   for (size_t i = 0; i < blocks.size(); ++i) {
     const Block& blk = blocks[i];
     if (i + 1 < blocks.size()) {

@@ -27,7 +27,7 @@ and XLA's plan for tfm's compiled step.
 All of that runs in ``--processes`` fresh processes, one after the other (default 5),
 and the medians over them are reported: the ratio as the median of the processes'
 own ratios, with its range. One process's ratio is not steady enough to report
-alone: PyTorch's step on this kind of 2-core machine has moved by a quarter from one
+alone: PyTorch's step on this kind of 2-core machine has moved by up to a fifth from one
 process to the next (the same code, weights and batches), while its rounds within a
 process agree to a few percent. Each process's figures are kept in the JSON.
 

@@ -11,7 +11,9 @@ writes the new values; a refused step writes nothing.
 
 ``FusedAdamW.update`` returns what the optax chain and the guard return, with the same state
 structure (``ScaleByAdamState``'s count and moments, the schedule's count), so a checkpoint
-written on one path resumes on the other. The sums are optax's, element by element; the
+written on one path resumes on the other. The sums are optax's, element by element, except
+that the divisions by the global norm and by the bias corrections are multiplications by
+reciprocals taken once per step (a division per element made the pass compute-bound), and the
 compiler may fuse a multiply and an add that XLA rounds apart, so the two paths agree to
 float32 rounding, not bit for bit. ``tuning.FUSED_OPTIMIZER`` picks it (default: the CPU
 backend with one device, where the kernels build); float32 parameters only.

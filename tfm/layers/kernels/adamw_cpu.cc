@@ -2,9 +2,9 @@
 //
 // What optax.chain(clip_by_global_norm(c), adamw(lr, b1, b2, eps, weight_decay, mask)) followed by
 // optax.apply_updates and the train step's guard computes, for float32 parameters, per element:
-//   g' = g, or (g / |g|) c when clipping and the global norm |g| >= c
+//   g' = g, or g (c / |g|) when clipping and the global norm |g| >= c (optax: (g / |g|) c)
 //   mu' = (1 - b1) g' + b1 mu,  nu' = (1 - b2) g'^2 + b2 nu
-//   p' = p - lr (mu' / bc1 / (sqrt(nu' / bc2) + eps) + wd p)   (wd = 0 where the mask says no decay)
+//   p' = p - lr (mu' (1 / bc1) / (sqrt(nu' (1 / bc2)) + eps) + wd p)   (wd = 0 where the mask says no decay)
 // with bc1 = 1 - b1^t, bc2 = 1 - b2^t for the step's count t. The guard: when `ok` (the loss and
 // the gradient norm are finite) is false, or any p' would not be finite, nothing changes.
 //
@@ -51,17 +51,21 @@ struct Hyper {
 
 // Elements [i, e) of one leaf: with kStore, updates them in place; returns false if a new parameter is not
 // finite. Plain pointers and scalars (no struct fields in the loop), so the compiler vectorises it.
+// The clipping scale c / |g| and the bias corrections' reciprocals are taken once per call: a
+// division per element is slower than the loads (one divider per core; four divisions and a square
+// root made this loop compute-bound). optax divides each element; these products differ from its
+// quotients by at most one rounding each.
 template <bool kClipped, bool kStore>
 bool UpdateRange(const float* __restrict g, float* __restrict p, float* __restrict m, float* __restrict v, int64_t i,
-                 int64_t e, float lr, float norm, float clip, float bc1, float bc2, float b1, float b2, float eps,
+                 int64_t e, float lr, float scale, float inv_bc1, float inv_bc2, float b1, float b2, float eps,
                  float wd) {
   const float a1 = 1.f - b1, a2 = 1.f - b2;
   int bad = 0;
   for (int64_t k = i; k < e; ++k) {
-    const float gs = kClipped ? (g[k] / norm) * clip : g[k];
+    const float gs = kClipped ? g[k] * scale : g[k];
     const float mu = a1 * gs + b1 * m[k];
     const float nu = a2 * (gs * gs) + b2 * v[k];
-    const float u = (mu / bc1) / (__builtin_sqrtf(nu / bc2) + eps) + wd * p[k];
+    const float u = (mu * inv_bc1) / (__builtin_sqrtf(nu * inv_bc2) + eps) + wd * p[k];
     const float np = p[k] + (-lr) * u;
     bad |= (np - np) != 0.f;  // inf and NaN give NaN; vectorises, unlike std::isfinite
     if (kStore) {
@@ -76,7 +80,7 @@ bool UpdateRange(const float* __restrict g, float* __restrict p, float* __restri
 template <bool kStore>
 bool Update(const Leaf& l, const Hyper& h, bool clipped, int64_t i, int64_t e) {
   auto run = clipped ? UpdateRange<true, kStore> : UpdateRange<false, kStore>;
-  return run(l.g, l.p, l.m, l.v, i, e, h.lr, h.norm, h.clip, h.bc1, h.bc2, h.b1, h.b2, h.eps, l.wd);
+  return run(l.g, l.p, l.m, l.v, i, e, h.lr, h.clip / h.norm, 1.f / h.bc1, 1.f / h.bc2, h.b1, h.b2, h.eps, l.wd);
 }
 
 ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args, ffi::RemainingRets rets,

@@ -45,13 +45,13 @@ struct Leaf {
   float wd;
 };
 
-struct Hyper {
-  float lr, norm, clip, bc1, bc2, b1, b2, eps;
+struct Hyper {  // the step's scalars, divisions taken once: c / |g| and the bias corrections' reciprocals
+  float lr, scale, inv_bc1, inv_bc2, b1, b2, eps;
 };
 
 // Elements [i, e) of one leaf: with kStore, updates them in place; returns false if a new parameter is not
 // finite. Plain pointers and scalars (no struct fields in the loop), so the compiler vectorises it.
-// The clipping scale c / |g| and the bias corrections' reciprocals are taken once per call: a
+// The clipping scale c / |g| and the bias corrections' reciprocals are taken once per step: a
 // division per element is slower than the loads (one divider per core; four divisions and a square
 // root made this loop compute-bound). optax divides each element; these products differ from its
 // quotients by at most one rounding each.
@@ -80,7 +80,7 @@ bool UpdateRange(const float* __restrict g, float* __restrict p, float* __restri
 template <bool kStore>
 bool Update(const Leaf& l, const Hyper& h, bool clipped, int64_t i, int64_t e) {
   auto run = clipped ? UpdateRange<true, kStore> : UpdateRange<false, kStore>;
-  return run(l.g, l.p, l.m, l.v, i, e, h.lr, h.clip / h.norm, 1.f / h.bc1, 1.f / h.bc2, h.b1, h.b2, h.eps, l.wd);
+  return run(l.g, l.p, l.m, l.v, i, e, h.lr, h.scale, h.inv_bc1, h.inv_bc2, h.b1, h.b2, h.eps, l.wd);
 }
 
 ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::RemainingArgs args, ffi::RemainingRets rets,
@@ -89,7 +89,8 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Remai
   if (args.size() != 4 * L || rets.size() != 3 * L + 1)
     return ffi::Error::InvalidArgument("tfm_adamw_cpu: expected 4 arguments and 3 results per leaf, and params_ok");
   const float* s = scalars.typed_data();
-  const Hyper h{s[0], s[1], s[2], s[3], s[4], b1, b2, eps};
+  const float norm = s[1], clip = s[2];
+  const Hyper h{s[0], clip / norm, 1.f / s[3], 1.f / s[4], b1, b2, eps};
   const bool ok = s[5] != 0.f;
   std::vector<Leaf> leaves(L);
   std::vector<std::pair<size_t, int64_t>> chunks;  // (leaf, first element)
@@ -113,7 +114,7 @@ ffi::Error AdamW(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scalars, ffi::Remai
   }
   auto ok_out = rets.get<ffi::Buffer<ffi::F32>>(3 * L);
   if (!ok_out) return ffi::Error::InvalidArgument("tfm_adamw_cpu: params_ok must be a float32 scalar");
-  const bool clipped = h.clip > 0.f && !(h.norm < h.clip);  // optax: (g / |g|) c unless |g| < c
+  const bool clipped = clip > 0.f && !(norm < clip);  // optax: (g / |g|) c unless |g| < c
   const int64_t tasks = static_cast<int64_t>(chunks.size());
   auto run = [&](int64_t c, auto store) {
     const auto [j, i] = chunks[c];

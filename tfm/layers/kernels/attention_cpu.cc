@@ -212,7 +212,7 @@ void ForwardTask(const float* q, const float* k, const float* v, const bool* mas
       for (int c = 0; c < cols; c += W) {
         const vf s = MaskScores(load(x + c), Visible(mrow, d, t, c, keys), c, keys);
         store(x + c, s);
-        mx = select(s > mx, s, mx);
+        mx = vmax(s, mx);  // s > mx ? s : mx
       }
       const float m = hmax(mx);
       vf sum = {};

@@ -139,8 +139,7 @@ ffi::Error NormBackward(ffi::ThreadPool pool, F32 x, F32 scale, F32 mean, F32 rs
 // erf(x) for x clamped to [-4, 4]: x P(x^2) / Q(x^2), itself clamped to [-1, 1].
 inline vf Erf(vf x) {
   const vf lo = splat(-4.f), hi = splat(4.f), one = splat(1.f);
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
+  x = vmin(hi, vmax(lo, x));  // x < lo ? lo : x, then x > hi ? hi : x
   const vf z = x * x;
   vf p = splat(-2.72614225801306e-10f);
   p = p * z + splat(2.77068142495902e-08f);
@@ -155,8 +154,7 @@ inline vf Erf(vf x) {
   q = q * z + splat(-7.37332916720468e-03f);
   q = q * z + splat(-1.42647390514189e-02f);
   vf e = x * p / q;
-  e = e > one ? one : e;
-  return e < -one ? -one : e;
+  return vmax(-one, vmin(one, e));  // e > 1 ? 1 : e, then e < -1 ? -1 : e
 }
 
 inline vf Cdf(vf x) { return splat(0.5f) + splat(0.5f) * Erf(x * splat(0.70710678118654752f)); }

@@ -42,20 +42,35 @@ inline vf splat(float x) { return vf{} + x; }
 inline vf select(vi m, vf a, vf b) { return m ? a : b; }  // m: lanes of all ones (a) or zeros (b)
 inline int round_up(int x) { return (x + W - 1) / W * W; }
 
-// Horizontal max and sum, by halves.
-inline float hmax(vf x) {
+// Horizontal max and sum, by halves: lanes [0, 8) with [8, 16), then [0, 4) with [4, 8), ... (the
+// same order in both forms; shuffles where the compiler has them, else through memory).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf2 __attribute__((vector_size(8)));
+template <typename Op>
+inline float Reduce(vf x, Op op) {
+  const vf8 a = op(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
+                   __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+  const vf4 b = op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+  const vf2 c = op(__builtin_shufflevector(b, b, 0, 1), __builtin_shufflevector(b, b, 2, 3));
+  return op(c, __builtin_shufflevector(c, c, 1, 0))[0];
+}
+#else
+template <typename Op>
+inline float Reduce(vf x, Op op) {
   float a[W];
   std::memcpy(a, &x, sizeof a);
   for (int w = W / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] = std::max(a[i], a[i + w]);
+    for (int i = 0; i < w; ++i) a[i] = op(a[i], a[i + w]);
   return a[0];
 }
+#endif
+inline float hmax(vf x) {
+  return Reduce(x, [](auto a, auto b) { return a < b ? b : a; });  // std::max's choice, lane by lane
+}
 inline float hsum(vf x) {
-  float a[W];
-  std::memcpy(a, &x, sizeof a);
-  for (int w = W / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) a[i] += a[i + w];
-  return a[0];
+  return Reduce(x, [](auto a, auto b) { return a + b; });
 }
 
 // a > b ? a : b and a < b ? a : b, lane by lane: where a lane holds a NaN, b's lane. On AVX-512 one

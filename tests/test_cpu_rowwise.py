@@ -97,6 +97,18 @@ def test_gelu_equals_the_xla_path(shape):
     np.testing.assert_allclose(np.asarray(dx), [0, 0, 1, 1], atol=1e-12)
 
 
+def test_gelu_passes_nans_and_infinities_as_the_xla_path():
+    """The kernel clamps with vmaxps/vminps where it has them: a NaN stays NaN, +-inf and huge inputs go as
+    XLA's path takes them (x, -0 or NaN where x * Phi(x) or its derivative is inf * 0)."""
+    x = jnp.asarray([jnp.nan, jnp.inf, -jnp.inf, 1e30, -1e30, 0.0, -0.0, 3.0], jnp.float32)
+    y, vjp = jax.vjp(cpu_rowwise.gelu, x)
+    y_ref, vjp_ref = jax.vjp(feedforward._gelu, x)
+    g = jnp.ones_like(x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), rtol=1e-6, equal_nan=True)
+    assert np.isnan(np.asarray(y)[0]) and np.isnan(np.asarray(vjp(g)[0])[0])
+
+
 def test_norms_and_gelu_equal_pytorch():
     torch = pytest.importorskip("torch")
     F = torch.nn.functional

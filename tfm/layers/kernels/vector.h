@@ -1,4 +1,4 @@
-// Portable vector helpers and the thread-pool loop of tfm's CPU kernels (included by attention_cpu.cc).
+// Portable vector helpers and the thread-pool loop of tfm's CPU kernels (included by every kernel source).
 //
 // Vectors are the compiler's generic vector types (GCC and Clang): 16 floats, which the
 // compiler lowers to AVX-512, AVX2 or NEON, whichever -march=native / -mcpu=native gives.
@@ -42,9 +42,16 @@ inline vf splat(float x) { return vf{} + x; }
 inline vf select(vi m, vf a, vf b) { return m ? a : b; }  // m: lanes of all ones (a) or zeros (b)
 inline int round_up(int x) { return (x + W - 1) / W * W; }
 
+// Whether the compiler has __builtin_shufflevector (Clang; GCC from 12).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define TFM_HAVE_SHUFFLE 1
+#else
+#define TFM_HAVE_SHUFFLE 0
+#endif
+
 // Horizontal max and sum, by halves: lanes [0, 8) with [8, 16), then [0, 4) with [4, 8), ... (the
 // same order in both forms; shuffles where the compiler has them, else through memory).
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#if TFM_HAVE_SHUFFLE
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
 typedef float vf2 __attribute__((vector_size(8)));
@@ -114,8 +121,7 @@ inline vf vexp(vf x) {
 // r[i][j] <- r[j][i]: a 16 x 16 tile transposed in registers, in four rounds of interleaving row i
 // with row i + 8 (each round a two-source shuffle per row; Eklundh's transpose). Where the compiler
 // lacks __builtin_shufflevector (GCC before 12), callers transpose element by element instead.
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-#define TFM_HAVE_SHUFFLE 1
+#if TFM_HAVE_SHUFFLE
 inline void Transpose(vf (&r)[W]) {
   for (int round = 0; round < 4; ++round) {
     vf o[W];
@@ -127,8 +133,6 @@ inline void Transpose(vf (&r)[W]) {
     for (int i = 0; i < W; ++i) r[i] = o[i];
   }
 }
-#else
-#define TFM_HAVE_SHUFFLE 0
 #endif
 
 // dst[0, n) = src[0, n) * mul, a vector at a time.
